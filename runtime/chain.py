@@ -1,0 +1,79 @@
+"""The hash chain: canonical bytes of an event and how each hash links to the last.
+
+Each event's hash covers its content and the hash of the previous event of
+its stream::
+
+    content = sha256(canonical header JSON + b"\\n" + stored body bytes)
+    hash    = sha256(prev_hash || int8(stream_version) || content || utf8(stream_id))
+
+The writer computes ``content`` (so the database does no JSON work); the
+append function links it to the stream's head inside the writing transaction
+(so chains of different streams never wait for each other); ``agentrt audit
+verify`` recomputes both from the stored columns. Field order and encodings
+here are a storage format: change them only behind a new ``CHAIN_FORMAT``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from datetime import UTC, datetime, timedelta
+from uuid import UUID
+
+import msgspec
+
+CHAIN_FORMAT = 1
+GENESIS = bytes(32)
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_MICROSECOND = timedelta(microseconds=1)
+_header = msgspec.json.Encoder()
+
+
+def epoch_micros(moment: datetime) -> int:
+    if moment.tzinfo is None:
+        raise ValueError("recorded_at must be timezone-aware")
+    return (moment - _EPOCH) // _MICROSECOND
+
+
+def content_hash(
+    *,
+    event_id: UUID,
+    event_type: str,
+    schema_version: int,
+    run_id: UUID | None,
+    causation_id: UUID | None,
+    producer: str | None,
+    recorded_at: datetime,
+    trace: str | None,
+    data: bytes,
+) -> bytes:
+    header = _header.encode(
+        (
+            CHAIN_FORMAT,
+            str(event_id),
+            event_type,
+            schema_version,
+            None if run_id is None else str(run_id),
+            None if causation_id is None else str(causation_id),
+            producer,
+            epoch_micros(recorded_at),
+            trace,
+        )
+    )
+    return hashlib.sha256(header + b"\n" + data).digest()
+
+
+def link(prev_hash: bytes, stream_version: int, content: bytes, stream_id: str) -> bytes:
+    """The chained hash; mirrored in SQL by the append function (see migrations)."""
+    return hashlib.sha256(
+        prev_hash + stream_version.to_bytes(8, "big", signed=True) + content + stream_id.encode()
+    ).digest()
+
+
+def heads_digest(prev_digest: bytes, heads: list[tuple[str, int, bytes]]) -> bytes:
+    """Digest of a seal: the previous seal's digest and the sorted stream heads it covers."""
+    h = hashlib.sha256(prev_digest)
+    for stream_id, version, head_hash in sorted(heads):
+        encoded = stream_id.encode()
+        h.update(len(encoded).to_bytes(4, "big") + encoded)
+        h.update(version.to_bytes(8, "big", signed=True) + head_hash)
+    return h.digest()

@@ -1,0 +1,119 @@
+"""Every exception agentrt raises, in one place, each with a stable code."""
+
+from __future__ import annotations
+
+import enum
+from uuid import UUID
+
+
+class ErrorCode(enum.StrEnum):
+    SETTINGS = "settings_invalid"
+    SERVICE_UNAVAILABLE = "service_unavailable"
+    EMBEDDED_SERVER = "embedded_server_failed"
+    MIGRATION = "migration_failed"
+    CONCURRENCY_CONFLICT = "concurrency_conflict"
+    DUPLICATE_MISMATCH = "duplicate_event_mismatch"
+    UNKNOWN_EVENT_TYPE = "unknown_event_type"
+    EVENT_DECODE = "event_decode_failed"
+    APPEND_ONLY = "append_only_violation"
+    INVALID_APPEND = "invalid_append"
+
+
+class AgentrtError(Exception):
+    """Base of agentrt's errors; ``code`` is stable and safe to show to users."""
+
+    code: ErrorCode
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+class SettingsError(AgentrtError):
+    """A setting is missing or malformed; ``key`` names it as the user spells it."""
+
+    code = ErrorCode.SETTINGS
+
+    def __init__(self, key: str, problem: str) -> None:
+        super().__init__(f"{key}: {problem}")
+        self.key = key
+        self.problem = problem
+
+
+class ServiceUnavailable(AgentrtError):
+    """Redis or PostgreSQL could not be reached after retrying."""
+
+    code = ErrorCode.SERVICE_UNAVAILABLE
+
+    def __init__(self, service: str, url: str, reason: str) -> None:
+        super().__init__(f"{service} at {url} is unreachable: {reason}")
+        self.service = service
+        self.url = url
+        self.reason = reason
+
+
+class EmbeddedServerError(AgentrtError):
+    """An embedded Redis or PostgreSQL failed to start or stop."""
+
+    code = ErrorCode.EMBEDDED_SERVER
+
+
+class MigrationError(AgentrtError):
+    """A schema migration could not be applied."""
+
+    code = ErrorCode.MIGRATION
+
+
+class InvalidAppend(AgentrtError):
+    """An append request that can never succeed (empty batch, bad stream id, ...)."""
+
+    code = ErrorCode.INVALID_APPEND
+
+
+class ConcurrencyConflict(AgentrtError):
+    """The stream's version was not the one the writer expected."""
+
+    code = ErrorCode.CONCURRENCY_CONFLICT
+
+    def __init__(self, stream_id: str, expected: int | None, actual: int) -> None:
+        super().__init__(
+            f"stream {stream_id!r}: expected version {expected}, actual version {actual}"
+        )
+        self.stream_id = stream_id
+        self.expected = expected
+        self.actual = actual
+
+
+class DuplicateEventMismatch(AgentrtError):
+    """An event id that is already in the log was re-appended in a different place.
+
+    Re-appending the very same events is idempotent; re-using an event id for a
+    different stream, version or batch is a bug in the writer and is refused.
+    """
+
+    code = ErrorCode.DUPLICATE_MISMATCH
+
+    def __init__(self, event_id: UUID, detail: str) -> None:
+        super().__init__(f"event {event_id} is already in the log: {detail}")
+        self.event_id = event_id
+
+
+class UnknownEventType(AgentrtError):
+    """A stored event's type is not registered (and strict decoding was asked for)."""
+
+    code = ErrorCode.UNKNOWN_EVENT_TYPE
+
+    def __init__(self, event_type: str) -> None:
+        super().__init__(f"no event type registered as {event_type!r}")
+        self.event_type = event_type
+
+
+class EventDecodeError(AgentrtError):
+    """A stored event body does not decode into its registered type."""
+
+    code = ErrorCode.EVENT_DECODE
+
+    def __init__(self, event_type: str, schema_version: int, reason: str) -> None:
+        super().__init__(f"cannot decode {event_type!r} v{schema_version}: {reason}")
+        self.event_type = event_type
+        self.schema_version = schema_version

@@ -1,0 +1,166 @@
+"""Typed settings, read from the environment and overridden by CLI flags."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+from runtime.errors import SettingsError
+
+_IDENTIFIER = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off"}
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Settings:
+    """Everything agentrt reads from its environment.
+
+    A ``None`` URL means "start the embedded server for it" (see
+    :mod:`runtime.embedded`). Nothing here connects to anything.
+    """
+
+    redis_url: str | None = None
+    #: The URL migrations run with; its role owns the schema (or creates the owner role).
+    database_url: str | None = None
+    #: The URL the runtime connects with; derived from ``database_url`` when unset.
+    runtime_database_url: str | None = None
+    state_dir: Path = Path(".agentrt")
+    anthropic_api_key: str | None = None
+    db_schema: str = "agentrt"
+    owner_role: str = "agentrt_owner"
+    app_role: str = "agentrt_app"
+    #: Password given to ``app_role`` when migrate creates it (servers without trust auth).
+    app_password: str | None = None
+    log_level: str = "info"
+    log_json: bool = False
+    #: Seconds between polls when a tail reader has no NOTIFY wake-up.
+    poll_interval: float = 0.5
+    #: Whether appends NOTIFY tail readers (see README: NOTIFY serialises commits).
+    log_notify: bool = True
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
+        """Read settings from ``environ`` (default ``os.environ``); ``overrides`` win.
+
+        Overrides whose value is ``None`` are ignored, so CLI flags that were not
+        given fall through to the environment.
+        """
+        env = os.environ if environ is None else environ
+        values: dict[str, Any] = {}
+        for field, key in ENV_KEYS.items():
+            raw = env.get(key)
+            if raw is None or raw == "":
+                continue
+            values[field] = _parse(field, key, raw)
+        for field, value in overrides.items():
+            if field not in ENV_KEYS:
+                raise TypeError(f"unknown setting {field!r}")
+            if value is None:
+                continue
+            values[field] = _parse(field, "--" + field.replace("_", "-"), value)
+        return cls(**values)
+
+    def with_urls(self, *, redis_url: str | None, database_url: str | None) -> Settings:
+        """A copy whose missing URLs are filled in (by the embedded servers)."""
+        return dataclasses.replace(
+            self,
+            redis_url=self.redis_url or redis_url,
+            database_url=self.database_url or database_url,
+        )
+
+    def require_database_url(self) -> str:
+        if self.database_url is None:
+            raise SettingsError("DATABASE_URL", "not set and no embedded server was started")
+        return self.database_url
+
+    def require_redis_url(self) -> str:
+        if self.redis_url is None:
+            raise SettingsError("REDIS_URL", "not set and no embedded server was started")
+        return self.redis_url
+
+    @property
+    def uses_embedded(self) -> bool:
+        return self.redis_url is None or self.database_url is None
+
+
+ENV_KEYS: dict[str, str] = {
+    "redis_url": "REDIS_URL",
+    "database_url": "DATABASE_URL",
+    "runtime_database_url": "AGENTRT_RUNTIME_DATABASE_URL",
+    "state_dir": "AGENTRT_STATE_DIR",
+    "anthropic_api_key": "ANTHROPIC_API_KEY",
+    "db_schema": "AGENTRT_DB_SCHEMA",
+    "owner_role": "AGENTRT_OWNER_ROLE",
+    "app_role": "AGENTRT_APP_ROLE",
+    "app_password": "AGENTRT_APP_PASSWORD",
+    "log_level": "AGENTRT_LOG_LEVEL",
+    "log_json": "AGENTRT_LOG_JSON",
+    "poll_interval": "AGENTRT_POLL_INTERVAL",
+    "log_notify": "AGENTRT_LOG_NOTIFY",
+}
+
+_LOG_LEVELS = {"debug", "info", "warning", "error", "critical"}
+
+
+def _parse(field: str, key: str, raw: Any) -> Any:
+    """Turn one raw value into the field's type, or raise naming ``key``."""
+    if field in ("redis_url",):
+        return _url(key, str(raw), {"redis", "rediss", "unix"})
+    if field in ("database_url", "runtime_database_url"):
+        return _url(key, str(raw), {"postgres", "postgresql"})
+    if field == "state_dir":
+        return Path(raw).expanduser()
+    if field in ("db_schema", "owner_role", "app_role"):
+        value = str(raw)
+        if not _IDENTIFIER.match(value):
+            raise SettingsError(
+                key, f"{value!r} is not a plain SQL identifier (lower case, digits, _)"
+            )
+        return value
+    if field == "log_level":
+        value = str(raw).lower()
+        if value not in _LOG_LEVELS:
+            raise SettingsError(key, f"{raw!r} is not one of {sorted(_LOG_LEVELS)}")
+        return value
+    if field in ("log_json", "log_notify"):
+        if isinstance(raw, bool):
+            return raw
+        value = str(raw).strip().lower()
+        if value in _TRUE:
+            return True
+        if value in _FALSE:
+            return False
+        raise SettingsError(key, f"{raw!r} is not a boolean (use true/false)")
+    if field == "poll_interval":
+        try:
+            seconds = float(raw)
+        except (TypeError, ValueError):
+            raise SettingsError(key, f"{raw!r} is not a number of seconds") from None
+        if not 0.001 <= seconds <= 60:
+            raise SettingsError(key, f"{seconds} is outside 0.001..60 seconds")
+        return seconds
+    return str(raw)
+
+
+def _url(key: str, raw: str, schemes: set[str]) -> str:
+    try:
+        parts = urlsplit(raw)
+    except ValueError as exc:
+        raise SettingsError(key, f"not a URL ({exc})") from None
+    if parts.scheme not in schemes:
+        raise SettingsError(
+            key, f"scheme {parts.scheme or '(none)'!r} is not one of {sorted(schemes)}"
+        )
+    if parts.scheme != "unix" and not parts.hostname and "host=" not in parts.query:
+        raise SettingsError(key, "has no host")
+    try:
+        parts.port  # noqa: B018 - raises ValueError on a non-numeric port
+    except ValueError:
+        raise SettingsError(key, "has a port that is not a number") from None
+    return raw
