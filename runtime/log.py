@@ -246,6 +246,17 @@ class EventLog:
         rows = await self._pool.fetch(self._sql_all, after[0], after[1], limit)
         return [self._decode(r) for r in rows]
 
+    async def read_last(self, n: int) -> list[RecordedEvent]:
+        """The last ``n`` readable events, in log order (where ``tail`` starts)."""
+        q = f'"{self.schema}"'
+        rows = await self._pool.fetch(
+            f"SELECT * FROM (SELECT {_COLUMNS} FROM {q}.events "
+            "WHERE tx_id < pg_snapshot_xmin(pg_current_snapshot()) "
+            "ORDER BY tx_id DESC, position DESC LIMIT $1) last ORDER BY tx_id, position",
+            n,
+        )
+        return [self._decode(r) for r in rows]
+
     async def subscribe(
         self,
         after: LogPosition = START,
