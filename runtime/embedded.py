@@ -223,13 +223,18 @@ class EmbeddedPostgres:
 
     def _run(self, args: list[str], *, check: bool = True, timeout: float = 120) -> subprocess.CompletedProcess[str]:
         exe = str(self.bindir / args[0])
+        user = self._user()
         result = subprocess.run(
             [exe, *args[1:]],
             capture_output=True,
             text=True,
             check=False,
             timeout=timeout,
-            user=self._user(),
+            # All three, or the child keeps root's groups and the group bits
+            # of a 0701 directory lock it out.
+            user=user,
+            group=user,
+            extra_groups=[] if user else None,
             cwd="/",
             stdin=subprocess.DEVNULL,
         )

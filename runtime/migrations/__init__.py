@@ -228,7 +228,7 @@ async def _guards(
     triggers = {
         r["tgname"]: r["tgenabled"]
         for r in await conn.fetch(
-            "SELECT t.tgname, t.tgenabled FROM pg_trigger t "
+            "SELECT t.tgname, t.tgenabled::text AS tgenabled FROM pg_trigger t "
             "JOIN pg_class c ON c.oid = t.tgrelid JOIN pg_namespace n ON n.oid = c.relnamespace "
             "WHERE n.nspname = $1 AND NOT t.tgisinternal",
             settings.db_schema,

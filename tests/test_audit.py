@@ -1,0 +1,178 @@
+"""Promise 6, second half: the hash chain and seals make tampering evident."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+import sys
+
+import asyncpg
+import pytest
+
+from runtime import audit, chain
+from runtime.events import NewEvent, RecordedEvent
+from runtime.log import NO_STREAM, EventLog
+from runtime.settings import Settings
+from tests.events_fixtures import Noted
+
+
+async def tamper(admin: asyncpg.Connection, schema: str, sql: str, *args: object) -> None:
+    """As a superuser, with the guards switched off for one transaction."""
+    async with admin.transaction():
+        for table in ("events", "seals", "seal_heads"):
+            await admin.execute(f'ALTER TABLE "{schema}".{table} DISABLE TRIGGER USER')
+        await admin.execute(sql, *args)
+        for table in ("events", "seals", "seal_heads"):
+            await admin.execute(f'ALTER TABLE "{schema}".{table} ENABLE TRIGGER USER')
+
+
+async def fill(log: EventLog) -> dict[str, list[RecordedEvent]]:
+    for stream in ("s-a", "s-b", "s-c"):
+        await log.append(stream, [Noted(text=f"{stream} {i}", n=i) for i in range(4)], NO_STREAM)
+    return {s: await log.read_stream(s) for s in ("s-a", "s-b", "s-c")}
+
+
+async def verify(admin: asyncpg.Connection, log: EventLog) -> audit.VerifyReport:
+    return await audit.verify(admin, log.schema)
+
+
+async def test_intact_log_verifies(log: EventLog, admin: asyncpg.Connection) -> None:
+    await fill(log)
+    async with log.pool.acquire() as conn:
+        sealed = await audit.seal(conn, log.schema)
+        assert sealed is not None
+        assert sealed.head_count == 3
+        assert sealed.event_count == 12
+        assert await audit.seal(conn, log.schema) is None  # nothing new
+    await log.append("s-a", [Noted(text="later")], 4)
+    async with log.pool.acquire() as conn:
+        again = await audit.seal(conn, log.schema)
+    assert again is not None
+    assert again.head_count == 1
+    assert again.event_count == 13
+    report = await verify(admin, log)
+    assert report.ok, report.problems
+    assert (report.events, report.streams, report.seals) == (13, 3, 2)
+
+
+def test_python_and_sql_agree_on_the_chain() -> None:
+    content = hashlib.sha256(b"x").digest()
+    expected = hashlib.sha256(
+        bytes(32) + (1).to_bytes(8, "big") + content + "s".encode()
+    ).digest()
+    assert chain.link(bytes(32), 1, content, "s") == expected
+
+
+async def test_altered_body_is_named(log: EventLog, admin: asyncpg.Connection) -> None:
+    streams = await fill(log)
+    target = streams["s-b"][2]
+    await tamper(
+        admin, log.schema,
+        f"UPDATE \"{log.schema}\".events SET data = '{{\"type\":\"test.noted\",\"text\":\"forged\",\"n\":2}}' "
+        "WHERE event_id = $1",
+        target.event_id,
+    )
+    report = await verify(admin, log)
+    assert not report.ok
+    first = report.first
+    assert first is not None
+    assert (first.kind, first.event_id) == ("altered", target.event_id)
+    assert str(target.event_id) in str(first)
+
+
+async def test_altered_envelope_field_is_named(log: EventLog, admin: asyncpg.Connection) -> None:
+    streams = await fill(log)
+    target = streams["s-a"][1]
+    await tamper(admin, log.schema,
+                 f'UPDATE "{log.schema}".events SET producer = $2 WHERE event_id = $1',
+                 target.event_id, "mallory")
+    report = await verify(admin, log)
+    assert report.first is not None
+    assert report.first.event_id == target.event_id
+
+
+async def test_deleted_middle_event_is_named(log: EventLog, admin: asyncpg.Connection) -> None:
+    streams = await fill(log)
+    target = streams["s-c"][1]
+    await tamper(admin, log.schema, f'DELETE FROM "{log.schema}".events WHERE event_id = $1',
+                 target.event_id)
+    report = await verify(admin, log)
+    first = report.first
+    assert first is not None
+    assert (first.kind, first.stream_id, first.stream_version) == ("missing", "s-c", 2)
+
+
+async def test_deleted_stream_tail_and_whole_stream_are_caught_by_seals(
+    log: EventLog, admin: asyncpg.Connection
+) -> None:
+    streams = await fill(log)
+    async with log.pool.acquire() as conn:
+        await audit.seal(conn, log.schema)
+    await tamper(admin, log.schema, f'DELETE FROM "{log.schema}".events WHERE event_id = $1',
+                 streams["s-a"][3].event_id)
+    await tamper(admin, log.schema, f"DELETE FROM \"{log.schema}\".events WHERE stream_id = 's-b'")
+    report = await verify(admin, log)
+    missing = {(p.stream_id, p.stream_version) for p in report.problems if p.kind == "missing"}
+    assert ("s-a", 4) in missing
+    assert ("s-b", 4) in missing
+    assert any("covers 12 events" in p.detail for p in report.problems)
+
+
+async def test_rewritten_chain_is_caught_by_the_seal(
+    log: EventLog, admin: asyncpg.Connection
+) -> None:
+    """A forger who recomputes every hash of a stream still differs from its seal."""
+    streams = await fill(log)
+    async with log.pool.acquire() as conn:
+        await audit.seal(conn, log.schema)
+    last = streams["s-a"][3]
+    forged = NewEvent(body=Noted(text="forged", n=3), event_id=last.event_id,
+                      recorded_at=last.recorded_at)
+    data = b'{"type":"test.noted","text":"forged","n":3}'
+    content = chain.content_hash(
+        event_id=forged.event_id, event_type="test.noted", schema_version=1, run_id=None,
+        causation_id=None, producer=None, recorded_at=forged.recorded_at, trace=None, data=data,
+    )
+    new_hash = chain.link(last.prev_hash, 4, content, "s-a")
+    await tamper(admin, log.schema,
+                 f'UPDATE "{log.schema}".events SET data = $2, hash = $3 WHERE event_id = $1',
+                 last.event_id, data.decode(), new_hash)
+    report = await verify(admin, log)
+    assert [(p.kind, p.event_id) for p in report.problems] == [("altered", last.event_id)]
+    assert "seal 1" in report.problems[0].detail
+
+
+async def test_problems_are_reported_in_log_order(log: EventLog, admin: asyncpg.Connection) -> None:
+    streams = await fill(log)
+    later, earlier = streams["s-c"][0], streams["s-a"][2]
+    for target in (later, earlier):
+        await tamper(admin, log.schema,
+                     f'UPDATE "{log.schema}".events SET producer = \'x\' WHERE event_id = $1',
+                     target.event_id)
+    report = await verify(admin, log)
+    assert [p.event_id for p in report.problems] == [earlier.event_id, later.event_id]
+
+
+async def test_cli_verify_exits_nonzero_and_names_the_event(
+    log: EventLog, admin: asyncpg.Connection, settings: Settings
+) -> None:
+    streams = await fill(log)
+    env = {**os.environ, "DATABASE_URL": settings.require_database_url(),
+           "REDIS_URL": settings.require_redis_url(), "AGENTRT_DB_SCHEMA": log.schema}
+    ok = subprocess.run([sys.executable, "-m", "runtime", "audit", "verify"], env=env,
+                        capture_output=True, text=True, timeout=60)
+    assert ok.returncode == 0, ok.stderr
+    assert "ok" in ok.stdout
+    target = streams["s-b"][0]
+    await tamper(admin, log.schema,
+                 f'UPDATE "{log.schema}".events SET producer = \'x\' WHERE event_id = $1',
+                 target.event_id)
+    bad = subprocess.run([sys.executable, "-m", "runtime", "audit", "verify"], env=env,
+                         capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 1
+    assert "FAILED" in bad.stdout
+    assert str(target.event_id) in bad.stdout
+
+
+pytestmark = pytest.mark.filterwarnings("error")
