@@ -13,13 +13,14 @@ from typing import Annotated, Any, TypeVar
 import msgspec
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from runtime import audit as audit_mod
 from runtime import migrations
 from runtime.database import connect, open_runtime_pool, redact, runtime_url
 from runtime.embedded import EmbeddedServices
 from runtime.errors import AgentrtError, SettingsError
-from runtime.events import START, LogPosition, RecordedEvent
+from runtime.events import START, LogPosition, RecordedEvent, UnknownEvent
 from runtime.log import EventLog
 from runtime.logconfig import configure_logging
 from runtime.settings import Settings
@@ -82,7 +83,7 @@ def _root(
 
 
 def _fail(exc: AgentrtError) -> Any:
-    err.print(f"[bold red]error[/] [{exc.code.value}] {exc.message}")
+    err.print(f"[bold red]error[/] {escape(f'[{exc.code.value}]')} {escape(exc.message)}")
     raise typer.Exit(2 if isinstance(exc, SettingsError) else 1)
 
 
@@ -116,7 +117,7 @@ async def _open_log(settings: Settings) -> EventLog:
     """Apply pending migrations, then connect as the runtime's role."""
     report = await migrations.migrate(settings)
     for note in report.notes:
-        err.print(f"[yellow]note:[/] {note}")
+        err.print(f"[yellow]note:[/] {escape(note)}")
     pool = await open_runtime_pool(settings)
     return EventLog(pool, schema=settings.db_schema, notify=settings.log_notify)
 
@@ -187,7 +188,7 @@ def db_migrate(ctx: typer.Context) -> None:
         out.print(f"roles: owner {settings.owner_role!r} (NOLOGIN), runtime {settings.app_role!r} "
                   "(INSERT and SELECT on the log)")
     for note in report.notes:
-        err.print(f"[yellow]note:[/] {note}")
+        err.print(f"[yellow]note:[/] {escape(note)}")
 
 
 @db_app.command("status")
@@ -209,7 +210,7 @@ def db_status(ctx: typer.Context) -> None:
         out.print(f"[yellow]pending  {label}[/]")
     for g in st.guards:
         mark = "[green]in force[/]" if g.in_force else "[red]NOT in force[/]"
-        out.print(f"guard    {g.name:34} {mark}  {g.detail}")
+        out.print(f"guard    {g.name:34} {mark}  {escape(g.detail)}")
     if st.pending or st.changed or not all(g.in_force for g in st.guards) or not st.guards:
         raise typer.Exit(1)
 
@@ -246,9 +247,10 @@ def audit_verify(
         out.print(f"[green]ok[/]: {report.events} events in {report.streams} streams, "
                   f"{report.seals} seals, every hash verified")
     else:
-        out.print(f"[red]FAILED[/]: {len(report.problems)} problem(s); first: {report.first}")
+        out.print(f"[red]FAILED[/]: {len(report.problems)} problem(s); first: "
+                  f"{escape(str(report.first))}")
         for p in report.problems[1:20]:
-            out.print(f"  {p}")
+            out.print(f"  {escape(str(p))}")
     if not report.ok:
         raise typer.Exit(1)
 
@@ -290,6 +292,13 @@ def runtime_url_or_owner(settings: Settings) -> str:
 # -- log -----------------------------------------------------------------------
 
 
+def _body(e: RecordedEvent) -> Any:
+    """The body as plain data; a type this process does not know prints as stored."""
+    if isinstance(e.body, UnknownEvent):
+        return msgspec.json.decode(e.body.data)
+    return msgspec.to_builtins(e.body)
+
+
 def _event_json(e: RecordedEvent) -> dict[str, Any]:
     return {
         "position": e.position, "tx": e.tx, "event_id": str(e.event_id),
@@ -299,7 +308,7 @@ def _event_json(e: RecordedEvent) -> dict[str, Any]:
         "causation_id": None if e.causation_id is None else str(e.causation_id),
         "producer": e.producer, "recorded_at": e.recorded_at.isoformat(), "trace": e.trace,
         "prev_hash": e.prev_hash.hex(), "hash": e.hash.hex(),
-        "body": msgspec.to_builtins(e.body),
+        "body": _body(e),
     }
 
 
@@ -308,8 +317,9 @@ def print_event(e: RecordedEvent, *, as_json: bool) -> None:
         sys.stdout.write(msgspec.json.encode(_event_json(e)).decode() + "\n")
         sys.stdout.flush()
         return
-    body = msgspec.to_builtins(e.body)
-    body.pop("type", None)
+    body = _body(e)
+    if isinstance(body, dict):
+        body.pop("type", None)
     run = f" run={e.run_id}" if e.run_id and e.stream_id != f"run-{e.run_id}" else ""
     out.print(
         f"[dim]{e.recorded_at:%Y-%m-%d %H:%M:%S.%f}[/] [cyan]#{e.position}[/] "
@@ -421,7 +431,7 @@ def demo(
             await lg.pool.close()
         if sealed:
             out.print(f"\nsealed: seal {sealed.seal_id} over {sealed.event_count} events")
-        verdict = "[green]ok[/]" if report.ok else f"[red]FAILED[/]: {report.first}"
+        verdict = "[green]ok[/]" if report.ok else f"[red]FAILED[/]: {escape(str(report.first))}"
         out.print(f"audit verify: {verdict} ({report.events} events, {report.streams} streams)")
         if not report.ok:
             raise typer.Exit(1)
@@ -453,7 +463,7 @@ def load_plugins(root: typer.Typer, eps: list[EntryPoint] | None = None) -> list
         try:
             obj = ep.load()
         except Exception as exc:  # a plugin's import error is its own bug, not ours
-            err.print(f"[yellow]warning:[/] plugin {ep.name!r} ({ep.value}) failed to load: {exc}")
+            err.print(f"[yellow]warning:[/] plugin {ep.name!r} ({ep.value}) failed to load: {escape(str(exc))}")
             continue
         if isinstance(obj, typer.Typer):
             if ep.name in taken:

@@ -46,12 +46,16 @@ class Event(msgspec.Struct, frozen=True, kw_only=True, tag_field="type"):
     """
 
     __schema_version__: ClassVar[int] = 1
+    #: Set to False in a class body to keep that class out of the default
+    #: registry (for a type that only an explicit EventRegistry should know).
+    __auto_register__: ClassVar[bool] = True
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
         # The tag is only known once msgspec has finished the class, so the
         # registry picks pending classes up lazily (see EventRegistry._sync).
-        _PENDING.append(cls)
+        if cls.__dict__.get("__auto_register__", True):
+            _PENDING.append(cls)
 
 
 _PENDING: list[type[Event]] = []
@@ -63,6 +67,8 @@ class UnknownEvent(Event, tag="agentrt.unknown"):
     Readers such as ``agentrt log tail`` and audit keep working across
     deployments that add event types; strict readers raise instead.
     """
+
+    __auto_register__ = False
 
     event_type: str
     schema_version: int
@@ -181,7 +187,7 @@ class EventRegistry:
     def _sync(self) -> None:
         if self._auto and self._seen_pending < len(_PENDING):
             for cls in _PENDING[self._seen_pending :]:
-                if cls is not UnknownEvent and cls.__struct_config__.tag is not None:
+                if cls.__struct_config__.tag is not None:
                     self.register(cls)
             self._seen_pending = len(_PENDING)
 

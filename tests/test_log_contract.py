@@ -161,6 +161,7 @@ async def test_upcasting_on_read_never_rewrites_the_stored_event(
 
     @old.register
     class RenamedV1(Event, tag="test.renamed"):
+        __auto_register__ = False
         full_name: str
 
     await log.append("s-up", [RenamedV1(full_name="Ada Lovelace")], NO_STREAM)
@@ -169,6 +170,7 @@ async def test_upcasting_on_read_never_rewrites_the_stored_event(
 
     @current.register
     class RenamedV3(Event, tag="test.renamed"):
+        __auto_register__ = False
         __schema_version__ = 3
         first: str
         last: str

@@ -1,0 +1,119 @@
+"""The agentrt command, end to end against the test servers."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from importlib.metadata import EntryPoint
+
+import pytest
+import typer
+from typer.testing import CliRunner
+
+from runtime import cli
+from runtime.log import EventLog
+from runtime.settings import Settings
+from tests.events_fixtures import Noted
+
+
+def agentrt(settings: Settings, *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "runtime", *args], env=env_for(settings),
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def env_for(settings: Settings) -> dict[str, str]:
+    return {**os.environ, "DATABASE_URL": settings.require_database_url(),
+            "REDIS_URL": settings.require_redis_url(), "AGENTRT_DB_SCHEMA": settings.db_schema,
+            "AGENTRT_POLL_INTERVAL": "0.05"}
+
+
+def test_help_lists_the_commands() -> None:
+    result = subprocess.run([sys.executable, "-m", "runtime", "--help"], capture_output=True,
+                            text=True, timeout=30)
+    assert result.returncode == 0
+    for command in ("services", "db", "audit", "log", "demo"):
+        assert command in result.stdout
+    sub = subprocess.run([sys.executable, "-m", "runtime", "log", "--help"], capture_output=True,
+                         text=True, timeout=30)
+    assert "tail" in sub.stdout
+
+
+def test_db_migrate_and_status(settings: Settings) -> None:
+    migrate = agentrt(settings, "db", "migrate")
+    assert migrate.returncode == 0, migrate.stderr
+    assert "up to date" in migrate.stdout
+    status = agentrt(settings, "db", "status")
+    assert status.returncode == 0, status.stdout + status.stderr
+    assert "applied  0001_event_log" in status.stdout
+    assert "NOT in force" not in status.stdout
+    assert status.stdout.count("in force") == 7
+
+
+async def test_log_tail_prints_backlog_as_json(settings: Settings, log: EventLog) -> None:
+    await log.append("s-1", [Noted(text="a"), Noted(text="b")])
+    result = agentrt(settings, "log", "tail", "--no-follow", "--json", "--from-start")
+    assert result.returncode == 0, result.stderr
+    lines = [json.loads(line) for line in result.stdout.splitlines()]
+    assert [line["body"]["text"] for line in lines] == ["a", "b"]
+    assert lines[0]["stream_id"] == "s-1"
+    assert lines[0]["type"] == "test.noted"
+    assert len(lines[0]["hash"]) == 64
+    # --after continues from a printed position.
+    after = f"{lines[0]['tx']}:{lines[0]['position']}"
+    rest = agentrt(settings, "log", "tail", "--no-follow", "--json", "--after", after)
+    assert [json.loads(x)["body"]["text"] for x in rest.stdout.splitlines()] == ["b"]
+    bad = agentrt(settings, "log", "tail", "--after", "yesterday")
+    assert bad.returncode == 2
+    assert "not a log position" in bad.stderr
+
+
+async def test_log_tail_follows_new_events(settings: Settings, log: EventLog) -> None:
+    await log.append("s-old", [Noted(text="old")])
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "runtime", "log", "tail", "--last", "1", "--limit", "3"],
+        env=env_for(settings), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    try:
+        time.sleep(2.5)  # let it start and print the backlog
+        await log.append("s-new", [Noted(text="fresh one"), Noted(text="fresh two")])
+        out, err = proc.communicate(timeout=30)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, err
+    assert out.index("old") < out.index("fresh one") < out.index("fresh two")
+    assert "test.noted" in out
+
+
+def test_plugins_add_commands_and_broken_ones_are_skipped() -> None:
+    root = typer.Typer()
+
+    @root.command("builtin")
+    def builtin() -> None:
+        print("builtin")
+
+    eps = [
+        EntryPoint("sample", "tests.plugins.sample:app", cli.PLUGIN_GROUP),
+        EntryPoint("direct", "tests.plugins.sample:register", cli.PLUGIN_GROUP),
+        EntryPoint("broken", "tests.plugins.does_not_exist:app", cli.PLUGIN_GROUP),
+        EntryPoint("weird", "tests.plugins.sample:not_a_command", cli.PLUGIN_GROUP),
+        EntryPoint("builtin", "tests.plugins.sample:app", cli.PLUGIN_GROUP),
+    ]
+    added = cli.load_plugins(root, eps)
+    assert added == ["sample", "direct"]
+    runner = CliRunner()
+    assert "hello from a plugin" in runner.invoke(root, ["sample", "hello"]).output
+    assert "direct plugin command" in runner.invoke(root, ["sample-direct"]).output
+    assert "builtin" in runner.invoke(root, ["builtin"]).output
+
+
+def test_demo_runs_the_quick_start_job(settings: Settings) -> None:
+    result = agentrt(settings, "demo", "--runs", "2", timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.count("demo.email_received") == 2
+    assert "audit verify: ok" in result.stdout
+
+
+pytestmark = pytest.mark.filterwarnings("error")
