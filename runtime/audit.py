@@ -82,7 +82,8 @@ async def seal(conn: asyncpg.Connection, schema: str = "agentrt") -> SealResult 
         heads = await conn.fetch(
             f"SELECT DISTINCT ON (stream_id) stream_id, stream_version, hash FROM {q}.events "
             "WHERE tx_id >= $1 AND tx_id < $2 ORDER BY stream_id, stream_version DESC",
-            from_tx, horizon,
+            from_tx,
+            horizon,
         )
         if not heads:
             return None
@@ -95,7 +96,12 @@ async def seal(conn: asyncpg.Connection, schema: str = "agentrt") -> SealResult 
         seal_id = await conn.fetchval(
             f"INSERT INTO {q}.seals (upto_tx, from_tx, event_count, head_count, prev_digest, "
             "digest) VALUES ($1, $2, $3, $4, $5, $6) RETURNING seal_id",
-            horizon, from_tx, count, len(head_list), prev_digest, digest,
+            horizon,
+            from_tx,
+            count,
+            len(head_list),
+            prev_digest,
+            digest,
         )
         await conn.copy_records_to_table(
             "seal_heads",
@@ -144,26 +150,44 @@ async def verify(
             where = {"stream_id": sid, "event_id": r["event_id"], "position": r["position"]}
             if version != expected:
                 # Named by the first missing version; ordered by the survivor after it.
-                problems.append(Problem(
-                    "missing", f"{version - expected} event(s) before version {version} are gone",
-                    stream_id=sid, stream_version=expected, position=r["position"],
-                ))
+                problems.append(
+                    Problem(
+                        "missing",
+                        f"{version - expected} event(s) before version {version} are gone",
+                        stream_id=sid,
+                        stream_version=expected,
+                        position=r["position"],
+                    )
+                )
             elif r["prev_hash"] != prev:
-                problems.append(Problem(
-                    "broken_link", "prev_hash does not match the previous event's hash",
-                    stream_version=version, **where,
-                ))
+                problems.append(
+                    Problem(
+                        "broken_link",
+                        "prev_hash does not match the previous event's hash",
+                        stream_version=version,
+                        **where,
+                    )
+                )
             content = chain.content_hash(
-                event_id=r["event_id"], event_type=r["event_type"],
-                schema_version=r["schema_version"], run_id=r["run_id"],
-                causation_id=r["causation_id"], producer=r["producer"],
-                recorded_at=r["recorded_at"], trace=r["trace"], data=r["data"].encode(),
+                event_id=r["event_id"],
+                event_type=r["event_type"],
+                schema_version=r["schema_version"],
+                run_id=r["run_id"],
+                causation_id=r["causation_id"],
+                producer=r["producer"],
+                recorded_at=r["recorded_at"],
+                trace=r["trace"],
+                data=r["data"].encode(),
             )
             if chain.link(r["prev_hash"], version, content, sid) != r["hash"]:
-                problems.append(Problem(
-                    "altered", "stored content does not match its hash",
-                    stream_version=version, **where,
-                ))
+                problems.append(
+                    Problem(
+                        "altered",
+                        "stored content does not match its hash",
+                        stream_version=version,
+                        **where,
+                    )
+                )
             prev = r["hash"]
             expected = version + 1
         if on_progress is not None:
@@ -194,25 +218,36 @@ async def _verify_seals(conn: asyncpg.Connection, q: str, problems: list[Problem
         prev_digest = s["digest"]
         for h in heads:
             if h["actual"] is None:
-                problems.append(Problem(
-                    "missing", f"sealed as the stream's head by seal {s['seal_id']}, now gone",
-                    stream_id=h["stream_id"], stream_version=h["stream_version"],
-                ))
+                problems.append(
+                    Problem(
+                        "missing",
+                        f"sealed as the stream's head by seal {s['seal_id']}, now gone",
+                        stream_id=h["stream_id"],
+                        stream_version=h["stream_version"],
+                    )
+                )
             elif h["actual"] != h["hash"]:
-                problems.append(Problem(
-                    "altered", f"hash differs from the one seal {s['seal_id']} recorded",
-                    stream_id=h["stream_id"], stream_version=h["stream_version"],
-                    event_id=h["event_id"], position=h["position"],
-                ))
+                problems.append(
+                    Problem(
+                        "altered",
+                        f"hash differs from the one seal {s['seal_id']} recorded",
+                        stream_id=h["stream_id"],
+                        stream_version=h["stream_version"],
+                        event_id=h["event_id"],
+                        position=h["position"],
+                    )
+                )
     if seals:
         last = seals[-1]
         count = await conn.fetchval(
             f"SELECT count(*) FROM {q}.events WHERE tx_id < $1", last["upto_tx"]
         )
         if count != last["event_count"]:
-            problems.append(Problem(
-                "missing" if count < last["event_count"] else "seal",
-                f"seal {last['seal_id']} covers {last['event_count']} events, the log now holds "
-                f"{count} below its horizon",
-            ))
+            problems.append(
+                Problem(
+                    "missing" if count < last["event_count"] else "seal",
+                    f"seal {last['seal_id']} covers {last['event_count']} events, "
+                    f"the log now holds {count} below its horizon",
+                )
+            )
     return len(seals)

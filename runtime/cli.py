@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import sys
 import time
 from collections.abc import Coroutine
@@ -38,12 +39,15 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-services_app = typer.Typer(help="Start, stop and inspect the embedded Redis and PostgreSQL.",
-                           no_args_is_help=True)
-db_app = typer.Typer(help="Schema migrations and the log's append-only guards.",
-                     no_args_is_help=True)
-audit_app = typer.Typer(help="Tamper evidence: seal stream heads, verify the hash chains.",
-                        no_args_is_help=True)
+services_app = typer.Typer(
+    help="Start, stop and inspect the embedded Redis and PostgreSQL.", no_args_is_help=True
+)
+db_app = typer.Typer(
+    help="Schema migrations and the log's append-only guards.", no_args_is_help=True
+)
+audit_app = typer.Typer(
+    help="Tamper evidence: seal stream heads, verify the hash chains.", no_args_is_help=True
+)
 log_app = typer.Typer(help="Read the event log.", no_args_is_help=True)
 app.add_typer(services_app, name="services")
 app.add_typer(db_app, name="db")
@@ -57,24 +61,42 @@ app.add_typer(log_app, name="log")
 @app.callback()
 def _root(
     ctx: typer.Context,
-    state_dir: Annotated[Path | None, typer.Option(
-        help="Where embedded servers keep their data (env AGENTRT_STATE_DIR; default ./.agentrt)"
-    )] = None,
-    redis_url: Annotated[str | None, typer.Option(
-        help="Redis to use instead of the embedded one (env REDIS_URL)")] = None,
-    database_url: Annotated[str | None, typer.Option(
-        help="PostgreSQL to migrate with instead of the embedded one (env DATABASE_URL)")] = None,
-    schema: Annotated[str | None, typer.Option(
-        help="PostgreSQL schema of the log (env AGENTRT_DB_SCHEMA; default agentrt)")] = None,
-    log_level: Annotated[str | None, typer.Option(
-        help="debug, info, warning, error (env AGENTRT_LOG_LEVEL)")] = None,
-    log_json: Annotated[bool | None, typer.Option(
-        "--log-json/--log-console", help="Log lines as JSON (env AGENTRT_LOG_JSON)")] = None,
+    state_dir: Annotated[
+        Path | None,
+        typer.Option(
+            help="Where embedded servers keep their data "
+            "(env AGENTRT_STATE_DIR; default ./.agentrt)"
+        ),
+    ] = None,
+    redis_url: Annotated[
+        str | None, typer.Option(help="Redis to use instead of the embedded one (env REDIS_URL)")
+    ] = None,
+    database_url: Annotated[
+        str | None,
+        typer.Option(
+            help="PostgreSQL to migrate with instead of the embedded one (env DATABASE_URL)"
+        ),
+    ] = None,
+    schema: Annotated[
+        str | None,
+        typer.Option(help="PostgreSQL schema of the log (env AGENTRT_DB_SCHEMA; default agentrt)"),
+    ] = None,
+    log_level: Annotated[
+        str | None, typer.Option(help="debug, info, warning, error (env AGENTRT_LOG_LEVEL)")
+    ] = None,
+    log_json: Annotated[
+        bool | None,
+        typer.Option("--log-json/--log-console", help="Log lines as JSON (env AGENTRT_LOG_JSON)"),
+    ] = None,
 ) -> None:
     try:
         settings = Settings.from_env(
-            state_dir=state_dir, redis_url=redis_url, database_url=database_url,
-            db_schema=schema, log_level=log_level, log_json=log_json,
+            state_dir=state_dir,
+            redis_url=redis_url,
+            database_url=database_url,
+            db_schema=schema,
+            log_level=log_level,
+            log_json=log_json,
         )
     except SettingsError as exc:
         _fail(exc)
@@ -107,10 +129,13 @@ def _with_servers(settings: Settings, *, redis: bool = False, postgres: bool = T
         _fail(exc)
     for key, url in urls.items():
         name = "redis" if key == "REDIS_URL" else "postgres"
-        err.print(f"[dim]using embedded {name} at {url} "
-                  f"(state in {settings.state_dir}/; `agentrt services down` stops it)[/]")
-    return settings.with_urls(redis_url=urls.get("REDIS_URL"),
-                              database_url=urls.get("DATABASE_URL"))
+        err.print(
+            f"[dim]using embedded {name} at {url} "
+            f"(state in {settings.state_dir}/; `agentrt services down` stops it)[/]"
+        )
+    return settings.with_urls(
+        redis_url=urls.get("REDIS_URL"), database_url=urls.get("DATABASE_URL")
+    )
 
 
 async def _open_log(settings: Settings) -> EventLog:
@@ -134,8 +159,10 @@ def services_up(ctx: typer.Context) -> None:
         urls = EmbeddedServices(settings.state_dir).up()
     except AgentrtError as exc:
         _fail(exc)
-    err.print(f"[green]embedded services up[/] in {time.monotonic() - started:.1f}s "
-              f"(data in {settings.state_dir.resolve()})")
+    err.print(
+        f"[green]embedded services up[/] in {time.monotonic() - started:.1f}s "
+        f"(data in {settings.state_dir.resolve()})"
+    )
     for key, url in urls.items():
         out.print(f"export {key}={url}")
 
@@ -160,16 +187,29 @@ def services_status(
     settings: Settings = ctx.obj
     states = EmbeddedServices(settings.state_dir).status()
     if as_json:
-        out.print_json(data=[{"name": s.name, "running": s.running, "url": s.url, "pid": s.pid,
-                              "data_dir": str(s.data_dir), "version": s.version} for s in states])
+        out.print_json(
+            data=[
+                {
+                    "name": s.name,
+                    "running": s.running,
+                    "url": s.url,
+                    "pid": s.pid,
+                    "data_dir": str(s.data_dir),
+                    "version": s.version,
+                }
+                for s in states
+            ]
+        )
         return
     for s in states:
         mark = "[green]running[/]" if s.running else "[red]stopped[/]"
         out.print(f"{s.name:9} {mark:20} {s.url or '-':45} {s.version}  data: {s.data_dir}")
     for name, url in (("REDIS_URL", settings.redis_url), ("DATABASE_URL", settings.database_url)):
         if url:
-            out.print(f"[yellow]{name} is set ({redact(url)}): the runtime uses it, "
-                      f"not the embedded server[/]")
+            out.print(
+                f"[yellow]{name} is set ({redact(url)}): the runtime uses it, "
+                f"not the embedded server[/]"
+            )
 
 
 # -- db ------------------------------------------------------------------------
@@ -185,8 +225,10 @@ def db_migrate(ctx: typer.Context) -> None:
     if not report.applied:
         out.print(f"up to date ({len(report.already_applied)} migrations applied)")
     if report.roles_separated:
-        out.print(f"roles: owner {settings.owner_role!r} (NOLOGIN), runtime {settings.app_role!r} "
-                  "(INSERT and SELECT on the log)")
+        out.print(
+            f"roles: owner {settings.owner_role!r} (NOLOGIN), runtime {settings.app_role!r} "
+            "(INSERT and SELECT on the log)"
+        )
     for note in report.notes:
         err.print(f"[yellow]note:[/] {escape(note)}")
 
@@ -231,24 +273,34 @@ def audit_verify(
         try:
             total = await conn.fetchval(f'SELECT count(*) FROM "{settings.db_schema}".events')
             with err.status(f"verifying {total} events") as status:
+
                 def progress(n: int) -> None:
                     status.update(f"verifying events: {n}/{total}")
+
                 return await audit_mod.verify(conn, settings.db_schema, on_progress=progress)
         finally:
             await conn.close()
 
     report = _run(go())
     if as_json:
-        out.print_json(data={
-            "ok": report.ok, "events": report.events, "streams": report.streams,
-            "seals": report.seals, "problems": [str(p) for p in report.problems],
-        })
+        out.print_json(
+            data={
+                "ok": report.ok,
+                "events": report.events,
+                "streams": report.streams,
+                "seals": report.seals,
+                "problems": [str(p) for p in report.problems],
+            }
+        )
     elif report.ok:
-        out.print(f"[green]ok[/]: {report.events} events in {report.streams} streams, "
-                  f"{report.seals} seals, every hash verified")
+        out.print(
+            f"[green]ok[/]: {report.events} events in {report.streams} streams, "
+            f"{report.seals} seals, every hash verified"
+        )
     else:
-        out.print(f"[red]FAILED[/]: {len(report.problems)} problem(s); first: "
-                  f"{escape(str(report.first))}")
+        out.print(
+            f"[red]FAILED[/]: {len(report.problems)} problem(s); first: {escape(str(report.first))}"
+        )
         for p in report.problems[1:20]:
             out.print(f"  {escape(str(p))}")
     if not report.ok:
@@ -258,8 +310,9 @@ def audit_verify(
 @audit_app.command("seal")
 def audit_seal(
     ctx: typer.Context,
-    every: Annotated[float | None, typer.Option(
-        help="Keep sealing every N seconds (otherwise seal once)")] = None,
+    every: Annotated[
+        float | None, typer.Option(help="Keep sealing every N seconds (otherwise seal once)")
+    ] = None,
 ) -> None:
     """Record the heads of the streams changed since the last seal (detects stream removal)."""
     settings = _with_servers(ctx.obj)
@@ -273,8 +326,10 @@ def audit_seal(
                 if result is None:
                     out.print("nothing new to seal")
                 else:
-                    out.print(f"seal {result.seal_id}: {result.head_count} stream heads, "
-                              f"{result.event_count} events, digest {result.digest.hex()}")
+                    out.print(
+                        f"seal {result.seal_id}: {result.head_count} stream heads, "
+                        f"{result.event_count} events, digest {result.digest.hex()}"
+                    )
                 if every is None:
                     return
                 await asyncio.sleep(every)
@@ -301,13 +356,20 @@ def _body(e: RecordedEvent) -> Any:
 
 def _event_json(e: RecordedEvent) -> dict[str, Any]:
     return {
-        "position": e.position, "tx": e.tx, "event_id": str(e.event_id),
-        "type": e.event_type, "schema_version": e.schema_version, "stream_id": e.stream_id,
+        "position": e.position,
+        "tx": e.tx,
+        "event_id": str(e.event_id),
+        "type": e.event_type,
+        "schema_version": e.schema_version,
+        "stream_id": e.stream_id,
         "stream_version": e.stream_version,
         "run_id": None if e.run_id is None else str(e.run_id),
         "causation_id": None if e.causation_id is None else str(e.causation_id),
-        "producer": e.producer, "recorded_at": e.recorded_at.isoformat(), "trace": e.trace,
-        "prev_hash": e.prev_hash.hex(), "hash": e.hash.hex(),
+        "producer": e.producer,
+        "recorded_at": e.recorded_at.isoformat(),
+        "trace": e.trace,
+        "prev_hash": e.prev_hash.hex(),
+        "hash": e.hash.hex(),
         "body": _body(e),
     }
 
@@ -333,11 +395,16 @@ def print_event(e: RecordedEvent, *, as_json: bool) -> None:
 def log_tail(
     ctx: typer.Context,
     last: Annotated[int, typer.Option("--last", "-n", help="Start with the last N events")] = 10,
-    after: Annotated[str | None, typer.Option(
-        help="Start after this log position (TX:POSITION, as --json prints)")] = None,
-    from_start: Annotated[bool, typer.Option("--from-start", help="Start at the beginning")] = False,
-    follow: Annotated[bool, typer.Option("--follow/--no-follow", "-f",
-                                         help="Keep printing new events")] = True,
+    after: Annotated[
+        str | None,
+        typer.Option(help="Start after this log position (TX:POSITION, as --json prints)"),
+    ] = None,
+    from_start: Annotated[
+        bool, typer.Option("--from-start", help="Start at the beginning")
+    ] = False,
+    follow: Annotated[
+        bool, typer.Option("--follow/--no-follow", "-f", help="Keep printing new events")
+    ] = True,
     limit: Annotated[int | None, typer.Option(help="Stop after printing N events")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="One JSON object per line")] = False,
 ) -> None:
@@ -381,10 +448,8 @@ def log_tail(
         finally:
             await lg.pool.close()
 
-    try:
+    with contextlib.suppress(KeyboardInterrupt):
         _run(go())
-    except KeyboardInterrupt:
-        pass
 
 
 async def _head(lg: EventLog) -> LogPosition:
@@ -412,9 +477,11 @@ def demo(
             for n in range(1, runs + 1):
                 stream, events = sample_run(n)
                 result = await lg.append(stream, events, expected_version=0)
-                err.print(f"appended {len(events)} events to {stream} "
-                          f"(positions {result.positions[0].position}..."
-                          f"{result.positions[-1].position})")
+                err.print(
+                    f"appended {len(events)} events to {stream} "
+                    f"(positions {result.positions[0].position}..."
+                    f"{result.positions[-1].position})"
+                )
             out.print("\n[bold]the log, as `agentrt log tail` shows it:[/]")
             while batch := await lg.read_all(head, 1000):
                 for e in batch:
@@ -463,19 +530,26 @@ def load_plugins(root: typer.Typer, eps: list[EntryPoint] | None = None) -> list
         try:
             obj = ep.load()
         except Exception as exc:  # a plugin's import error is its own bug, not ours
-            err.print(f"[yellow]warning:[/] plugin {ep.name!r} ({ep.value}) failed to load: {escape(str(exc))}")
+            err.print(
+                f"[yellow]warning:[/] plugin {ep.name!r} ({ep.value}) failed to load: "
+                f"{escape(str(exc))}"
+            )
             continue
         if isinstance(obj, typer.Typer):
             if ep.name in taken:
-                err.print(f"[yellow]warning:[/] plugin {ep.name!r} would shadow a built-in "
-                          "command; skipped")
+                err.print(
+                    f"[yellow]warning:[/] plugin {ep.name!r} would shadow a built-in "
+                    "command; skipped"
+                )
                 continue
             root.add_typer(obj, name=ep.name)
         elif callable(obj):
             obj(root)
         else:
-            err.print(f"[yellow]warning:[/] plugin {ep.name!r} is neither a typer.Typer nor a "
-                      f"register(app) function ({type(obj).__name__}); skipped")
+            err.print(
+                f"[yellow]warning:[/] plugin {ep.name!r} is neither a typer.Typer nor a "
+                f"register(app) function ({type(obj).__name__}); skipped"
+            )
             continue
         added.append(ep.name)
     return added

@@ -69,9 +69,11 @@ async def _retry(url: str, make: Any, attempts: int) -> Any:
     for attempt in range(1, attempts + 1):
         try:
             return await make()
-        except (OSError, asyncpg.CannotConnectNowError, asyncio.TimeoutError) as exc:
+        except (TimeoutError, OSError, asyncpg.CannotConnectNowError) as exc:
             if attempt == attempts:
-                raise ServiceUnavailable("PostgreSQL", redact(url), str(exc) or type(exc).__name__) from exc
+                raise ServiceUnavailable(
+                    "PostgreSQL", redact(url), str(exc) or type(exc).__name__
+                ) from exc
             log.debug("postgres.retry", url=redact(url), attempt=attempt, error=str(exc))
             await asyncio.sleep(delay)
             delay = min(delay * 2, 2.0)

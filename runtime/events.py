@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from collections.abc import Callable, Iterable
 from datetime import UTC, datetime
-from typing import Any, ClassVar, NamedTuple, TypeVar
+from typing import TYPE_CHECKING, Any, ClassVar, NamedTuple, TypeVar
 from uuid import UUID
 
 import msgspec
@@ -21,7 +21,8 @@ Upcaster = Callable[[dict[str, Any]], dict[str, Any]]
 
 def new_event_id() -> UUID:
     """A UUIDv7: time-ordered, so ids sort roughly by creation time."""
-    return _uuid.uuid7()  # type: ignore[no-any-return]
+    uid: UUID = _uuid.uuid7()
+    return uid
 
 
 def utcnow() -> datetime:
@@ -29,7 +30,17 @@ def utcnow() -> datetime:
     return datetime.now(UTC)
 
 
-class Event(msgspec.Struct, frozen=True, kw_only=True, tag_field="type"):
+if TYPE_CHECKING:
+    # mypy's dataclass_transform support would make every subclass repeat
+    # frozen=True; bodies are frozen at run time all the same (tested).
+    _Base = msgspec.Struct
+else:
+
+    class _Base(msgspec.Struct, frozen=True):
+        pass
+
+
+class Event(_Base, kw_only=True, tag_field="type"):
     """Base of every event body.
 
     Subclass it with a stable dotted tag and, when the schema changes in a way
@@ -159,7 +170,9 @@ class EventRegistry:
     def register(self, cls: type[E]) -> type[E]:
         tag = cls.__struct_config__.tag
         if not isinstance(tag, str) or not _TAG.match(tag):
-            raise ValueError(f"{cls.__qualname__}: event tag must be dotted lower case, got {tag!r}")
+            raise ValueError(
+                f"{cls.__qualname__}: event tag must be dotted lower case, got {tag!r}"
+            )
         version = cls.__schema_version__
         if not isinstance(version, int) or version < 1:
             raise ValueError(f"{cls.__qualname__}: __schema_version__ must be an int >= 1")

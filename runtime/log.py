@@ -27,6 +27,8 @@ from runtime.events import (
     RecordedEvent,
     encode_body,
     event_type_of,
+)
+from runtime.events import (
     registry as default_registry,
 )
 
@@ -162,10 +164,10 @@ class EventLog:
     def _raise_typed(exc: asyncpg.PostgresError, stream_id: str, expected: int | None) -> None:
         state = getattr(exc, "sqlstate", None)
         if state == "AR001":
-            raise ConcurrencyConflict(stream_id, expected, int(exc.detail)) from None  # type: ignore[attr-defined]
+            raise ConcurrencyConflict(stream_id, expected, int(exc.detail)) from None
         if state == "AR002":
             raise DuplicateEventMismatch(
-                UUID(exc.detail),  # type: ignore[attr-defined]
+                UUID(exc.detail),
                 "a batch may be re-appended only as a whole",
             ) from None
 
@@ -218,8 +220,21 @@ class EventLog:
                 data=data,
             )
         channel = self.channel if self._notify else None
-        return (stream_id, expected, channel, ids, types, versions, runs, causes, producers,
-                recorded, traces, datas, contents)
+        return (
+            stream_id,
+            expected,
+            channel,
+            ids,
+            types,
+            versions,
+            runs,
+            causes,
+            producers,
+            recorded,
+            traces,
+            datas,
+            contents,
+        )
 
     # -- reading -----------------------------------------------------------------
 
@@ -234,9 +249,7 @@ class EventLog:
         rows = await self._pool.fetch(self._sql_stream, stream_id, from_version, limit)
         return [self._decode(r) for r in rows]
 
-    async def read_all(
-        self, after: LogPosition = START, limit: int = 1000
-    ) -> list[RecordedEvent]:
+    async def read_all(self, after: LogPosition = START, limit: int = 1000) -> list[RecordedEvent]:
         """Up to ``limit`` events after ``after``, in the log's one stable order.
 
         Only events no running transaction can still precede are returned, so a

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import os
 import subprocess
@@ -58,9 +59,7 @@ async def test_intact_log_verifies(log: EventLog, admin: asyncpg.Connection) -> 
 
 def test_python_and_sql_agree_on_the_chain() -> None:
     content = hashlib.sha256(b"x").digest()
-    expected = hashlib.sha256(
-        bytes(32) + (1).to_bytes(8, "big") + content + "s".encode()
-    ).digest()
+    expected = hashlib.sha256(bytes(32) + (1).to_bytes(8, "big") + content + b"s").digest()
     assert chain.link(bytes(32), 1, content, "s") == expected
 
 
@@ -68,10 +67,11 @@ async def test_altered_body_is_named(log: EventLog, admin: asyncpg.Connection) -
     streams = await fill(log)
     target = streams["s-b"][2]
     await tamper(
-        admin, log.schema,
-        f"UPDATE \"{log.schema}\".events SET data = '{{\"type\":\"test.noted\",\"text\":\"forged\",\"n\":2}}' "
-        "WHERE event_id = $1",
+        admin,
+        log.schema,
+        f'UPDATE "{log.schema}".events SET data = $2 WHERE event_id = $1',
         target.event_id,
+        '{"type":"test.noted","text":"forged","n":2}',
     )
     report = await verify(admin, log)
     assert not report.ok
@@ -84,9 +84,13 @@ async def test_altered_body_is_named(log: EventLog, admin: asyncpg.Connection) -
 async def test_altered_envelope_field_is_named(log: EventLog, admin: asyncpg.Connection) -> None:
     streams = await fill(log)
     target = streams["s-a"][1]
-    await tamper(admin, log.schema,
-                 f'UPDATE "{log.schema}".events SET producer = $2 WHERE event_id = $1',
-                 target.event_id, "mallory")
+    await tamper(
+        admin,
+        log.schema,
+        f'UPDATE "{log.schema}".events SET producer = $2 WHERE event_id = $1',
+        target.event_id,
+        "mallory",
+    )
     report = await verify(admin, log)
     assert report.first is not None
     assert report.first.event_id == target.event_id
@@ -95,8 +99,9 @@ async def test_altered_envelope_field_is_named(log: EventLog, admin: asyncpg.Con
 async def test_deleted_middle_event_is_named(log: EventLog, admin: asyncpg.Connection) -> None:
     streams = await fill(log)
     target = streams["s-c"][1]
-    await tamper(admin, log.schema, f'DELETE FROM "{log.schema}".events WHERE event_id = $1',
-                 target.event_id)
+    await tamper(
+        admin, log.schema, f'DELETE FROM "{log.schema}".events WHERE event_id = $1', target.event_id
+    )
     report = await verify(admin, log)
     first = report.first
     assert first is not None
@@ -109,8 +114,12 @@ async def test_deleted_stream_tail_and_whole_stream_are_caught_by_seals(
     streams = await fill(log)
     async with log.pool.acquire() as conn:
         await audit.seal(conn, log.schema)
-    await tamper(admin, log.schema, f'DELETE FROM "{log.schema}".events WHERE event_id = $1',
-                 streams["s-a"][3].event_id)
+    await tamper(
+        admin,
+        log.schema,
+        f'DELETE FROM "{log.schema}".events WHERE event_id = $1',
+        streams["s-a"][3].event_id,
+    )
     await tamper(admin, log.schema, f"DELETE FROM \"{log.schema}\".events WHERE stream_id = 's-b'")
     report = await verify(admin, log)
     missing = {(p.stream_id, p.stream_version) for p in report.problems if p.kind == "missing"}
@@ -127,17 +136,30 @@ async def test_rewritten_chain_is_caught_by_the_seal(
     async with log.pool.acquire() as conn:
         await audit.seal(conn, log.schema)
     last = streams["s-a"][3]
-    forged = NewEvent(body=Noted(text="forged", n=3), event_id=last.event_id,
-                      recorded_at=last.recorded_at)
+    forged = NewEvent(
+        body=Noted(text="forged", n=3), event_id=last.event_id, recorded_at=last.recorded_at
+    )
     data = b'{"type":"test.noted","text":"forged","n":3}'
     content = chain.content_hash(
-        event_id=forged.event_id, event_type="test.noted", schema_version=1, run_id=None,
-        causation_id=None, producer=None, recorded_at=forged.recorded_at, trace=None, data=data,
+        event_id=forged.event_id,
+        event_type="test.noted",
+        schema_version=1,
+        run_id=None,
+        causation_id=None,
+        producer=None,
+        recorded_at=forged.recorded_at,
+        trace=None,
+        data=data,
     )
     new_hash = chain.link(last.prev_hash, 4, content, "s-a")
-    await tamper(admin, log.schema,
-                 f'UPDATE "{log.schema}".events SET data = $2, hash = $3 WHERE event_id = $1',
-                 last.event_id, data.decode(), new_hash)
+    await tamper(
+        admin,
+        log.schema,
+        f'UPDATE "{log.schema}".events SET data = $2, hash = $3 WHERE event_id = $1',
+        last.event_id,
+        data.decode(),
+        new_hash,
+    )
     report = await verify(admin, log)
     assert [(p.kind, p.event_id) for p in report.problems] == [("altered", last.event_id)]
     assert "seal 1" in report.problems[0].detail
@@ -147,9 +169,12 @@ async def test_problems_are_reported_in_log_order(log: EventLog, admin: asyncpg.
     streams = await fill(log)
     later, earlier = streams["s-c"][0], streams["s-a"][2]
     for target in (later, earlier):
-        await tamper(admin, log.schema,
-                     f'UPDATE "{log.schema}".events SET producer = \'x\' WHERE event_id = $1',
-                     target.event_id)
+        await tamper(
+            admin,
+            log.schema,
+            f"UPDATE \"{log.schema}\".events SET producer = 'x' WHERE event_id = $1",
+            target.event_id,
+        )
     report = await verify(admin, log)
     assert [p.event_id for p in report.problems] == [earlier.event_id, later.event_id]
 
@@ -158,18 +183,37 @@ async def test_cli_verify_exits_nonzero_and_names_the_event(
     log: EventLog, admin: asyncpg.Connection, settings: Settings
 ) -> None:
     streams = await fill(log)
-    env = {**os.environ, "DATABASE_URL": settings.require_database_url(),
-           "REDIS_URL": settings.require_redis_url(), "AGENTRT_DB_SCHEMA": log.schema}
-    ok = subprocess.run([sys.executable, "-m", "runtime", "audit", "verify"], env=env,
-                        capture_output=True, text=True, timeout=60)
+    env = {
+        **os.environ,
+        "DATABASE_URL": settings.require_database_url(),
+        "REDIS_URL": settings.require_redis_url(),
+        "AGENTRT_DB_SCHEMA": log.schema,
+    }
+    ok = await asyncio.to_thread(
+        subprocess.run,
+        [sys.executable, "-m", "runtime", "audit", "verify"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert ok.returncode == 0, ok.stderr
     assert "ok" in ok.stdout
     target = streams["s-b"][0]
-    await tamper(admin, log.schema,
-                 f'UPDATE "{log.schema}".events SET producer = \'x\' WHERE event_id = $1',
-                 target.event_id)
-    bad = subprocess.run([sys.executable, "-m", "runtime", "audit", "verify"], env=env,
-                         capture_output=True, text=True, timeout=60)
+    await tamper(
+        admin,
+        log.schema,
+        f"UPDATE \"{log.schema}\".events SET producer = 'x' WHERE event_id = $1",
+        target.event_id,
+    )
+    bad = await asyncio.to_thread(
+        subprocess.run,
+        [sys.executable, "-m", "runtime", "audit", "verify"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert bad.returncode == 1
     assert "FAILED" in bad.stdout
     assert str(target.event_id) in bad.stdout

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import subprocess
 import sys
-import time
 from importlib.metadata import EntryPoint
 
 import pytest
@@ -19,25 +19,41 @@ from runtime.settings import Settings
 from tests.events_fixtures import Noted
 
 
-def agentrt(settings: Settings, *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "runtime", *args], env=env_for(settings),
-                          capture_output=True, text=True, timeout=timeout)
+def agentrt(
+    settings: Settings, *args: str, timeout: float = 60
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "runtime", *args],
+        env=env_for(settings),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 def env_for(settings: Settings) -> dict[str, str]:
-    return {**os.environ, "DATABASE_URL": settings.require_database_url(),
-            "REDIS_URL": settings.require_redis_url(), "AGENTRT_DB_SCHEMA": settings.db_schema,
-            "AGENTRT_POLL_INTERVAL": "0.05"}
+    return {
+        **os.environ,
+        "DATABASE_URL": settings.require_database_url(),
+        "REDIS_URL": settings.require_redis_url(),
+        "AGENTRT_DB_SCHEMA": settings.db_schema,
+        "AGENTRT_POLL_INTERVAL": "0.05",
+    }
 
 
 def test_help_lists_the_commands() -> None:
-    result = subprocess.run([sys.executable, "-m", "runtime", "--help"], capture_output=True,
-                            text=True, timeout=30)
+    result = subprocess.run(
+        [sys.executable, "-m", "runtime", "--help"], capture_output=True, text=True, timeout=30
+    )
     assert result.returncode == 0
     for command in ("services", "db", "audit", "log", "demo"):
         assert command in result.stdout
-    sub = subprocess.run([sys.executable, "-m", "runtime", "log", "--help"], capture_output=True,
-                         text=True, timeout=30)
+    sub = subprocess.run(
+        [sys.executable, "-m", "runtime", "log", "--help"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
     assert "tail" in sub.stdout
 
 
@@ -72,17 +88,25 @@ async def test_log_tail_prints_backlog_as_json(settings: Settings, log: EventLog
 
 async def test_log_tail_follows_new_events(settings: Settings, log: EventLog) -> None:
     await log.append("s-old", [Noted(text="old")])
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "runtime", "log", "tail", "--last", "1", "--limit", "3"],
-        env=env_for(settings), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    proc = await asyncio.create_subprocess_exec(
+        *[sys.executable, "-m", "runtime", "log", "tail", "--last", "1", "--limit", "3"],
+        env=env_for(settings),
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
     )
     try:
-        time.sleep(2.5)  # let it start and print the backlog
+        # Wait until the backlog is printed: the tail is running and following.
+        assert proc.stdout is not None
+        first = await asyncio.wait_for(proc.stdout.readline(), 30)
+        assert b"test.noted" in first
         await log.append("s-new", [Noted(text="fresh one"), Noted(text="fresh two")])
-        out, err = proc.communicate(timeout=30)
+        rest, errors = await asyncio.wait_for(proc.communicate(), 30)
     finally:
-        proc.kill()
-    assert proc.returncode == 0, err
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+    assert proc.returncode == 0, errors
+    out = (first + rest).decode()
     assert out.index("old") < out.index("fresh one") < out.index("fresh two")
     assert "test.noted" in out
 

@@ -89,8 +89,13 @@ def test_cli_services_up_status_down(tmp_path: Path) -> None:
     env["AGENTRT_STATE_DIR"] = str(tmp_path / "state")
 
     def agentrt(*args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run([sys.executable, "-m", "runtime", *args], env=env,
-                              capture_output=True, text=True, timeout=120)
+        return subprocess.run(
+            [sys.executable, "-m", "runtime", *args],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
 
     try:
         up = agentrt("services", "up")

@@ -6,7 +6,8 @@ from datetime import UTC, datetime
 
 import msgspec
 import pytest
-from hypothesis import given, strategies as st
+from hypothesis import given
+from hypothesis import strategies as st
 
 from runtime.errors import EventDecodeError, UnknownEventType
 from runtime.events import (
@@ -69,8 +70,12 @@ def test_default_registry_finds_subclasses_lazily() -> None:
 def test_unknown_types_decode_to_a_placeholder_or_raise_when_strict() -> None:
     body = registry.decode("nobody.knows", 4, b'{"a":1}')
     assert isinstance(body, UnknownEvent)
-    assert (body.event_type, body.schema_version, bytes(body.data)) == ("nobody.knows", 4, b'{"a":1}')
-    with pytest.raises(UnknownEventType, match="nobody.knows"):
+    assert (body.event_type, body.schema_version, bytes(body.data)) == (
+        "nobody.knows",
+        4,
+        b'{"a":1}',
+    )
+    with pytest.raises(UnknownEventType, match=r"nobody\.knows"):
         registry.decode("nobody.knows", 4, b"{}", strict=True)
 
 
@@ -102,7 +107,7 @@ def test_upcasters_run_in_order_and_missing_ones_are_named() -> None:
 
 
 def test_a_body_that_does_not_fit_its_type_is_a_decode_error() -> None:
-    with pytest.raises(EventDecodeError, match="test.noted"):
+    with pytest.raises(EventDecodeError, match=r"test\.noted"):
         registry.decode("test.noted", 1, b'{"type":"test.noted","text":5}')
     with pytest.raises(EventDecodeError):
         registry.decode("test.noted", 1, b"not json")
@@ -126,4 +131,3 @@ def test_log_position_round_trips_through_text(tx: int, pos: int) -> None:
 def test_log_position_rejects_garbage(text: str) -> None:
     with pytest.raises(ValueError, match="not a log position"):
         LogPosition.parse(text)
-

@@ -27,7 +27,9 @@ async def test_runtime_role_has_no_privilege_to_change_the_log(
     log: EventLog, table: str, change: str
 ) -> None:
     await log.append("s", [Noted(text="keep me")])
-    sql = CHANGES[change].format(t=f'"{log.schema}".{table}', col="stream_id" if table != "seals" else "upto_tx")
+    sql = CHANGES[change].format(
+        t=f'"{log.schema}".{table}', col="stream_id" if table != "seals" else "upto_tx"
+    )
     with pytest.raises(asyncpg.InsufficientPrivilegeError):
         await log.pool.execute(sql)
     assert len(await log.read_stream("s")) == 1

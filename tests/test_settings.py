@@ -22,16 +22,18 @@ def test_defaults_mean_embedded_servers() -> None:
 
 
 def test_environment_is_read_and_typed() -> None:
-    s = Settings.from_env({
-        "REDIS_URL": "redis://localhost:6379/0",
-        "DATABASE_URL": "postgresql://u:p@db:5432/x",
-        "AGENTRT_STATE_DIR": "/tmp/x",
-        "ANTHROPIC_API_KEY": "sk-test",
-        "AGENTRT_LOG_JSON": "yes",
-        "AGENTRT_POLL_INTERVAL": "0.25",
-        "AGENTRT_LOG_NOTIFY": "off",
-        "AGENTRT_DB_SCHEMA": "prod_log",
-    })
+    s = Settings.from_env(
+        {
+            "REDIS_URL": "redis://localhost:6379/0",
+            "DATABASE_URL": "postgresql://u:p@db:5432/x",
+            "AGENTRT_STATE_DIR": "/tmp/x",
+            "ANTHROPIC_API_KEY": "sk-test",
+            "AGENTRT_LOG_JSON": "yes",
+            "AGENTRT_POLL_INTERVAL": "0.25",
+            "AGENTRT_LOG_NOTIFY": "off",
+            "AGENTRT_DB_SCHEMA": "prod_log",
+        }
+    )
     assert s.redis_url == "redis://localhost:6379/0"
     assert s.state_dir == Path("/tmp/x")
     assert s.log_json is True
@@ -87,10 +89,14 @@ def test_nothing_connects_at_import_time() -> None:
         "import runtime, runtime.cli, runtime.log, runtime.audit, runtime.embedded, "
         "runtime.migrations, projections, webhooks; print('imported')"
     )
-    env = {"REDIS_URL": "redis://192.0.2.1:1/0", "DATABASE_URL": "postgresql://192.0.2.1:1/x",
-           "PATH": "/usr/bin:/bin"}
-    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
-                            text=True, timeout=20)
+    env = {
+        "REDIS_URL": "redis://192.0.2.1:1/0",
+        "DATABASE_URL": "postgresql://192.0.2.1:1/x",
+        "PATH": "/usr/bin:/bin",
+    }
+    result = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=20
+    )
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "imported"
 
@@ -99,7 +105,9 @@ def test_cli_reports_a_bad_setting_with_exit_code_2() -> None:
     result = subprocess.run(
         [sys.executable, "-m", "runtime", "services", "status"],
         env={"REDIS_URL": "http://nope", "PATH": "/usr/bin:/bin"},
-        capture_output=True, text=True, timeout=30,
+        capture_output=True,
+        text=True,
+        timeout=30,
     )
     assert result.returncode == 2
     assert "REDIS_URL" in result.stderr

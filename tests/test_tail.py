@@ -7,7 +7,6 @@ import random
 from collections.abc import AsyncIterator, Callable
 from uuid import UUID
 
-
 from runtime.events import START, LogPosition, NewEvent
 from runtime.log import EventLog
 from tests.events_fixtures import Counted
@@ -128,9 +127,7 @@ async def test_a_lower_position_committing_late_is_read_not_skipped(log: EventLo
         assert first.positions[0].position < second.positions[0].position
 
         # The naive reader sees the higher position and moves past the lower one.
-        naive_cursor = await log.pool.fetchval(
-            f'SELECT max(position) FROM "{log.schema}".events'
-        )
+        naive_cursor = await log.pool.fetchval(f'SELECT max(position) FROM "{log.schema}".events')
         assert naive_cursor == second.positions[0].position
         # The log's reader holds back: an older transaction is still running.
         assert await log.read_all(START) == []
@@ -178,5 +175,3 @@ async def test_subscribe_falls_back_to_polling_without_notify(log: EventLog) -> 
     await quiet.append("s-q", [event])
     await asyncio.wait_for(task, 5)
     assert got == [event.event_id]
-
-

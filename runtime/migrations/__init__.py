@@ -66,8 +66,11 @@ async def migrate(settings: Settings) -> MigrateReport:
     """Bring the schema up to date; create the owner and app roles where allowed."""
     url = settings.require_database_url()
     migrations = load_migrations()
-    schema, owner, app = (_ident(settings.db_schema), _ident(settings.owner_role),
-                          _ident(settings.app_role))
+    schema, owner, app = (
+        _ident(settings.db_schema),
+        _ident(settings.owner_role),
+        _ident(settings.app_role),
+    )
     notes: list[str] = []
     conn = await connect(url)
     try:
@@ -118,7 +121,9 @@ async def migrate(settings: Settings) -> MigrateReport:
                     raise MigrationError(f"migration {label} failed: {exc}") from exc
                 await conn.execute(
                     "INSERT INTO schema_migrations (version, name, checksum) VALUES ($1, $2, $3)",
-                    m.version, m.name, m.checksum,
+                    m.version,
+                    m.name,
+                    m.checksum,
                 )
                 applied.append(label)
             unknown = sorted(set(recorded) - {m.version for m in migrations})
@@ -235,8 +240,10 @@ async def _guards(
         )
     }
     for table in GUARDED_TABLES:
-        for suffix, what in (("refuse_update_delete", "UPDATE/DELETE"), ("refuse_truncate",
-                                                                          "TRUNCATE")):
+        for suffix, what in (
+            ("refuse_update_delete", "UPDATE/DELETE"),
+            ("refuse_truncate", "TRUNCATE"),
+        ):
             name = f"{table}_{suffix}"
             state = triggers.get(name)
             if state is None:
@@ -246,15 +253,16 @@ async def _guards(
             else:
                 guards.append(Guard(f"{table}: {what} trigger", True, "enabled"))
     role = runtime_role or settings.app_role
-    role_row = await conn.fetchrow(
-        "SELECT rolsuper FROM pg_roles WHERE rolname = $1", role
-    )
+    role_row = await conn.fetchrow("SELECT rolsuper FROM pg_roles WHERE rolname = $1", role)
     if role_row is None:
-        guards.append(Guard(
-            "runtime role", False,
-            f"role {role!r} does not exist; the runtime connects as the owner "
-            f"(set AGENTRT_RUNTIME_DATABASE_URL or migrate as a role that can CREATE ROLE)",
-        ))
+        guards.append(
+            Guard(
+                "runtime role",
+                False,
+                f"role {role!r} does not exist; the runtime connects as the owner "
+                f"(set AGENTRT_RUNTIME_DATABASE_URL or migrate as a role that can CREATE ROLE)",
+            )
+        )
         return guards
     if role_row["rolsuper"]:
         guards.append(Guard("runtime role", False, f"{role!r} is a superuser"))
@@ -262,16 +270,22 @@ async def _guards(
     events = f"{_ident(settings.db_schema)}.events"
     owner = await conn.fetchval(
         "SELECT pg_has_role($1, c.relowner, 'USAGE') FROM pg_class c WHERE c.oid = $2::regclass",
-        role, events,
+        role,
+        events,
     )
     extra = [
-        priv for priv in ("UPDATE", "DELETE", "TRUNCATE")
+        priv
+        for priv in ("UPDATE", "DELETE", "TRUNCATE")
         if await conn.fetchval("SELECT has_table_privilege($1, $2, $3)", role, events, priv)
     ]
     if owner:
-        guards.append(Guard("runtime role", False, f"{role!r} owns the log and can disable triggers"))
+        guards.append(
+            Guard("runtime role", False, f"{role!r} owns the log and can disable triggers")
+        )
     elif extra:
         guards.append(Guard("runtime role", False, f"{role!r} holds {', '.join(extra)} on the log"))
     else:
-        guards.append(Guard("runtime role", True, f"{role!r} has only INSERT and SELECT on the log"))
+        guards.append(
+            Guard("runtime role", True, f"{role!r} has only INSERT and SELECT on the log")
+        )
     return guards
