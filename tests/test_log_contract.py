@@ -194,3 +194,21 @@ async def test_upcasting_on_read_never_rewrites_the_stored_event(
     # The old registry still reads it as written.
     (raw,) = await EventLog(log.pool, schema=log.schema, registry=old).read_stream("s-up")
     assert raw.body == RenamedV1(full_name="Ada Lovelace")
+
+
+async def test_writers_of_different_streams_do_not_wait_for_each_other(log: EventLog) -> None:
+    """The hash chain links within a stream only: no global critical section."""
+    async with log.pool.acquire() as holder:
+        tx = holder.transaction()
+        await tx.start()
+        await log.append("s-held", [Noted(text="open")], NO_STREAM, conn=holder)
+        # Another stream appends while that transaction is still open...
+        other = await asyncio.wait_for(log.append("s-free", [Noted(text="x")], NO_STREAM), 5)
+        assert other.inserted
+        # ...while the same stream waits for it, then loses the version race.
+        same = asyncio.create_task(log.append("s-held", [Noted(text="late")], NO_STREAM))
+        await asyncio.sleep(0.3)
+        assert not same.done()
+        await tx.commit()
+    with pytest.raises(ConcurrencyConflict):
+        await asyncio.wait_for(same, 5)

@@ -118,29 +118,38 @@ DECLARE
     prevs      bytea[];
     hashes     bytea[];
 BEGIN
-    SELECT count(*) INTO present FROM events e WHERE e.event_id = ANY (p_ids);
-    IF present = n THEN
-        RETURN QUERY
-            SELECT e.event_id, e.position, e.tx_id, e.stream_version, e.prev_hash, e.hash, false
-            FROM unnest(p_ids) WITH ORDINALITY AS u(id, ord)
-            JOIN events e ON e.event_id = u.id
-            ORDER BY u.ord;
-        RETURN;
-    ELSIF present > 0 THEN
-        RAISE EXCEPTION 'batch for stream % is partly in the log already (% of % events)',
-            p_stream, present, n
-            USING ERRCODE = 'AR002',
-                  DETAIL = (SELECT e.event_id::text FROM events e
-                            WHERE e.event_id = ANY (p_ids) LIMIT 1);
-    END IF;
+    -- Checked twice: before reading the stream's head, and again (with a new
+    -- snapshot) if the head is not the expected one, because the writer of
+    -- these very events may have committed in between: a re-append, not a
+    -- conflict.
+    FOR attempt IN 1 .. 2 LOOP
+        SELECT count(*) INTO present FROM events e WHERE e.event_id = ANY (p_ids);
+        IF present = n THEN
+            RETURN QUERY
+                SELECT e.event_id, e.position, e.tx_id, e.stream_version, e.prev_hash, e.hash,
+                       false
+                FROM unnest(p_ids) WITH ORDINALITY AS u(id, ord)
+                JOIN events e ON e.event_id = u.id
+                ORDER BY u.ord;
+            RETURN;
+        ELSIF present > 0 THEN
+            RAISE EXCEPTION 'batch for stream % is partly in the log already (% of % events)',
+                p_stream, present, n
+                USING ERRCODE = 'AR002',
+                      DETAIL = (SELECT e.event_id::text FROM events e
+                                WHERE e.event_id = ANY (p_ids) LIMIT 1);
+        END IF;
+        EXIT WHEN attempt = 2;
 
-    SELECT e.stream_version, e.hash INTO head_v, head_h
-    FROM events e WHERE e.stream_id = p_stream
-    ORDER BY e.stream_version DESC LIMIT 1;
-    IF NOT FOUND THEN
-        head_v := 0;
-        head_h := '\x0000000000000000000000000000000000000000000000000000000000000000'::bytea;
-    END IF;
+        SELECT e.stream_version, e.hash INTO head_v, head_h
+        FROM events e WHERE e.stream_id = p_stream
+        ORDER BY e.stream_version DESC LIMIT 1;
+        IF NOT FOUND THEN
+            head_v := 0;
+            head_h := '\x0000000000000000000000000000000000000000000000000000000000000000'::bytea;
+        END IF;
+        EXIT WHEN p_expected IS NULL OR p_expected = head_v;
+    END LOOP;
     IF p_expected IS NOT NULL AND p_expected <> head_v THEN
         RAISE EXCEPTION 'stream % is at version %, expected %', p_stream, head_v, p_expected
             USING ERRCODE = 'AR001', DETAIL = head_v::text;
