@@ -80,6 +80,10 @@ async def _retry(url: str, make: Any, attempts: int) -> Any:
     raise AssertionError("unreachable")
 
 
+async def _keep_session(conn: asyncpg.Connection) -> None:
+    return None
+
+
 async def open_runtime_pool(settings: Settings, **kwargs: Any) -> asyncpg.Pool:
     """The runtime's pool, connected as the app role (INSERT and SELECT on the log).
 
@@ -88,6 +92,10 @@ async def open_runtime_pool(settings: Settings, **kwargs: Any) -> asyncpg.Pool:
     TRUNCATE, but the connecting role could disable them (``agentrt db status``).
     """
     url = runtime_url(settings)
+    # The runtime never leaves session state behind (SET LOCAL only; listeners
+    # are removed by their owners), so skip asyncpg's reset query: one round
+    # trip saved on every release.
+    kwargs.setdefault("reset", _keep_session)
     try:
         return await create_pool(url, **kwargs)
     except asyncpg.InvalidAuthorizationSpecificationError as exc:

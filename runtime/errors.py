@@ -75,10 +75,9 @@ class ConcurrencyConflict(AgentrtError):
 
     code = ErrorCode.CONCURRENCY_CONFLICT
 
-    def __init__(self, stream_id: str, expected: int | None, actual: int) -> None:
-        super().__init__(
-            f"stream {stream_id!r}: expected version {expected}, actual version {actual}"
-        )
+    def __init__(self, stream_id: str, expected: int | None, actual: int | None) -> None:
+        now = "another writer committed first" if actual is None else f"actual version {actual}"
+        super().__init__(f"stream {stream_id!r}: expected version {expected}, {now}")
         self.stream_id = stream_id
         self.expected = expected
         self.actual = actual

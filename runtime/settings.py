@@ -43,6 +43,8 @@ class Settings:
     poll_interval: float = 0.5
     #: Whether appends NOTIFY tail readers (see README: NOTIFY serialises commits).
     log_notify: bool = True
+    #: The webhook sources file (TOML) that ``agentrt serve`` reads.
+    webhooks_config: Path = Path("webhooks.toml")
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
@@ -103,6 +105,7 @@ ENV_KEYS: dict[str, str] = {
     "log_json": "AGENTRT_LOG_JSON",
     "poll_interval": "AGENTRT_POLL_INTERVAL",
     "log_notify": "AGENTRT_LOG_NOTIFY",
+    "webhooks_config": "AGENTRT_WEBHOOKS_CONFIG",
 }
 
 _LOG_LEVELS = {"debug", "info", "warning", "error", "critical"}
@@ -114,7 +117,7 @@ def _parse(field: str, key: str, raw: Any) -> Any:
         return _url(key, str(raw), {"redis", "rediss", "unix"})
     if field in ("database_url", "runtime_database_url"):
         return _url(key, str(raw), {"postgres", "postgresql"})
-    if field == "state_dir":
+    if field in ("state_dir", "webhooks_config"):
         return Path(raw).expanduser()
     if field in ("db_schema", "owner_role", "app_role"):
         value = str(raw)

@@ -220,3 +220,31 @@ async def test_cli_verify_exits_nonzero_and_names_the_event(
 
 
 pytestmark = pytest.mark.filterwarnings("error")
+
+
+async def test_a_writer_chain_that_does_not_start_at_the_head_is_ignored(
+    log: EventLog, admin: asyncpg.Connection
+) -> None:
+    """The database links the chain itself unless the writer's starts at the real head."""
+    await log.append("s-w", [Noted(text="first")], NO_STREAM)
+    args = list(log._encode("s-w", [Noted(text="second")], 1))
+    args[13] = bytes(32)  # claims the stream is new: a wrong head
+    args[14] = [bytes(32), hashlib.sha256(b"forged").digest()]
+    async with log.pool.acquire() as conn:
+        await conn.fetchrow(log._sql_append, *args)
+    # A second, independent log has no cached head: the database links it.
+    other = EventLog(log.pool, schema=log.schema)
+    await other.append("s-w", [Noted(text="third")], 2)
+    await log.append("s-w", [Noted(text="fourth")])  # any version: linked server-side
+    report = await verify(admin, log)
+    assert report.ok, report.problems
+    assert report.events == 4
+
+
+async def test_chains_written_by_copy_verify(log: EventLog, admin: asyncpg.Connection) -> None:
+    await log.append("s-copy", [Noted(text=str(i)) for i in range(150)], NO_STREAM)
+    await log.append("s-copy", [Noted(text="one more")], 150)
+    await log.append("s-copy", [Noted(text=str(i)) for i in range(80)])
+    report = await verify(admin, log)
+    assert report.ok, report.problems[:3]
+    assert report.events == 231

@@ -212,3 +212,58 @@ async def test_writers_of_different_streams_do_not_wait_for_each_other(log: Even
         await tx.commit()
     with pytest.raises(ConcurrencyConflict):
         await asyncio.wait_for(same, 5)
+
+
+# Large batches take the COPY path (runtime.log.COPY_THRESHOLD); the contract is the same.
+BIG = 100
+
+
+async def test_large_batch_append_read_and_conflict(log: EventLog) -> None:
+    batch = [NewEvent(body=Noted(text=str(i), n=i)) for i in range(BIG)]
+    result = await log.append("s-big", batch, NO_STREAM)
+    assert result.stream_version == BIG
+    assert result.inserted
+    stored = await log.read_stream("s-big")
+    assert [e.event_id for e in stored] == [e.event_id for e in batch]
+    assert [e.log_position for e in stored] == result.positions
+    with pytest.raises(ConcurrencyConflict) as info:
+        await log.append("s-big", [NewEvent(body=Noted(text="x")) for _ in range(BIG)], 3)
+    assert info.value.actual == BIG
+    more = await log.append("s-big", [Noted(text="y") for _ in range(BIG)], BIG)
+    assert more.stream_version == 2 * BIG
+    assert len(await log.read_all(START, limit=10_000)) == 2 * BIG
+
+
+async def test_large_batch_reappend_and_partial_duplicate(log: EventLog) -> None:
+    batch = [NewEvent(body=Noted(text=str(i))) for i in range(BIG)]
+    first = await log.append("s-big2", batch, NO_STREAM)
+    for expected in (NO_STREAM, None, BIG):
+        again = await log.append("s-big2", batch, expected)
+        assert again.positions == first.positions
+        assert not again.inserted
+    with pytest.raises(DuplicateEventMismatch):
+        await log.append(
+            "s-big2", [*batch[:10], *(NewEvent(body=Noted(text="n")) for _ in range(BIG))]
+        )
+    assert await log.stream_version("s-big2") == BIG
+
+
+async def test_large_batches_racing_for_any_version(log: EventLog) -> None:
+    batches = [[NewEvent(body=Noted(text=f"{w}-{i}")) for i in range(BIG)] for w in range(4)]
+    await asyncio.gather(*(log.append("s-bigrace", b) for b in batches))
+    stored = await log.read_stream("s-bigrace")
+    assert [e.stream_version for e in stored] == list(range(1, 4 * BIG + 1))
+    # Each batch stayed contiguous.
+    ids = [e.event_id for e in stored]
+    for b in batches:
+        start = ids.index(b[0].event_id)
+        assert ids[start : start + BIG] == [e.event_id for e in b]
+
+
+async def test_large_batch_inside_callers_transaction(log: EventLog) -> None:
+    async with log.pool.acquire() as conn:
+        tx = conn.transaction()
+        await tx.start()
+        await log.append("s-bigtx", [Noted(text="a") for _ in range(BIG)], NO_STREAM, conn=conn)
+        await tx.rollback()
+    assert await log.stream_version("s-bigtx") == 0

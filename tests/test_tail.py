@@ -54,7 +54,9 @@ async def run_writers_and_tail(log: EventLog, reader: Reader) -> tuple[list[UUID
 
     async def writer(w: int) -> None:
         for seq in range(TX_PER_WRITER):
-            event = NewEvent(body=Counted(writer=w, seq=seq))
+            # Now and then a batch large enough to take the COPY path.
+            size = 70 if rng.random() < 0.1 else 1
+            batch = [NewEvent(body=Counted(writer=w, seq=seq * 100 + i)) for i in range(size)]
             kind = rng.choice(["fast", "fast", "slow", "xid_first", "rollback"])
             async with log.pool.acquire() as conn:
                 tx = conn.transaction()
@@ -65,7 +67,7 @@ async def run_writers_and_tail(log: EventLog, reader: Reader) -> tuple[list[UUID
                         # the inversion a position-ordered reader trips over.
                         await conn.execute("SELECT pg_current_xact_id()")
                         await asyncio.sleep(rng.uniform(0, 0.02))
-                    await log.append(f"w{w}-{seq % 3}", [event], conn=conn)
+                    await log.append(f"w{w}-{seq % 3}", batch, conn=conn)
                     if kind in ("slow", "xid_first"):
                         await asyncio.sleep(rng.uniform(0.005, 0.04))
                 except BaseException:
@@ -75,7 +77,7 @@ async def run_writers_and_tail(log: EventLog, reader: Reader) -> tuple[list[UUID
                     await tx.rollback()
                 else:
                     await tx.commit()
-                    committed.add(event.event_id)
+                    committed.update(e.event_id for e in batch)
 
     async def follow() -> None:
         async for event_id in reader(log):

@@ -77,16 +77,50 @@ CREATE TRIGGER seal_heads_refuse_update_delete BEFORE UPDATE OR DELETE ON seal_h
 CREATE TRIGGER seal_heads_refuse_truncate BEFORE TRUNCATE ON seal_heads
     FOR EACH STATEMENT EXECUTE FUNCTION refuse_change();
 
+-- existing_events: the original rows of a batch whose events are all in the
+-- log already (an idempotent re-append), nothing if none is, and SQLSTATE AR002
+-- if only some are (a writer bug: a batch is re-appended whole or not at all).
+CREATE FUNCTION existing_events(p_ids uuid[])
+RETURNS TABLE (r_tx_id xid8, r_first_version bigint, r_positions bigint[], r_inserted boolean,
+               r_last_hash bytea)
+LANGUAGE plpgsql
+SET search_path FROM CURRENT
+AS $$
+DECLARE
+    present integer;
+BEGIN
+    SELECT count(*) INTO present FROM events e WHERE e.event_id = ANY (p_ids);
+    IF present = 0 THEN
+        RETURN;
+    ELSIF present < cardinality(p_ids) THEN
+        RAISE EXCEPTION 'batch is partly in the log already (% of % events)',
+            present, cardinality(p_ids)
+            USING ERRCODE = 'AR002',
+                  DETAIL = (SELECT e.event_id::text FROM events e
+                            WHERE e.event_id = ANY (p_ids) LIMIT 1);
+    END IF;
+    RETURN QUERY
+        SELECT (array_agg(e.tx_id))[1], min(e.stream_version),
+               array_agg(e.position ORDER BY u.ord), false,
+               (array_agg(e.hash ORDER BY u.ord DESC))[1]
+        FROM unnest(p_ids) WITH ORDINALITY AS u(id, ord)
+        JOIN events e ON e.event_id = u.id;
+END
+$$;
+
 -- append_events: one round trip per append, whatever the batch size.
---   * idempotent on event id: if every id is already in the log, the original
---     rows come back (inserted = false); if only some are, that is a writer bug
---     (SQLSTATE AR002);
 --   * optimistic concurrency: p_expected (NULL = any) must equal the stream's
 --     version (SQLSTATE AR001, DETAIL = actual version); two writers racing
 --     for the same version meet at the unique (stream_id, stream_version) index;
+--   * idempotent on event id: a batch whose events are all in the log already
+--     comes back with its original positions (r_inserted = false). The version
+--     check finds most re-appends; the rest meet the unique event_id index and
+--     the client asks existing_events, so the common path pays no lookup;
 --   * links each event's hash to its predecessor in the stream (see
---     runtime/chain.py), inside the writer's own transaction, so streams never
---     wait on each other.
+--     runtime/chain.py) inside the writer's own transaction, reading only this
+--     stream's head, so streams never wait on each other. A writer that knows
+--     the head's hash (a new stream's is all zeroes) sends the chain it
+--     computed with p_prev; it is used only if p_prev is the head's hash.
 CREATE FUNCTION append_events(
     p_stream   text,
     p_expected bigint,
@@ -100,81 +134,68 @@ CREATE FUNCTION append_events(
     p_recorded timestamptz[],
     p_traces   text[],
     p_data     json[],
-    p_content  bytea[]
-) RETURNS TABLE (
-    r_event_id uuid, r_position bigint, r_tx_id xid8, r_stream_version bigint,
-    r_prev_hash bytea, r_hash bytea, r_inserted boolean
-)
+    p_content  bytea[],
+    p_prev     bytea,
+    p_chain    bytea[]
+) RETURNS TABLE (r_tx_id xid8, r_first_version bigint, r_positions bigint[], r_inserted boolean,
+                 r_last_hash bytea)
 LANGUAGE plpgsql
 SET search_path FROM CURRENT
 AS $$
 DECLARE
     n          integer := cardinality(p_ids);
-    present    integer;
     head_v     bigint;
-    head_h     bytea;
     h          bytea;
-    stream_b   bytea := convert_to(p_stream, 'UTF8');
-    prevs      bytea[];
-    hashes     bytea[];
+    stream_b   bytea;
+    -- chain[i] is the hash before event i, chain[i + 1] its own.
+    chain      bytea[];
+    positions  bigint[];
 BEGIN
-    -- Checked twice: before reading the stream's head, and again (with a new
-    -- snapshot) if the head is not the expected one, because the writer of
-    -- these very events may have committed in between: a re-append, not a
-    -- conflict.
-    FOR attempt IN 1 .. 2 LOOP
-        SELECT count(*) INTO present FROM events e WHERE e.event_id = ANY (p_ids);
-        IF present = n THEN
-            RETURN QUERY
-                SELECT e.event_id, e.position, e.tx_id, e.stream_version, e.prev_hash, e.hash,
-                       false
-                FROM unnest(p_ids) WITH ORDINALITY AS u(id, ord)
-                JOIN events e ON e.event_id = u.id
-                ORDER BY u.ord;
-            RETURN;
-        ELSIF present > 0 THEN
-            RAISE EXCEPTION 'batch for stream % is partly in the log already (% of % events)',
-                p_stream, present, n
-                USING ERRCODE = 'AR002',
-                      DETAIL = (SELECT e.event_id::text FROM events e
-                                WHERE e.event_id = ANY (p_ids) LIMIT 1);
-        END IF;
-        EXIT WHEN attempt = 2;
-
-        SELECT e.stream_version, e.hash INTO head_v, head_h
-        FROM events e WHERE e.stream_id = p_stream
-        ORDER BY e.stream_version DESC LIMIT 1;
-        IF NOT FOUND THEN
-            head_v := 0;
-            head_h := '\x0000000000000000000000000000000000000000000000000000000000000000'::bytea;
-        END IF;
-        EXIT WHEN p_expected IS NULL OR p_expected = head_v;
-    END LOOP;
+    SELECT e.stream_version, e.hash INTO head_v, h
+    FROM events e WHERE e.stream_id = p_stream
+    ORDER BY e.stream_version DESC LIMIT 1;
+    IF NOT FOUND THEN
+        head_v := 0;
+        h := '\x0000000000000000000000000000000000000000000000000000000000000000'::bytea;
+    END IF;
     IF p_expected IS NOT NULL AND p_expected <> head_v THEN
+        RETURN QUERY SELECT * FROM existing_events(p_ids);
+        IF FOUND THEN
+            RETURN;
+        END IF;
         RAISE EXCEPTION 'stream % is at version %, expected %', p_stream, head_v, p_expected
             USING ERRCODE = 'AR001', DETAIL = head_v::text;
     END IF;
 
-    h := head_h;
-    FOR i IN 1 .. n LOOP
-        prevs[i] := h;
-        h := sha256(h || int8send(head_v + i) || p_content[i] || stream_b);
-        hashes[i] := h;
-    END LOOP;
+    IF p_prev IS NOT NULL AND p_prev = h AND cardinality(p_chain) = n + 1 THEN
+        chain := p_chain;
+    ELSE
+        stream_b := convert_to(p_stream, 'UTF8');
+        chain := ARRAY[h];
+        FOR i IN 1 .. n LOOP
+            h := sha256(h || int8send(head_v + i) || p_content[i] || stream_b);
+            chain[i + 1] := h;
+        END LOOP;
+    END IF;
 
-    RETURN QUERY
+    -- Columns the writer left all NULL arrive as NULL arrays: unnest pads them.
+    WITH inserted AS (
         INSERT INTO events AS e (
             event_id, stream_id, stream_version, event_type, schema_version, run_id,
             causation_id, producer, recorded_at, trace, data, prev_hash, hash)
         SELECT u.id, p_stream, head_v + u.ord, u.typ, u.ver, u.run, u.cause, u.producer,
-               u.recorded, u.trace, u.data, prevs[u.ord], hashes[u.ord]
+               u.recorded, u.trace, u.data, u.prev, u.hash
         FROM unnest(p_ids, p_types, p_versions, p_runs, p_causes, p_producers, p_recorded,
-                    p_traces, p_data)
-             WITH ORDINALITY AS u(id, typ, ver, run, cause, producer, recorded, trace, data, ord)
-        RETURNING e.event_id, e.position, e.tx_id, e.stream_version, e.prev_hash, e.hash, true;
+                    p_traces, p_data, chain[1:n], chain[2:n + 1])
+             WITH ORDINALITY
+             AS u(id, typ, ver, run, cause, producer, recorded, trace, data, prev, hash, ord)
+        RETURNING e.position, e.stream_version
+    )
+    SELECT array_agg(i.position ORDER BY i.stream_version) INTO positions FROM inserted i;
 
     IF p_channel IS NOT NULL THEN
         PERFORM pg_notify(p_channel, '');
     END IF;
+    RETURN QUERY SELECT pg_current_xact_id(), head_v + 1, positions, true, chain[n + 1];
 END
 $$;

@@ -84,6 +84,17 @@ async def migrate(settings: Settings) -> MigrateReport:
             if can_create_roles:
                 await _ensure_roles(conn, settings, is_super=bool(me["rolsuper"]))
                 await conn.execute(f"CREATE SCHEMA IF NOT EXISTS {schema} AUTHORIZATION {owner}")
+                schema_owner = await conn.fetchval(
+                    "SELECT nspowner::regrole::text FROM pg_namespace WHERE nspname = $1",
+                    settings.db_schema,
+                )
+                if schema_owner.strip('"') != settings.owner_role:
+                    raise MigrationError(
+                        f"schema {settings.db_schema!r} exists and is owned by {schema_owner}, "
+                        f"not by the owner role {settings.owner_role!r}; drop it, hand it over "
+                        f"(ALTER SCHEMA ... OWNER TO {settings.owner_role}) or pick another "
+                        f"AGENTRT_DB_SCHEMA"
+                    )
                 await conn.execute(f"SET LOCAL ROLE {owner}")
             else:
                 notes.append(
