@@ -1,0 +1,162 @@
+"""``agentrt serve`` and ``agentrt webhooks sign|send``, added through the plugin group."""
+
+from __future__ import annotations
+
+import os
+import time
+import uuid
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+
+from runtime.settings import Settings
+from webhooks import auth
+from webhooks.config import ConfigError, load
+
+out = Console(highlight=False)
+err = Console(stderr=True, highlight=False)
+
+webhooks_app = typer.Typer(help="Sign and send sample webhooks.", no_args_is_help=True)
+
+_CONTENT_TYPES = {
+    ".json": "application/json",
+    ".eml": "message/rfc822",
+    ".form": "application/x-www-form-urlencoded",
+}
+
+
+def _settings(ctx: typer.Context) -> Settings:
+    obj = ctx.find_root().obj
+    return obj if isinstance(obj, Settings) else Settings.from_env()
+
+
+def _source(settings: Settings, name: str, config: Path | None):  # type: ignore[no-untyped-def]
+    try:
+        _, sources = load(config or settings.webhooks_config)
+    except ConfigError as exc:
+        err.print(f"[red]error[/] {exc}")
+        raise typer.Exit(2) from None
+    if name not in sources:
+        err.print(f"[red]error[/] no source {name!r} in the config (have: {', '.join(sources)})")
+        raise typer.Exit(2)
+    return sources[name]
+
+
+def content_type_for(path: Path) -> str:
+    """A sample's content type: ``FILE.content-type`` beside it, else by extension."""
+    beside = path.with_name(path.name + ".content-type")
+    if beside.exists():
+        return beside.read_text().strip()
+    return _CONTENT_TYPES.get(path.suffix, "application/json")
+
+
+def signed_headers(source, body: bytes, content_type: str) -> dict[str, str]:  # type: ignore[no-untyped-def]
+    headers = {"content-type": content_type}
+    cfg = source.config
+    if cfg.auth == "standard":
+        msg_id = f"msg_{uuid.uuid4().hex}"
+        stamp = int(time.time())
+        headers["webhook-id"] = msg_id
+        headers["webhook-timestamp"] = str(stamp)
+        headers["webhook-signature"] = " ".join(
+            auth.sign(key, msg_id, stamp, body) for key in source.keys[:1]
+        )
+    elif cfg.auth == "basic":
+        import base64
+
+        token = base64.b64encode(f"{source.username}:{source.password}".encode()).decode()
+        headers["authorization"] = f"Basic {token}"
+    return headers
+
+
+@webhooks_app.command("sign")
+def sign_command(
+    ctx: typer.Context,
+    file: Annotated[Path, typer.Argument(exists=True, dir_okay=False, readable=True)],
+    source: Annotated[str, typer.Option("--source", "-s", help="Configured source name")],
+    config: Annotated[Path | None, typer.Option(help="Sources file")] = None,
+) -> None:
+    """Print the headers a sender must add to post FILE to SOURCE (for curl)."""
+    src = _source(_settings(ctx), source, config)
+    body = file.read_bytes()
+    for name, value in signed_headers(src, body, content_type_for(file)).items():
+        out.print(f"{name}: {value}")
+    if src.config.auth == "mailgun":
+        err.print("[yellow]note:[/] Mailgun signs timestamp+token inside the form body itself")
+
+
+@webhooks_app.command("send")
+def send_command(
+    ctx: typer.Context,
+    file: Annotated[Path, typer.Argument(exists=True, dir_okay=False, readable=True)],
+    source: Annotated[str, typer.Option("--source", "-s", help="Configured source name")],
+    url: Annotated[str, typer.Option(help="Ingress base URL")] = "http://127.0.0.1:8000",
+    config: Annotated[Path | None, typer.Option(help="Sources file")] = None,
+) -> None:
+    """Sign FILE for SOURCE and POST it; print the response."""
+    import httpx
+
+    src = _source(_settings(ctx), source, config)
+    body = file.read_bytes()
+    headers = signed_headers(src, body, content_type_for(file))
+    try:
+        response = httpx.post(
+            f"{url.rstrip('/')}/webhooks/{source}", content=body, headers=headers, timeout=30
+        )
+    except httpx.HTTPError as exc:
+        err.print(f"[red]error[/] could not reach {url}: {exc}")
+        raise typer.Exit(1) from None
+    out.print(f"{response.status_code} {response.text}")
+    if response.status_code >= 400:
+        raise typer.Exit(1)
+
+
+def serve(
+    ctx: typer.Context,
+    host: Annotated[str, typer.Option(help="Interface to listen on")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port")] = 8000,
+    workers: Annotated[int, typer.Option(help="Worker processes")] = 1,
+    config: Annotated[
+        Path | None,
+        typer.Option(help="Sources file (env AGENTRT_WEBHOOKS_CONFIG; default ./webhooks.toml)"),
+    ] = None,
+) -> None:
+    """Run the webhook ingress (uvicorn with uvloop and httptools)."""
+    import uvicorn
+
+    from runtime.embedded import EmbeddedServices
+
+    settings = _settings(ctx)
+    path = config or settings.webhooks_config
+    try:
+        load(path)
+    except ConfigError as exc:
+        err.print(f"[red]error[/] {exc}")
+        raise typer.Exit(2) from None
+    env = {"AGENTRT_WEBHOOKS_CONFIG": str(path)}
+    if settings.redis_url is None or settings.database_url is None:
+        urls = EmbeddedServices(settings.state_dir).up(
+            redis=settings.redis_url is None, postgres=settings.database_url is None
+        )
+        env.update(urls)
+        err.print(f"[dim]using embedded services: {', '.join(urls.values())}[/]")
+    os.environ.update(env)
+    uvicorn.run(
+        "webhooks.app:app_from_env",
+        factory=True,
+        host=host,
+        port=port,
+        workers=workers,
+        loop="uvloop",
+        http="httptools",
+        log_level="warning",
+        access_log=False,
+    )
+
+
+def register(app: typer.Typer) -> None:
+    """Entry point of the ``agentrt.commands`` group."""
+    app.command("serve")(serve)
+    app.add_typer(webhooks_app, name="webhooks")
