@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import os
 import time
 import uuid
@@ -13,7 +14,7 @@ from rich.console import Console
 
 from runtime.settings import Settings
 from webhooks import auth
-from webhooks.config import ConfigError, load
+from webhooks.config import ConfigError, ResolvedSource, load
 
 out = Console(highlight=False)
 err = Console(stderr=True, highlight=False)
@@ -32,7 +33,7 @@ def _settings(ctx: typer.Context) -> Settings:
     return obj if isinstance(obj, Settings) else Settings.from_env()
 
 
-def _source(settings: Settings, name: str, config: Path | None):  # type: ignore[no-untyped-def]
+def _source(settings: Settings, name: str, config: Path | None) -> ResolvedSource:
     try:
         _, sources = load(config or settings.webhooks_config)
     except ConfigError as exc:
@@ -52,7 +53,7 @@ def content_type_for(path: Path) -> str:
     return _CONTENT_TYPES.get(path.suffix, "application/json")
 
 
-def signed_headers(source, body: bytes, content_type: str) -> dict[str, str]:  # type: ignore[no-untyped-def]
+def signed_headers(source: ResolvedSource, body: bytes, content_type: str) -> dict[str, str]:
     headers = {"content-type": content_type}
     cfg = source.config
     if cfg.auth == "standard":
@@ -64,8 +65,6 @@ def signed_headers(source, body: bytes, content_type: str) -> dict[str, str]:  #
             auth.sign(key, msg_id, stamp, body) for key in source.keys[:1]
         )
     elif cfg.auth == "basic":
-        import base64
-
         token = base64.b64encode(f"{source.username}:{source.password}".encode()).decode()
         headers["authorization"] = f"Basic {token}"
     return headers
