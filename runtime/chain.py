@@ -47,21 +47,11 @@ def content_hash(
     trace: str | None,
     data: bytes,
 ) -> bytes:
-    header = _header.encode(
-        (
-            CHAIN_FORMAT,
-            # msgspec writes a UUID as its canonical text (any UUID class).
-            event_id,
-            event_type,
-            schema_version,
-            run_id,
-            causation_id,
-            producer,
-            epoch_micros(recorded_at),
-            trace,
-        )
-    )
-    return hashlib.sha256(header + b"\n" + data).digest()
+    """sha256 of the canonical header JSON, a newline, and the stored body bytes."""
+    return content_hash_raw(
+        event_id, event_type, schema_version, run_id, causation_id, producer, recorded_at,
+        trace, data,
+    )  # fmt: skip
 
 
 def content_hash_raw(
