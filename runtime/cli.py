@@ -144,7 +144,7 @@ async def _open_log(settings: Settings) -> EventLog:
     for note in report.notes:
         err.print(f"[yellow]note:[/] {escape(note)}")
     pool = await open_runtime_pool(settings)
-    return EventLog(pool, schema=settings.db_schema, notify=settings.log_notify)
+    return EventLog(pool, schema=settings.db_schema)
 
 
 # -- services ------------------------------------------------------------------

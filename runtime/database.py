@@ -96,6 +96,9 @@ async def open_runtime_pool(settings: Settings, **kwargs: Any) -> asyncpg.Pool:
     # are removed by their owners), so skip asyncpg's reset query: one round
     # trip saved on every release.
     kwargs.setdefault("reset", _keep_session)
+    if not settings.log_notify:
+        # Read by the log's notify trigger: appends from this pool wake nobody.
+        kwargs["server_settings"] = {**kwargs.get("server_settings", {}), "agentrt.notify": "off"}
     try:
         return await create_pool(url, **kwargs)
     except asyncpg.InvalidAuthorizationSpecificationError as exc:

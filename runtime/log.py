@@ -66,6 +66,10 @@ def _as_new(item: Any, i: int) -> NewEvent:
     return NewEvent(body=item)
 
 
+def _first(column: list[Any] | None) -> Any:
+    return None if column is None else column[0]
+
+
 def _nulls(values: list[Any]) -> list[Any] | None:
     """``None`` for a column that is all NULL: less to encode and send."""
     for value in values:
@@ -104,18 +108,38 @@ class EventLog:
         *,
         schema: str = "agentrt",
         registry: EventRegistry = default_registry,
-        notify: bool = True,
     ) -> None:
         self._pool = pool
         self.schema = schema
         self.registry = registry
         self.channel = f"agentrt_log_{schema}"
-        self._notify = notify
         self._body = registry.decode
         q = f'"{schema}"'
         self._sql_append = (
             f"SELECT * FROM {q}.append_events("
-            "$1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15)"
+            "$1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14)"
+        )
+        # When the writer knows the stream's head (its own last append, or a
+        # new stream) the rows go straight in: versions head+1.. collide at the
+        # unique (stream_id, stream_version) index with any writer that moved
+        # the head meanwhile, and the head can never be below what this log
+        # itself wrote, so no version check is needed.
+        self._sql_insert = (
+            f"INSERT INTO {q}.events (event_id, stream_id, stream_version, event_type, "
+            "schema_version, run_id, causation_id, producer, recorded_at, trace, data, "
+            "prev_hash, hash) "
+            "SELECT u.id, $1, $2 + u.ord, u.typ, u.ver, u.run, u.cause, u.producer, u.recorded, "
+            "u.trace, u.data, u.prev, u.hash FROM unnest($3::uuid[], $4::text[], $5::int[], "
+            "$6::uuid[], $7::uuid[], $8::text[], $9::timestamptz[], $10::text[], $11::json[], "
+            "$12::bytea[], $13::bytea[]) WITH ORDINALITY "
+            "AS u(id, typ, ver, run, cause, producer, recorded, trace, data, prev, hash, ord) "
+            "RETURNING tx_id, position, stream_version"
+        )
+        self._sql_insert_one = (
+            f"INSERT INTO {q}.events (event_id, stream_id, stream_version, event_type, "
+            "schema_version, run_id, causation_id, producer, recorded_at, trace, data, "
+            "prev_hash, hash) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13) "
+            "RETURNING tx_id, position, stream_version"
         )
         self._sql_existing = f"SELECT * FROM {q}.existing_events($1)"
         self._sql_head_row = (
@@ -123,8 +147,7 @@ class EventLog:
             "ORDER BY stream_version DESC LIMIT 1"
         )
         self._sql_positions = (
-            "SELECT (array_agg(tx_id))[1], array_agg(position ORDER BY stream_version), "
-            "CASE WHEN $4::text IS NOT NULL THEN pg_notify($4::text, '') END "
+            "SELECT (array_agg(tx_id))[1], array_agg(position ORDER BY stream_version) "
             f"FROM {q}.events WHERE stream_id = $1 AND stream_version > $2 "
             "AND stream_version <= $3"
         )
@@ -185,19 +208,19 @@ class EventLog:
             for _ in range(attempts):
                 try:
                     return await self._append_once(c, stream_id, expected_version, args)
-                except asyncpg.UniqueViolationError as exc:
-                    if exc.constraint_name == "events_event_id_key":
-                        # Some event is in the log already: a re-append (or a
-                        # writer of the same batch committed first).
-                        try:
-                            row = await c.fetchrow(self._sql_existing, args[3])
-                        except asyncpg.PostgresError as lookup:
-                            self._raise_typed(lookup, stream_id, expected_version)
-                            raise
-                        if row is not None:
-                            return self._result(stream_id, row)
-                    # Otherwise another writer took the version: try again,
-                    # which either fits the new head or is a typed conflict.
+                except asyncpg.UniqueViolationError:
+                    # Another writer got there first: with these very events (a
+                    # re-append, or a concurrent writer of the same batch), or
+                    # with the same versions. Which one, the log itself says.
+                    try:
+                        row = await c.fetchrow(self._sql_existing, args[2])
+                    except asyncpg.PostgresError as lookup:
+                        self._raise_typed(lookup, stream_id, expected_version)
+                        raise
+                    if row is not None:
+                        return self._result(stream_id, row)
+                    # Not ours: try again, which fits the new head or is a
+                    # typed conflict.
             actual = await c.fetchval(self._sql_head, stream_id) or 0
         raise ConcurrencyConflict(stream_id, expected_version, actual)
 
@@ -208,14 +231,38 @@ class EventLog:
         expected_version: int | None,
         args: tuple[Any, ...],
     ) -> AppendResult:
-        if len(args[3]) >= COPY_THRESHOLD:
+        if len(args[2]) >= COPY_THRESHOLD:
             return await self._append_copy(conn, stream_id, expected_version, args)
+        links = args[13]
+        if links is not None:
+            return await self._insert_known_head(conn, stream_id, args)
         try:
             row = await conn.fetchrow(self._sql_append, *args)
         except asyncpg.PostgresError as exc:
             self._raise_typed(exc, stream_id, expected_version)
             raise
         return self._result(stream_id, row)
+
+    async def _insert_known_head(
+        self, conn: asyncpg.Connection, stream_id: str, args: tuple[Any, ...]
+    ) -> AppendResult:
+        (_, expected, ids, types, versions, runs, causes, producers, recorded, traces, datas,
+         _, _, links) = args  # fmt: skip
+        if len(ids) == 1:
+            rows = [await conn.fetchrow(
+                self._sql_insert_one, ids[0], stream_id, expected + 1, types[0], versions[0],
+                _first(runs), _first(causes), _first(producers), recorded[0], _first(traces),
+                datas[0], links[0], links[1],
+            )]  # fmt: skip
+        else:
+            rows = await conn.fetch(
+                self._sql_insert, stream_id, expected, ids, types, versions, runs, causes,
+                producers, recorded, traces, datas, links[:-1], links[1:],
+            )  # fmt: skip
+            rows.sort(key=lambda r: r[2])
+        version = expected + len(ids)
+        self._remember_head(stream_id, version, links[-1])
+        return AppendResult(stream_id, version, [LogPosition(r[0], r[1]) for r in rows], True)
 
     async def _append_copy(
         self,
@@ -233,7 +280,7 @@ class EventLog:
         versions and the COPY meets the unique (stream_id, stream_version)
         index; and COPY itself is all or nothing.
         """
-        (_, _, channel, ids, types, versions, runs, causes, producers, recorded, traces, datas,
+        (_, _, ids, types, versions, runs, causes, producers, recorded, traces, datas,
          contents, _, _) = args  # fmt: skip
         n = len(ids)
         head = await conn.fetchrow(self._sql_head_row, stream_id)
@@ -265,9 +312,7 @@ class EventLog:
         await conn.copy_records_to_table(
             "events", schema_name=self.schema, columns=_COPY_COLUMNS, records=records
         )
-        tx, positions, _ = await conn.fetchrow(
-            self._sql_positions, stream_id, version, version + n, channel
-        )
+        tx, positions = await conn.fetchrow(self._sql_positions, stream_id, version, version + n)
         self._remember_head(stream_id, version + n, h)
         return AppendResult(stream_id, version + n, [LogPosition(tx, p) for p in positions], True)
 
@@ -343,11 +388,10 @@ class EventLog:
             )
         if len({e.int for e in ids}) != n:
             raise InvalidAppend("an event id appears twice in one batch")
-        channel = self.channel if self._notify else None
         prev, links = (
             (None, None) if n >= COPY_THRESHOLD else self._chain(stream_id, expected, contents)
         )
-        return (stream_id, expected, channel, ids, types, versions, _nulls(runs),
+        return (stream_id, expected, ids, types, versions, _nulls(runs),
                 _nulls(causes), _nulls(producers), recorded, _nulls(traces), datas,
                 contents, prev, links)  # fmt: skip
 

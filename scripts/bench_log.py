@@ -41,11 +41,11 @@ Missed targets are listed at the end of the human output.
 from __future__ import annotations
 
 import argparse
-import gc
 import asyncio
 import contextlib
 import dataclasses
 import datetime as dt
+import gc
 import json
 import logging
 import os
@@ -523,7 +523,7 @@ async def run(
         )
         ceiling_table = await describe_tables(admin, log_schema, raw_schema)
         pool = await open_runtime_pool(settings)
-        lg = EventLog(pool, schema=log_schema, notify=settings.log_notify)
+        lg = EventLog(pool, schema=log_schema)
         raw = conn = await connect(settings.require_database_url())
         wl = Workload()
         sample = [len(encode_body(wl.body())) for _ in range(2000)]

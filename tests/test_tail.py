@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import random
 from collections.abc import AsyncIterator, Callable
 from uuid import UUID
 
+from runtime.database import open_runtime_pool
 from runtime.events import START, LogPosition, NewEvent
 from runtime.log import EventLog
+from runtime.settings import Settings
 from tests.events_fixtures import Counted
 
 WRITERS = 8
@@ -162,8 +165,11 @@ async def test_subscribe_wakes_on_notify_before_the_poll_interval(log: EventLog)
     assert got == [event.event_id]
 
 
-async def test_subscribe_falls_back_to_polling_without_notify(log: EventLog) -> None:
-    quiet = EventLog(log.pool, schema=log.schema, notify=False)
+async def test_subscribe_falls_back_to_polling_without_notify(
+    log: EventLog, settings: Settings
+) -> None:
+    quiet_pool = await open_runtime_pool(dataclasses.replace(settings, log_notify=False))
+    quiet = EventLog(quiet_pool, schema=log.schema)
     got: list[UUID] = []
 
     async def follow() -> None:
@@ -174,6 +180,27 @@ async def test_subscribe_falls_back_to_polling_without_notify(log: EventLog) -> 
     task = asyncio.create_task(follow())
     await asyncio.sleep(0.1)
     event = NewEvent(body=Counted(writer=0, seq=1))
-    await quiet.append("s-q", [event])
-    await asyncio.wait_for(task, 5)
+    try:
+        await quiet.append("s-q", [event])
+        await asyncio.wait_for(task, 5)
+    finally:
+        await quiet_pool.close()
     assert got == [event.event_id]
+
+
+async def test_notify_off_really_sends_no_notification(log: EventLog, settings: Settings) -> None:
+    """So the polling test above is not passing on a NOTIFY it did not expect."""
+    woken = asyncio.Event()
+    listener = await log.pool.acquire()
+    await listener.add_listener(log.channel, lambda *_: woken.set())
+    quiet_pool = await open_runtime_pool(dataclasses.replace(settings, log_notify=False))
+    try:
+        await EventLog(quiet_pool, schema=log.schema).append("s-q2", [Counted(writer=0, seq=2)])
+        await asyncio.sleep(0.3)
+        assert not woken.is_set()
+        await log.append("s-q2", [Counted(writer=0, seq=3)])
+        await asyncio.wait_for(woken.wait(), 5)
+    finally:
+        await quiet_pool.close()
+        await listener.reset()
+        await log.pool.release(listener)

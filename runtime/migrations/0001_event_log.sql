@@ -77,6 +77,23 @@ CREATE TRIGGER seal_heads_refuse_update_delete BEFORE UPDATE OR DELETE ON seal_h
 CREATE TRIGGER seal_heads_refuse_truncate BEFORE TRUNCATE ON seal_heads
     FOR EACH STATEMENT EXECUTE FUNCTION refuse_change();
 
+-- Tail readers LISTEN on agentrt_log_<schema>; every statement that appends
+-- wakes them, whichever path it took (the function, a direct INSERT, COPY).
+-- A deployment that prefers polling sets agentrt.notify = off (see README:
+-- PostgreSQL serialises the commits of transactions that NOTIFY).
+CREATE FUNCTION notify_append() RETURNS trigger
+LANGUAGE plpgsql AS $$
+BEGIN
+    IF coalesce(current_setting('agentrt.notify', true), '') <> 'off' THEN
+        PERFORM pg_notify('agentrt_log_' || TG_TABLE_SCHEMA, '');
+    END IF;
+    RETURN NULL;
+END
+$$;
+
+CREATE TRIGGER events_notify AFTER INSERT ON events
+    FOR EACH STATEMENT EXECUTE FUNCTION notify_append();
+
 -- existing_events: the original rows of a batch whose events are all in the
 -- log already (an idempotent re-append), nothing if none is, and SQLSTATE AR002
 -- if only some are (a writer bug: a batch is re-appended whole or not at all).
@@ -124,7 +141,6 @@ $$;
 CREATE FUNCTION append_events(
     p_stream   text,
     p_expected bigint,
-    p_channel  text,
     p_ids      uuid[],
     p_types    text[],
     p_versions integer[],
@@ -193,9 +209,6 @@ BEGIN
     )
     SELECT array_agg(i.position ORDER BY i.stream_version) INTO positions FROM inserted i;
 
-    IF p_channel IS NOT NULL THEN
-        PERFORM pg_notify(p_channel, '');
-    END IF;
     RETURN QUERY SELECT pg_current_xact_id(), head_v + 1, positions, true, chain[n + 1];
 END
 $$;
