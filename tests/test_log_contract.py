@@ -267,3 +267,15 @@ async def test_large_batch_inside_callers_transaction(log: EventLog) -> None:
         await log.append("s-bigtx", [Noted(text="a") for _ in range(BIG)], NO_STREAM, conn=conn)
         await tx.rollback()
     assert await log.stream_version("s-bigtx") == 0
+
+
+async def test_a_stale_remembered_head_still_gives_a_typed_conflict(log: EventLog) -> None:
+    """A log that remembers a stream's head from its own append, while another moved it."""
+    other = EventLog(log.pool, schema=log.schema)
+    await log.append("s-stale", [Noted(text="mine")], NO_STREAM)  # log remembers version 1
+    await other.append("s-stale", [Noted(text="theirs")], 1)
+    with pytest.raises(ConcurrencyConflict) as info:
+        await log.append("s-stale", [Noted(text="late")], 1)
+    assert (info.value.expected, info.value.actual) == (1, 2)
+    await log.append("s-stale", [Noted(text="fits")], 2)
+    assert [e.body.text for e in await log.read_stream("s-stale")] == ["mine", "theirs", "fits"]  # type: ignore[attr-defined]
