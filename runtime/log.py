@@ -442,7 +442,7 @@ class EventLog:
         skips one and never sees one twice.
         """
         rows = await self._pool.fetch(self._sql_all, after[0], after[1], limit)
-        return [self._decode(r) for r in rows]
+        return self._decode_all(rows)
 
     async def read_last(self, n: int) -> list[RecordedEvent]:
         """The last ``n`` readable events, in log order (where ``tail`` starts)."""
@@ -500,6 +500,36 @@ class EventLog:
                 with contextlib.suppress(OSError, asyncpg.PostgresError, asyncpg.InterfaceError):
                     await listener.remove_listener(self.channel, on_notify)
                 await self._pool.release(listener)
+
+    def _decode_all(self, rows: list[asyncpg.Record]) -> list[RecordedEvent]:
+        """Decode a page: the hot loop of every tail reader, so kept flat.
+
+        Bodies of a registered type at its current schema version go straight
+        to their prebuilt decoder; anything else (upcasts, unknown types,
+        errors) takes the registry's full path.
+        """
+        fast = self.registry._fast
+        slow = self._body
+        make = RecordedEvent
+        out: list[RecordedEvent] = []
+        append = out.append
+        for r in rows:
+            (position, tx, event_id, stream_id, stream_version, event_type, schema_version,
+             run_id, causation_id, producer, recorded_at, trace, data, prev_hash,
+             hash_) = r  # fmt: skip
+            known = fast.get(event_type)
+            if known is not None and known[1] == schema_version:
+                try:
+                    body = known[0].decode(data)
+                except msgspec.MsgspecError:
+                    body = slow(event_type, schema_version, data)  # raises, typed
+            else:
+                body = slow(event_type, schema_version, data)
+            append(make(
+                position, tx, event_id, stream_id, stream_version, event_type, schema_version,
+                run_id, causation_id, producer, recorded_at, trace, body, prev_hash, hash_,
+            ))  # fmt: skip
+        return out
 
     def _decode(self, r: asyncpg.Record) -> RecordedEvent:
         (position, tx, event_id, stream_id, stream_version, event_type, schema_version, run_id,
