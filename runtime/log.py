@@ -432,7 +432,7 @@ class EventLog:
     ) -> list[RecordedEvent]:
         """The stream's events from ``from_version`` on, in version order."""
         rows = await self._pool.fetch(self._sql_stream, stream_id, from_version, limit)
-        return [self._decode(r) for r in rows]
+        return self._decode_all(rows)
 
     async def read_all(self, after: LogPosition = START, limit: int = 1000) -> list[RecordedEvent]:
         """Up to ``limit`` events after ``after``, in the log's one stable order.
@@ -453,7 +453,7 @@ class EventLog:
             "ORDER BY tx_id DESC, position DESC LIMIT $1) last ORDER BY tx_id, position",
             n,
         )
-        return [self._decode(r) for r in rows]
+        return self._decode_all(rows)
 
     async def subscribe(
         self,
@@ -530,13 +530,3 @@ class EventLog:
                 run_id, causation_id, producer, recorded_at, trace, body, prev_hash, hash_,
             ))  # fmt: skip
         return out
-
-    def _decode(self, r: asyncpg.Record) -> RecordedEvent:
-        (position, tx, event_id, stream_id, stream_version, event_type, schema_version, run_id,
-         causation_id, producer, recorded_at, trace, data, prev_hash, hash_) = r  # fmt: skip
-        return RecordedEvent(
-            position, tx, event_id, stream_id, stream_version, event_type, schema_version,
-            run_id, causation_id, producer, recorded_at, trace,
-            self._body(event_type, schema_version, data),
-            prev_hash, hash_,
-        )  # fmt: skip
