@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import enum
+from typing import TYPE_CHECKING
 from uuid import UUID
+
+if TYPE_CHECKING:
+    from runtime.retry import AttemptRecord
 
 
 class ErrorCode(enum.StrEnum):
@@ -17,6 +21,8 @@ class ErrorCode(enum.StrEnum):
     EVENT_DECODE = "event_decode_failed"
     APPEND_ONLY = "append_only_violation"
     INVALID_APPEND = "invalid_append"
+    RETRIES_EXHAUSTED = "retries_exhausted"
+    CIRCUIT_OPEN = "circuit_open"
 
 
 class AgentrtError(Exception):
@@ -116,3 +122,29 @@ class EventDecodeError(AgentrtError):
         super().__init__(f"cannot decode {event_type!r} v{schema_version}: {reason}")
         self.event_type = event_type
         self.schema_version = schema_version
+
+
+class RetriesExhausted(AgentrtError):
+    """Every attempt allowed by the retry policy failed with a retryable error."""
+
+    code = ErrorCode.RETRIES_EXHAUSTED
+
+    def __init__(self, attempts: tuple[AttemptRecord, ...], last_error: BaseException) -> None:
+        last = attempts[-1]
+        super().__init__(
+            f"gave up after {len(attempts)} attempts ({last.reason}): "
+            f"{last.error_type}: {last.error}"
+        )
+        self.attempts = attempts
+        self.last_error = last_error
+
+
+class CircuitOpen(AgentrtError):
+    """The breaker refused the call; trying again sooner than ``retry_in`` is pointless."""
+
+    code = ErrorCode.CIRCUIT_OPEN
+
+    def __init__(self, name: str, retry_in: float) -> None:
+        super().__init__(f"circuit {name!r} is open; retry in {retry_in:.3f}s")
+        self.name = name
+        self.retry_in = retry_in
