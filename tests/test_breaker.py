@@ -116,7 +116,7 @@ async def test_an_open_breaker_fails_fast_with_retry_in(redis: aioredis.Redis, n
         await b.before_call()
     refused = caught.value
     assert refused.name == name and 29 < refused.retry_in <= 30
-    assert isinstance(refused, AgentrtError) and refused.code is ErrorCode.SERVICE_UNAVAILABLE
+    assert isinstance(refused, AgentrtError) and refused.code is ErrorCode.CIRCUIT_OPEN
     assert 29 < (await b.state()).retry_in <= 30
 
 

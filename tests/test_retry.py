@@ -376,7 +376,7 @@ async def test_exhaustion_raises_with_every_record() -> None:
     assert all(r.reason == "connection" for r in records)
     assert records[-1].delay is None and not records[-1].will_retry
     assert exc.last_error is errors[-1] and exc.__cause__ is errors[-1]
-    assert isinstance(exc, AgentrtError) and exc.code is ErrorCode.SERVICE_UNAVAILABLE
+    assert isinstance(exc, AgentrtError) and exc.code is ErrorCode.RETRIES_EXHAUSTED
     assert "4 attempts" in str(exc)
 
 
