@@ -13,16 +13,31 @@ from webhooks.config import ConfigError, load
 
 def test_shipped_sample_configs_load(monkeypatch: pytest.MonkeyPatch) -> None:
     secret = "whsec_" + base64.b64encode(b"k").decode()
-    for name in ("POSTMARK_WEBHOOK_PASSWORD", "MAILGUN_WEBHOOK_SIGNING_KEY",
-                 "SENDGRID_WEBHOOK_PASSWORD", "SUPABASE_WEBHOOK_PASSWORD"):
+    for name in (
+        "POSTMARK_WEBHOOK_PASSWORD",
+        "MAILGUN_WEBHOOK_SIGNING_KEY",
+        "SENDGRID_WEBHOOK_PASSWORD",
+        "SUPABASE_WEBHOOK_PASSWORD",
+    ):
         monkeypatch.setenv(name, "x")
-    for name in ("MTA_WEBHOOK_SECRET", "DEBEZIUM_WEBHOOK_SECRET",
-                 "DEBEZIUM_WEBHOOK_SECRET_PREVIOUS", "BILLING_WEBHOOK_SECRET"):
+    for name in (
+        "MTA_WEBHOOK_SECRET",
+        "DEBEZIUM_WEBHOOK_SECRET",
+        "DEBEZIUM_WEBHOOK_SECRET_PREVIOUS",
+        "BILLING_WEBHOOK_SECRET",
+    ):
         monkeypatch.setenv(name, secret)
     config, sources = load(SAMPLES / "webhooks.toml")
     assert config.ingress.partitions == 8
-    assert set(sources) == {"postmark", "mailgun", "sendgrid", "mta", "debezium", "supabase",
-                            "billing"}
+    assert set(sources) == {
+        "postmark",
+        "mailgun",
+        "sendgrid",
+        "mta",
+        "debezium",
+        "supabase",
+        "billing",
+    }
     assert len(sources["debezium"].keys) == 2
     _, dev = load(SAMPLES / "dev-webhooks.toml")
     assert dev["orders"].config.partition_key == "/data/customer/id"
