@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+from collections.abc import Iterable
 from typing import TYPE_CHECKING
 from uuid import UUID
 
@@ -23,6 +24,10 @@ class ErrorCode(enum.StrEnum):
     INVALID_APPEND = "invalid_append"
     RETRIES_EXHAUSTED = "retries_exhausted"
     CIRCUIT_OPEN = "circuit_open"
+    TOOL_INPUT = "tool_input_invalid"
+    TOOL_OUTPUT = "tool_output_invalid"
+    TOOL_TIMEOUT = "tool_timeout"
+    UNKNOWN_TOOL = "unknown_tool"
 
 
 class AgentrtError(Exception):
@@ -148,3 +153,58 @@ class CircuitOpen(AgentrtError):
         super().__init__(f"circuit {name!r} is open; retry in {retry_in:.3f}s")
         self.name = name
         self.retry_in = retry_in
+
+
+class ToolInputError(AgentrtError):
+    """The model's input for a tool does not validate; ``str(err)`` is meant for the model.
+
+    ``path`` is where in the input the problem is, as a JSON path (``$`` is the
+    whole input, ``$.items[2].sku`` a nested field); ``problem`` says what is
+    wrong there.
+    """
+
+    code = ErrorCode.TOOL_INPUT
+
+    def __init__(self, tool: str, problem: str, path: str = "$") -> None:
+        where = "" if path == "$" else f"field `{path.removeprefix('$.')}`: "
+        super().__init__(f"invalid input for tool `{tool}`: {where}{problem}")
+        self.tool = tool
+        self.problem = problem
+        self.path = path
+
+
+class ToolOutputError(AgentrtError):
+    """A tool returned something its return annotation does not describe (a bug in the tool)."""
+
+    code = ErrorCode.TOOL_OUTPUT
+
+    def __init__(self, tool: str, problem: str) -> None:
+        super().__init__(f"tool `{tool}` returned an invalid result: {problem}")
+        self.tool = tool
+        self.problem = problem
+
+
+class ToolTimeout(AgentrtError, TimeoutError):
+    """A tool call outlived its timeout; it was cancelled.
+
+    A ``TimeoutError`` too, so code that retries timeouts retries this one.
+    """
+
+    code = ErrorCode.TOOL_TIMEOUT
+
+    def __init__(self, tool: str, seconds: float) -> None:
+        super().__init__(f"tool `{tool}` timed out after {seconds:g}s")
+        self.tool = tool
+        self.seconds = seconds
+
+
+class UnknownTool(AgentrtError):
+    """No tool has this name; the message lists those that exist (for the model too)."""
+
+    code = ErrorCode.UNKNOWN_TOOL
+
+    def __init__(self, name: str, known: Iterable[str]) -> None:
+        self.name = name
+        self.known = tuple(sorted(known))
+        listed = ", ".join(f"`{k}`" for k in self.known) or "none"
+        super().__init__(f"no tool named `{name}`; available tools: {listed}")
