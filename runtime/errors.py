@@ -28,6 +28,11 @@ class ErrorCode(enum.StrEnum):
     TOOL_OUTPUT = "tool_output_invalid"
     TOOL_TIMEOUT = "tool_timeout"
     UNKNOWN_TOOL = "unknown_tool"
+    STEP_DIVERGENCE = "step_divergence"
+    STEP_FAILED = "step_failed"
+    OUTPUT_INVALID = "output_invalid"
+    INVALID_DELIVERY = "invalid_delivery"
+    APP_LOAD = "app_load_failed"
 
 
 class AgentrtError(Exception):
@@ -208,3 +213,88 @@ class UnknownTool(AgentrtError):
         self.known = tuple(sorted(known))
         listed = ", ".join(f"`{k}`" for k in self.known) or "none"
         super().__init__(f"no tool named `{name}`; available tools: {listed}")
+
+
+class StepDivergence(AgentrtError):
+    """A retried or replayed handler asked for something else than the log recorded."""
+
+    code = ErrorCode.STEP_DIVERGENCE
+
+    def __init__(
+        self, activation_id: object, step: int, *, recorded: str, requested: str, same_call: bool
+    ) -> None:
+        what = "with a different request" if same_call else f"but the handler asked for {requested}"
+        super().__init__(
+            f"activation {activation_id} diverged at step {step}: the log recorded {recorded} "
+            f"{what}; a handler must make the same calls in the same order when it is retried "
+            "(redrive the dead letter for a fresh activation)"
+        )
+        self.activation_id = activation_id
+        self.step = step
+        self.recorded = recorded
+        self.requested = requested
+
+
+class StepFailed(AgentrtError):
+    """A step's final error, recorded in the log and raised again on every retry and replay."""
+
+    code = ErrorCode.STEP_FAILED
+
+    def __init__(
+        self, step: int, kind: str, name: str, error_type: str, error: str, error_code: str | None
+    ) -> None:
+        super().__init__(f"step {step} ({kind} {name!r}) failed: {error_type}: {error}")
+        self.step = step
+        self.kind = kind
+        self.name = name
+        self.error_type = error_type
+        self.error = error
+        self.error_code = error_code
+
+
+class OutputInvalid(AgentrtError):
+    """The model's answer did not validate against the expected type, after reflection."""
+
+    code = ErrorCode.OUTPUT_INVALID
+
+    def __init__(self, type_name: str, problem: str, attempts: int) -> None:
+        super().__init__(
+            f"the model's output is not a valid {type_name} after {attempts} attempt(s): {problem}"
+        )
+        self.type_name = type_name
+        self.problem = problem
+        self.attempts = attempts
+
+
+class InvalidDelivery(AgentrtError):
+    """A stream entry an agent received cannot be turned into an event (poison)."""
+
+    code = ErrorCode.INVALID_DELIVERY
+
+    def __init__(self, stream: str, entry_id: str, problem: str) -> None:
+        super().__init__(f"entry {entry_id} of {stream}: {problem}")
+        self.stream = stream
+        self.entry_id = entry_id
+        self.problem = problem
+
+
+class AppLoadError(AgentrtError):
+    """``--app`` does not name a module with agents."""
+
+    code = ErrorCode.APP_LOAD
+
+    def __init__(self, target: str, problem: str) -> None:
+        super().__init__(f"--app {target}: {problem}")
+        self.target = target
+
+
+class BudgetExceeded(Exception):
+    """A model call would take the run past its budget: the run stops instead of calling.
+
+    Raised out of the handler; the worker commits ``run.budget_exceeded`` and
+    the inbox marker, so the event counts as handled.
+    """
+
+    def __init__(self, event: object) -> None:
+        super().__init__(str(event))
+        self.event = event

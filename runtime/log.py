@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Sequence
 from typing import Any
 from uuid import UUID
 
@@ -158,6 +158,9 @@ class EventLog:
             f"SELECT {_COLUMNS} FROM {q}.events WHERE stream_id = $1 AND stream_version >= $2 "
             "ORDER BY stream_version LIMIT $3"
         )
+        self._sql_run = (
+            f"SELECT {_COLUMNS} FROM {q}.events WHERE run_id = $1 ORDER BY tx_id, position"
+        )
         # Only below the oldest transaction still running is the log final:
         # see LogPosition for why the order is (tx_id, position).
         self._sql_all = (
@@ -203,6 +206,10 @@ class EventLog:
             except asyncpg.UniqueViolationError as exc:
                 # The caller's transaction is aborted: its owner retries it.
                 raise _lost_race(exc, stream_id, expected_version) from exc
+            finally:
+                # The caller's transaction may still roll back: a head
+                # remembered from it could let a later append skip a version.
+                self._heads.pop(stream_id, None)
         attempts = _ANY_VERSION_RETRIES if expected_version is None else 2
         async with self._pool.acquire() as c:
             for _ in range(attempts):
@@ -444,6 +451,13 @@ class EventLog:
         rows = await self._pool.fetch(self._sql_all, after[0], after[1], limit)
         return self._decode_all(rows)
 
+    async def read_run(
+        self, run_id: UUID, *, conn: asyncpg.Connection | None = None
+    ) -> list[RecordedEvent]:
+        """Every event of a run (all streams), in log order."""
+        rows = await (conn or self._pool).fetch(self._sql_run, run_id)
+        return self._decode_all(rows)
+
     async def read_last(self, n: int) -> list[RecordedEvent]:
         """The last ``n`` readable events, in log order (where ``tail`` starts)."""
         q = f'"{self.schema}"'
@@ -462,7 +476,23 @@ class EventLog:
         batch: int = 500,
         poll_interval: float = 0.5,
     ) -> AsyncIterator[RecordedEvent]:
-        """Catch up from ``after``, then follow the log live.
+        """Catch up from ``after``, then follow the log live, one event at a time."""
+        pages = self.follow(after, batch=batch, poll_interval=poll_interval)
+        try:
+            async for page in pages:
+                for event in page:
+                    yield event
+        finally:
+            await pages.aclose()
+
+    async def follow(
+        self,
+        after: LogPosition = START,
+        *,
+        batch: int = 500,
+        poll_interval: float = 0.5,
+    ) -> AsyncGenerator[list[RecordedEvent], None]:
+        """Catch up from ``after``, then follow the log live, a page at a time.
 
         Appends NOTIFY the log's channel; a dedicated connection LISTENs and
         wakes the reader. A wake-up can be missed (a dropped connection, or
@@ -488,9 +518,9 @@ class EventLog:
             while True:
                 wake.clear()
                 events = await self.read_all(position, batch)
-                for event in events:
-                    position = event.log_position
-                    yield event
+                if events:
+                    position = events[-1].log_position
+                    yield events
                 if len(events) == batch:
                     continue
                 with contextlib.suppress(TimeoutError):

@@ -32,6 +32,15 @@ def dedupe_key(partition: int, event_id: str) -> str:
     return f"{KEY_PREFIX}dedupe:{{p{partition}}}:{event_id}"
 
 
+def agent_stream(agent: str) -> str:
+    """``agentrt:agent:{triage}``: events the relay, timers and redrives deliver to one agent."""
+    return f"{KEY_PREFIX}agent:{{{agent}}}"
+
+
+#: Entries whose activation failed too often, with the error (``agentrt dlq``).
+DLQ_STREAM = f"{KEY_PREFIX}dlq"
+
+
 async def connect_redis(
     url: str, *, attempts: int = 5, socket_timeout: float = 5.0
 ) -> aioredis.Redis:

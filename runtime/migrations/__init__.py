@@ -20,7 +20,7 @@ _NAME = re.compile(r"^(\d{4})_([a-z0-9_]+)\.sql$")
 #: One lock for every schema on the server: roles are server-wide objects.
 _LOCK_KEY = "agentrt.migrate"
 #: Tables of the log that only ever grow, and the triggers that keep them so.
-GUARDED_TABLES = ("events", "seals", "seal_heads")
+GUARDED_TABLES = ("events", "seals", "seal_heads", "inbox")
 
 
 @dataclasses.dataclass(frozen=True)

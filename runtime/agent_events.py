@@ -1,0 +1,178 @@
+"""The events the agent runtime writes into the log about what agents did."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+from uuid import UUID
+
+import msgspec
+
+from runtime.events import Event
+from runtime.retry import AttemptRecord
+
+
+class StepError(msgspec.Struct, frozen=True, kw_only=True):
+    """A step's final error, as recorded: a retry or replay raises it again."""
+
+    type: str
+    message: str
+    code: str | None = None
+
+
+class Usage(msgspec.Struct, frozen=True, kw_only=True):
+    """Tokens one model response used, and what they cost by the settings' price table."""
+
+    model: str
+    input_tokens: int = 0
+    output_tokens: int = 0
+    cache_creation_input_tokens: int = 0
+    cache_read_input_tokens: int = 0
+    cost_usd: float = 0.0
+    #: True when the offline model answered (its tokens are estimates, its cost 0).
+    offline: bool = False
+
+    @property
+    def tokens(self) -> int:
+        return (
+            self.input_tokens
+            + self.output_tokens
+            + self.cache_creation_input_tokens
+            + self.cache_read_input_tokens
+        )
+
+
+class StepRecorded(Event, tag="step.recorded"):
+    """One durable step of an activation: an LLM call or a tool call, and what it returned.
+
+    Stored in the stream ``act-<activation id>`` at version = step number, so the
+    unique (stream, version) index makes a step's result single: a second worker
+    that ran the same step loses the append and takes the recorded result.
+    """
+
+    activation_id: UUID
+    agent: str
+    step: int
+    kind: str
+    name: str
+    #: sha256 of the canonical request; a different request at this step is a divergence.
+    request_hash: str
+    request: Any
+    result: Any = None
+    error: StepError | None = None
+    #: The failed attempts before the result (retries, with their reasons and delays).
+    attempts: list[AttemptRecord] = msgspec.field(default_factory=list)
+    usage: Usage | None = None
+    duration_ms: float = 0.0
+
+
+class ActivationCompleted(Event, tag="activation.completed"):
+    """An activation committed: its trigger, steps and emitted events are in the log."""
+
+    agent: str
+    activation_id: UUID
+    trigger_id: UUID
+    trigger_type: str
+    steps: int
+    emitted: list[UUID] = msgspec.field(default_factory=list)
+    duration_ms: float = 0.0
+    outcome: str = "completed"
+
+
+class ActivationDeadLettered(Event, tag="activation.dead_lettered"):
+    """An event whose activation failed too often went to the dead-letter stream."""
+
+    agent: str
+    activation_id: UUID
+    trigger_id: UUID
+    trigger_type: str
+    stream: str
+    entry_id: str
+    deliveries: int
+    error_type: str
+    error: str
+    error_code: str | None = None
+
+
+class DeadLetterRedriven(Event, tag="dead_letter.redriven"):
+    """An operator sent a dead letter back to its agent (a fresh activation)."""
+
+    agent: str
+    trigger_id: UUID
+    dead_letter_id: str
+    generation: int
+    to_stream: str
+
+
+class RunBudgetExceeded(Event, tag="run.budget_exceeded"):
+    """A model call would have taken the run past its budget, so it was not made."""
+
+    agent: str
+    activation_id: UUID
+    step: int
+    spent_tokens: int
+    spent_usd: float
+    requested_tokens: int
+    requested_usd: float
+    budget_tokens: int | None = None
+    budget_usd: float | None = None
+
+
+class CircuitTransitioned(Event, tag="circuit.transitioned"):
+    """A tool's circuit breaker changed state (shared by every worker through Redis)."""
+
+    name: str
+    from_state: str
+    to_state: str
+    failures: int = 0
+    reason: str = ""
+
+
+class TimerScheduled(Event, tag="timer.scheduled"):
+    """``ctx.sleep_until``: a ``timer.fired`` is due for ``agent`` at ``due_at``."""
+
+    timer_id: UUID
+    agent: str
+    name: str
+    due_at: datetime
+    payload: Any = None
+
+
+class TimerFired(Event, tag="timer.fired"):
+    """A durable timer came due; delivered to the agent that scheduled it."""
+
+    timer_id: UUID
+    agent: str
+    name: str
+    due_at: datetime
+    payload: Any = None
+
+
+class ApprovalRequested(Event, tag="approval.requested"):
+    """A run waits for a human: an ``approval.decided`` with this id resumes it."""
+
+    approval_id: UUID
+    agent: str
+    subject: str
+    details: Any = None
+
+
+class ApprovalDecided(Event, tag="approval.decided"):
+    """A human's answer to an ``approval.requested``."""
+
+    approval_id: UUID
+    approved: bool
+    by: str = ""
+    comment: str = ""
+
+
+#: Event types that only record what happened and are never delivered to agents.
+BOOKKEEPING = frozenset(
+    {
+        "step.recorded",
+        "activation.completed",
+        "activation.dead_lettered",
+        "dead_letter.redriven",
+        "circuit.transitioned",
+    }
+)

@@ -1,0 +1,223 @@
+"""The handler's context: each call that touches the world is a durable step or a buffered event."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import uuid
+from collections.abc import Awaitable, Mapping
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any, Protocol
+from uuid import UUID
+
+import msgspec
+import structlog
+from structlog.typing import FilteringBoundLogger
+
+from runtime.agent_events import ApprovalRequested, CircuitTransitioned, StepError, TimerScheduled
+from runtime.agents import Agent
+from runtime.breaker import CircuitBreaker, Transition
+from runtime.errors import AgentrtError, UnknownTool
+from runtime.events import Event, NewEvent, RecordedEvent, new_event_id
+from runtime.steps import StepOutput, Steps, raise_if_failed
+from runtime.tools import Tool, ToolContext
+
+if TYPE_CHECKING:
+    from runtime.llm import LLM, LLMResult
+
+#: uuid5 namespace of activation ids.
+ACTIVATION_NAMESPACE = uuid.UUID("6f1c3a52-5d0e-4c55-9a7e-2f4b8f0f6a11")
+
+
+def activation_id_for(agent: str, trigger_id: UUID, generation: int = 0) -> UUID:
+    """The same id for every delivery of one event to one agent (a redrive starts a new one)."""
+    suffix = f"/{generation}" if generation else ""
+    return uuid.uuid5(ACTIVATION_NAMESPACE, f"{agent}/{trigger_id}{suffix}")
+
+
+class Services(Protocol):
+    """What a context borrows from its worker."""
+
+    @property
+    def llm(self) -> LLM: ...
+
+    def breaker(self, name: str) -> CircuitBreaker: ...
+
+    async def record_transition(self, transition: Transition, *, run_id: UUID | None) -> None: ...
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Trigger:
+    """The event that started this activation, with its envelope."""
+
+    event_id: UUID
+    type: str
+    run_id: UUID
+    causation_id: UUID | None
+    producer: str | None
+    body: Event
+    #: Where it came from: the Redis stream and entry id.
+    stream: str
+    entry_id: str
+
+
+class Context:
+    """What ``handle(event, ctx)`` uses for everything outside pure computation."""
+
+    def __init__(
+        self,
+        *,
+        agent: Agent,
+        trigger: Trigger,
+        activation_id: UUID,
+        steps: Steps,
+        services: Services,
+        history: list[RecordedEvent],
+        spent: tuple[int, float] = (0, 0.0),
+    ) -> None:
+        self.agent = agent
+        self.trigger = trigger
+        self.run_id = trigger.run_id
+        self.activation_id = activation_id
+        self.steps = steps
+        self.services = services
+        #: The run's events in the log before this activation (the trigger excluded).
+        self.history = history
+        state = agent.initial_state()
+        for event in history:
+            state = agent.evolve(state, event)
+        #: The run's folded state (``Agent.evolve`` over ``history``).
+        self.state = state
+        #: Tokens and dollars the run had spent before this activation.
+        self.spent_tokens, self.spent_usd = spent
+        self.emitted: list[NewEvent] = []
+        self.log: FilteringBoundLogger = structlog.get_logger("agentrt.agent")
+
+    # -- events ---------------------------------------------------------------
+
+    def emit(self, body: Event) -> UUID:
+        """Add an event to the run; it commits with the activation, or not at all."""
+        if not isinstance(body, Event):
+            raise TypeError(f"emit() takes an agentrt Event, got {type(body).__name__}")
+        event = NewEvent(
+            body=body,
+            event_id=new_event_id(),
+            run_id=self.run_id,
+            causation_id=self.trigger.event_id,
+            producer=self.agent.name,
+        )
+        self.emitted.append(event)
+        return event.event_id
+
+    def sleep_until(self, when: datetime, name: str = "timer", payload: Any = None) -> UUID:
+        """Schedule a durable ``timer.fired`` for this agent at ``when`` (it survives restarts).
+
+        The handler does not block: it returns, and the agent handles the
+        ``timer.fired`` event (subscribe to :class:`~runtime.agent_events.TimerFired`).
+        """
+        if when.tzinfo is None:
+            raise ValueError("sleep_until needs a timezone-aware datetime")
+        timer_id = uuid.uuid5(self.activation_id, f"timer/{len(self.emitted)}/{name}")
+        self.emit(
+            TimerScheduled(
+                timer_id=timer_id,
+                agent=self.agent.name,
+                name=name,
+                due_at=when.astimezone(UTC),
+                payload=payload,
+            )
+        )
+        return timer_id
+
+    def request_approval(self, subject: str, details: Any = None) -> UUID:
+        """Ask a human; the run resumes when an ``approval.decided`` with this id arrives."""
+        approval_id = uuid.uuid5(self.activation_id, f"approval/{len(self.emitted)}")
+        self.emit(
+            ApprovalRequested(
+                approval_id=approval_id, agent=self.agent.name, subject=subject, details=details
+            )
+        )
+        return approval_id
+
+    # -- steps ----------------------------------------------------------------
+
+    async def llm(self, prompt: Any = None, /, **options: Any) -> LLMResult[Any]:
+        """A model call (tools and reflection included, as steps): :meth:`runtime.llm.LLM.call`."""
+        return await self.services.llm.call(self, prompt, **options)
+
+    async def tool(
+        self,
+        tool: Tool[..., Any] | str,
+        /,
+        input: Mapping[str, Any] | None = None,
+        *,
+        wait_for_circuit: float | None = None,
+        **kwargs: Any,
+    ) -> Any:
+        """Call a tool as a durable step and return its typed result.
+
+        Input is validated first (:class:`~runtime.errors.ToolInputError`).
+        An open circuit fails fast with :class:`~runtime.errors.CircuitOpen`
+        (nothing is recorded: the tool was not called), or waits up to
+        ``wait_for_circuit`` seconds for it to close.
+        """
+        t = self.resolve_tool(tool)
+        raw = dict(input) if input is not None else kwargs
+        params = t.parse_input(raw)
+        request = msgspec.to_builtins(params, str_keys=True)
+        return await self.tool_step(t, request, wait_for_circuit=wait_for_circuit)
+
+    def resolve_tool(self, tool: Tool[..., Any] | str) -> Tool[..., Any]:
+        if isinstance(tool, Tool):
+            return tool
+        for t in self.agent.tools:
+            if t.name == tool:
+                return t
+        raise UnknownTool(tool, tuple(t.name for t in self.agent.tools))
+
+    async def tool_step(
+        self, t: Tool[..., Any], request: Any, *, wait_for_circuit: float | None = None
+    ) -> Any:
+        """Run an already validated tool request as a step; the typed result."""
+
+        def call() -> Awaitable[StepOutput]:
+            return self._call_tool(t, request, wait_for_circuit)
+
+        record = await self.steps.run("tool", t.name, request, call)
+        raise_if_failed(record)
+        return t.decode_output(record.result)
+
+    async def _call_tool(self, t: Tool[..., Any], request: Any, wait: float | None) -> StepOutput:
+        breaker = self.services.breaker(t.name)
+        permit = await (breaker.before_call() if wait is None else breaker.acquire(wait))
+        if permit.transition is not None:
+            await self.services.record_transition(permit.transition, run_id=self.run_id)
+        ctx = ToolContext.for_step(self.run_id, str(self.activation_id), self.steps.count)
+        try:
+            result = await t.invoke(ctx, request)
+        except asyncio.CancelledError:
+            await breaker.release(permit)
+            raise
+        except Exception as exc:  # the tool's failure is its step's recorded result
+            transition = await breaker.record_failure(permit)
+            if transition is not None:
+                await self.services.record_transition(transition, run_id=self.run_id)
+            code = exc.code.value if isinstance(exc, AgentrtError) else None
+            return StepOutput(error=StepError(type=type(exc).__name__, message=str(exc), code=code))
+        transition = await breaker.record_success(permit)
+        if transition is not None:
+            await self.services.record_transition(transition, run_id=self.run_id)
+        return StepOutput(result=result.data)
+
+
+def transition_event(transition: Transition) -> CircuitTransitioned:
+    return CircuitTransitioned(
+        name=transition.name,
+        from_state=transition.from_state.value,
+        to_state=transition.to_state.value,
+        failures=transition.failures,
+    )
+
+
+def now() -> datetime:
+    return datetime.now(UTC)

@@ -1,0 +1,131 @@
+"""The dead-letter stream: list, show and redrive entries whose activations kept failing."""
+
+from __future__ import annotations
+
+from typing import Any
+from uuid import UUID
+
+import msgspec
+import redis.asyncio as aioredis
+
+from runtime.agent_events import DeadLetterRedriven
+from runtime.events import NewEvent
+from runtime.log import EventLog
+from runtime.streams import DLQ_STREAM, agent_stream
+
+
+class DeadLetter(msgspec.Struct, frozen=True, kw_only=True):
+    id: str
+    agent: str
+    stream: str
+    entry_id: str
+    deliveries: int
+    error_type: str
+    error: str
+    at: str
+    event_id: str | None
+    type: str | None
+    run_id: str | None
+    generation: int
+    #: The original entry's fields (bodies as text).
+    fields: dict[str, str]
+
+
+class NotFound(LookupError):
+    pass
+
+
+def _text(v: Any) -> str:
+    return v.decode(errors="replace") if isinstance(v, bytes) else str(v)
+
+
+def _parse(entry_id: Any, raw: dict[Any, Any]) -> DeadLetter:
+    f = {_text(k): _text(v) for k, v in raw.items()}
+    original = {k: v for k, v in f.items() if not k.startswith("dlq_")}
+    return DeadLetter(
+        id=_text(entry_id),
+        agent=f.get("dlq_agent", "?"),
+        stream=f.get("dlq_stream", "?"),
+        entry_id=f.get("dlq_entry_id", "?"),
+        deliveries=int(f.get("dlq_deliveries", "0")),
+        error_type=f.get("dlq_error_type", "?"),
+        error=f.get("dlq_error", ""),
+        at=f.get("dlq_at", ""),
+        event_id=original.get("event_id"),
+        type=original.get("type"),
+        run_id=original.get("run_id") or original.get("event_id"),
+        generation=int(original.get("generation", "0") or 0),
+        fields=original,
+    )
+
+
+async def list_dead_letters(
+    redis: aioredis.Redis, *, agent: str | None = None, count: int = 100
+) -> list[DeadLetter]:
+    """Oldest first, at most ``count`` (after filtering by ``agent``)."""
+    out: list[DeadLetter] = []
+    start = "-"
+    while len(out) < count:
+        page = await redis.xrange(DLQ_STREAM, min=start, count=500)
+        if not page:
+            break
+        for entry_id, raw in page:
+            letter = _parse(entry_id, raw or {})
+            if agent is None or letter.agent == agent:
+                out.append(letter)
+        last = _text(page[-1][0])
+        ms, _, seq = last.partition("-")
+        start = f"{ms}-{int(seq) + 1}"
+        if len(page) < 500:
+            break
+    return out[:count]
+
+
+async def get_dead_letter(redis: aioredis.Redis, dead_letter_id: str) -> DeadLetter:
+    page = await redis.xrange(DLQ_STREAM, min=dead_letter_id, max=dead_letter_id, count=1)
+    if not page:
+        raise NotFound(f"no dead letter {dead_letter_id!r} in {DLQ_STREAM}")
+    return _parse(page[0][0], page[0][1] or {})
+
+
+async def redrive(redis: aioredis.Redis, log: EventLog, dead_letter_id: str) -> str:
+    """Send a dead letter back to its agent as a fresh activation; the new entry id.
+
+    The entry goes to the agent's own stream with its generation bumped, so
+    the activation starts with no recorded steps (the failed attempt's steps
+    stay in the log, under the old activation). Recorded in the log as
+    ``dead_letter.redriven``, then removed from the dead-letter stream, in
+    one MULTI with the XADD.
+    """
+    letter = await get_dead_letter(redis, dead_letter_id)
+    page = await redis.xrange(DLQ_STREAM, min=dead_letter_id, max=dead_letter_id, count=1)
+    entry: dict[Any, Any] = (page or [(None, {})])[0][1] or {}
+    raw: dict[Any, Any] = {_text(k): v for k, v in entry.items() if not _text(k).startswith("dlq_")}
+    generation = letter.generation + 1
+    raw["generation"] = str(generation)
+    target = agent_stream(letter.agent)
+    if letter.event_id is not None:
+        event_id = UUID(letter.event_id)
+        run_id = UUID(letter.run_id) if letter.run_id else event_id
+        await log.append(
+            f"run-{run_id}",
+            [
+                NewEvent(
+                    body=DeadLetterRedriven(
+                        agent=letter.agent,
+                        trigger_id=event_id,
+                        dead_letter_id=dead_letter_id,
+                        generation=generation,
+                        to_stream=target,
+                    ),
+                    run_id=run_id,
+                    causation_id=event_id,
+                    producer="operator",
+                )
+            ],
+        )
+    async with redis.pipeline(transaction=True) as pipe:
+        pipe.xadd(target, raw)
+        pipe.xdel(DLQ_STREAM, dead_letter_id)
+        new_id, _ = await pipe.execute()
+    return _text(new_id)

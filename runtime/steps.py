@@ -1,0 +1,194 @@
+"""Durable steps: each LLM or tool call of an activation, recorded before the handler goes on."""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+from uuid import UUID
+
+import msgspec
+import structlog
+
+from runtime.agent_events import StepError, StepRecorded, Usage
+from runtime.errors import ConcurrencyConflict, StepDivergence, StepFailed
+from runtime.events import NewEvent
+from runtime.log import EventLog
+from runtime.retry import AttemptRecord
+
+log = structlog.get_logger(__name__)
+
+_canonical = msgspec.json.Encoder(order="sorted")
+
+
+def steps_stream(activation_id: UUID) -> str:
+    """The stream holding an activation's steps, one per version."""
+    return f"act-{activation_id}"
+
+
+def request_hash(kind: str, name: str, request: Any) -> str:
+    """sha256 over the canonical JSON of what a step asks for."""
+    digest = hashlib.sha256()
+    digest.update(kind.encode())
+    digest.update(b"\0")
+    digest.update(name.encode())
+    digest.update(b"\0")
+    digest.update(_canonical.encode(request))
+    return digest.hexdigest()
+
+
+class StepOutput(msgspec.Struct, frozen=True, kw_only=True):
+    """What one executed step produced: a JSON result or a final error."""
+
+    result: Any = None
+    error: StepError | None = None
+    attempts: tuple[AttemptRecord, ...] = ()
+    usage: Usage | None = None
+
+
+StepCall = Callable[[], Awaitable[StepOutput]]
+
+
+class Steps:
+    """The durable steps of one activation.
+
+    ``run`` numbers calls 1, 2, ...; a step already in the log returns its
+    recorded output (after checking that the handler asks for the same thing),
+    any other is executed and appended at version = its number before ``run``
+    returns. Two workers executing the same step (a reclaimed activation whose
+    first worker is still alive) meet at the log's unique (stream, version)
+    index: the loser takes the winner's result, so every later step sees one
+    history.
+    """
+
+    def __init__(
+        self,
+        log: EventLog,
+        *,
+        activation_id: UUID,
+        run_id: UUID,
+        agent: str,
+        trigger_id: UUID,
+        recorded: dict[int, StepRecorded] | None = None,
+    ) -> None:
+        self._log = log
+        self.activation_id = activation_id
+        self.run_id = run_id
+        self.agent = agent
+        self.trigger_id = trigger_id
+        self.stream = steps_stream(activation_id)
+        self.recorded: dict[int, StepRecorded] = dict(recorded or {})
+        #: Steps taken by this attempt so far (recorded or executed).
+        self.count = 0
+        #: How many of them were answered from the log.
+        self.reused = 0
+
+    @classmethod
+    async def load(
+        cls, log: EventLog, *, activation_id: UUID, run_id: UUID, agent: str, trigger_id: UUID
+    ) -> Steps:
+        recorded: dict[int, StepRecorded] = {}
+        stream = steps_stream(activation_id)
+        after = 1
+        while True:
+            page = await log.read_stream(stream, after, limit=1000)
+            for ev in page:
+                if isinstance(ev.body, StepRecorded):
+                    recorded[ev.stream_version] = ev.body
+            if len(page) < 1000:
+                break
+            after = page[-1].stream_version + 1
+        return cls(
+            log,
+            activation_id=activation_id,
+            run_id=run_id,
+            agent=agent,
+            trigger_id=trigger_id,
+            recorded=recorded,
+        )
+
+    @property
+    def next_step(self) -> int:
+        return self.count + 1
+
+    async def run(self, kind: str, name: str, request: Any, call: StepCall) -> StepRecorded:
+        """The recorded step for this call: from the log, or executed and appended now.
+
+        Raises :class:`StepDivergence` when the log holds a different call at
+        this step. The caller turns a recorded error into an exception
+        (:func:`raise_if_failed`).
+        """
+        self.count += 1
+        n = self.count
+        wanted = request_hash(kind, name, request)
+        recorded = self.recorded.get(n)
+        if recorded is not None:
+            self._check(recorded, kind, name, wanted)
+            self.reused += 1
+            return recorded
+        with structlog.contextvars.bound_contextvars(step=n):
+            started = time.perf_counter()
+            output = await call()
+            body = StepRecorded(
+                activation_id=self.activation_id,
+                agent=self.agent,
+                step=n,
+                kind=kind,
+                name=name,
+                request_hash=wanted,
+                request=request,
+                result=output.result,
+                error=output.error,
+                attempts=list(output.attempts),
+                usage=output.usage,
+                duration_ms=round((time.perf_counter() - started) * 1000, 3),
+            )
+            event = NewEvent(
+                body=body, run_id=self.run_id, causation_id=self.trigger_id, producer=self.agent
+            )
+            try:
+                await self._log.append(self.stream, [event], expected_version=n - 1)
+            except ConcurrencyConflict:
+                # Another worker recorded this step first: its result is the one.
+                page = await self._log.read_stream(self.stream, n, limit=1)
+                if not page or not isinstance(page[0].body, StepRecorded):
+                    raise
+                winner = page[0].body
+                log.warning("step.lost_race", step=n, kind=kind, name=name)
+                self._check(winner, kind, name, wanted)
+                body = winner
+            self.recorded[n] = body
+            log.info("step.recorded", kind=kind, name=name, ms=body.duration_ms,
+                     failed=body.error is not None, retries=len(body.attempts))  # fmt: skip
+            return body
+
+    def _check(self, recorded: StepRecorded, kind: str, name: str, wanted: str) -> None:
+        if (recorded.kind, recorded.name, recorded.request_hash) != (kind, name, wanted):
+            raise StepDivergence(
+                self.activation_id,
+                recorded.step,
+                recorded=f"{recorded.kind} {recorded.name!r}",
+                requested=f"{kind} {name!r}",
+                same_call=(recorded.kind, recorded.name) == (kind, name),
+            )
+
+    def check_complete(self) -> None:
+        """After the handler returned: the log must not hold steps it no longer takes."""
+        extra = sorted(k for k in self.recorded if k > self.count)
+        if extra:
+            step = self.recorded[extra[0]]
+            raise StepDivergence(
+                self.activation_id,
+                step.step,
+                recorded=f"{step.kind} {step.name!r}",
+                requested="no call (the handler returned)",
+                same_call=False,
+            )
+
+
+def raise_if_failed(step: StepRecorded) -> None:
+    """Raise the step's recorded final error, the same on every retry and replay."""
+    if step.error is not None:
+        raise StepFailed(step.step, step.kind, step.name, step.error.type, step.error.message,
+                         step.error.code)  # fmt: skip
