@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import json
+import math
 import os
 import re
 from collections.abc import Mapping
@@ -15,6 +17,21 @@ from runtime.errors import SettingsError
 _IDENTIFIER = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off"}
+
+#: Model tier -> model id (``AGENTRT_MODELS`` entries replace these one by one).
+DEFAULT_MODELS: dict[str, str] = {"fast": "claude-haiku-4-5", "smart": "claude-sonnet-5-5"}
+#: Model id -> (input, output) USD per million tokens, as published by Anthropic
+#: (``AGENTRT_PRICES`` adds or replaces entries). Cache writes and reads are
+#: priced from the input price (see ``runtime.llm``).
+DEFAULT_PRICES: dict[str, tuple[float, float]] = {
+    "claude-haiku-4-5": (1.0, 5.0),
+    "claude-sonnet-5-5": (2.0, 10.0),
+    "claude-sonnet-5": (2.0, 10.0),
+    "claude-sonnet-4-6": (3.0, 15.0),
+    "claude-sonnet-4-5": (3.0, 15.0),
+    "claude-opus-5-5": (4.0, 20.0),
+    "claude-opus-4-5": (5.0, 25.0),
+}
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -45,6 +62,19 @@ class Settings:
     log_notify: bool = True
     #: The webhook sources file (TOML) that ``agentrt serve`` reads.
     webhooks_config: Path = Path("webhooks.toml")
+    #: Model tiers (``fast``, ``smart``, ...) -> model ids.
+    models: dict[str, str] = dataclasses.field(default_factory=lambda: dict(DEFAULT_MODELS))
+    #: Model id -> (input, output) USD per million tokens; a dated id (``-20251001``) matches too.
+    prices: dict[str, tuple[float, float]] = dataclasses.field(
+        default_factory=lambda: dict(DEFAULT_PRICES)
+    )
+    #: A run's budget when its agent sets none (None: unlimited).
+    run_budget_tokens: int | None = None
+    run_budget_usd: float | None = None
+    #: Seconds one model HTTP request may take before it counts as a (retryable) timeout.
+    llm_timeout: float = 120.0
+    #: Calls per model step, the first included (the runtime's retries; the SDK makes none).
+    llm_max_attempts: int = 5
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
@@ -106,6 +136,12 @@ ENV_KEYS: dict[str, str] = {
     "poll_interval": "AGENTRT_POLL_INTERVAL",
     "log_notify": "AGENTRT_LOG_NOTIFY",
     "webhooks_config": "AGENTRT_WEBHOOKS_CONFIG",
+    "models": "AGENTRT_MODELS",
+    "prices": "AGENTRT_PRICES",
+    "run_budget_tokens": "AGENTRT_RUN_BUDGET_TOKENS",
+    "run_budget_usd": "AGENTRT_RUN_BUDGET_USD",
+    "llm_timeout": "AGENTRT_LLM_TIMEOUT",
+    "llm_max_attempts": "AGENTRT_LLM_MAX_ATTEMPTS",
 }
 
 _LOG_LEVELS = {"debug", "info", "warning", "error", "critical"}
@@ -148,7 +184,84 @@ def _parse(field: str, key: str, raw: Any) -> Any:
         if not 0.001 <= seconds <= 60:
             raise SettingsError(key, f"{seconds} is outside 0.001..60 seconds")
         return seconds
+    if field == "models":
+        return {**DEFAULT_MODELS, **_models(key, raw)}
+    if field == "prices":
+        return {**DEFAULT_PRICES, **_prices(key, raw)}
+    if field in ("run_budget_tokens", "llm_max_attempts"):
+        try:
+            number = int(raw)
+        except (TypeError, ValueError):
+            raise SettingsError(key, f"{raw!r} is not a whole number") from None
+        if number < (0 if field == "run_budget_tokens" else 1):
+            raise SettingsError(key, f"{number} is too small")
+        return number
+    if field in ("run_budget_usd", "llm_timeout"):
+        amount = _finite(key, raw)
+        if amount < 0 or (field == "llm_timeout" and amount == 0):
+            raise SettingsError(key, f"{amount} must be positive")
+        return amount
     return str(raw)
+
+
+def _finite(key: str, raw: Any) -> float:
+    try:
+        value = float(raw)
+    except (TypeError, ValueError):
+        raise SettingsError(key, f"{raw!r} is not a number") from None
+    if not math.isfinite(value):
+        raise SettingsError(key, f"{raw!r} is not a finite number")
+    return value
+
+
+def _pairs(key: str, raw: Any) -> dict[str, Any]:
+    """A mapping from a dict, a JSON object, or ``k=v,k=v`` text."""
+    if isinstance(raw, Mapping):
+        return dict(raw)
+    text = str(raw).strip()
+    if text.startswith("{"):
+        try:
+            value = json.loads(text)
+        except ValueError as exc:
+            raise SettingsError(key, f"not valid JSON ({exc})") from None
+        if not isinstance(value, dict):
+            raise SettingsError(key, "must be a JSON object")
+        return value
+    out: dict[str, Any] = {}
+    for item in filter(None, (p.strip() for p in text.split(","))):
+        name, sep, value = item.partition("=")
+        if not sep or not name.strip() or not value.strip():
+            raise SettingsError(key, f"{item!r} is not name=value")
+        out[name.strip()] = value.strip()
+    return out
+
+
+def _models(key: str, raw: Any) -> dict[str, str]:
+    out = {}
+    for tier, model in _pairs(key, raw).items():
+        if not isinstance(model, str) or not model:
+            raise SettingsError(key, f"tier {tier!r}: the model id must be a non-empty string")
+        out[str(tier)] = model
+    return out
+
+
+def _prices(key: str, raw: Any) -> dict[str, tuple[float, float]]:
+    """``{"model": [in, out]}``, ``{"model": {"input": in, "output": out}}`` or ``model=in/out``."""
+    out = {}
+    for model, price in _pairs(key, raw).items():
+        if isinstance(price, Mapping):
+            price = (price.get("input"), price.get("output"))
+        elif isinstance(price, str):
+            price = tuple(price.split("/"))
+        if not isinstance(price, list | tuple) or len(price) != 2:
+            raise SettingsError(
+                key, f"{model!r}: give input and output USD per million tokens, e.g. 3/15"
+            )
+        pair = (_finite(key, price[0]), _finite(key, price[1]))
+        if min(pair) < 0:
+            raise SettingsError(key, f"{model!r}: a price cannot be negative")
+        out[str(model)] = pair
+    return out
 
 
 def _url(key: str, raw: str, schemes: set[str]) -> str:

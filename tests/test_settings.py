@@ -112,3 +112,51 @@ def test_cli_reports_a_bad_setting_with_exit_code_2() -> None:
     assert result.returncode == 2
     assert "REDIS_URL" in result.stderr
     assert "settings_invalid" in result.stderr
+
+
+def test_model_tiers_prices_and_budgets_from_the_environment() -> None:
+    s = Settings.from_env(
+        {
+            "AGENTRT_MODELS": "smart=claude-opus-5-5, tiny=claude-haiku-4-5",
+            "AGENTRT_PRICES": '{"claude-x": [2, 8], "claude-y": {"input": 1, "output": 4}}',
+            "AGENTRT_RUN_BUDGET_TOKENS": "5000",
+            "AGENTRT_RUN_BUDGET_USD": "0.25",
+            "AGENTRT_LLM_TIMEOUT": "7.5",
+            "AGENTRT_LLM_MAX_ATTEMPTS": "3",
+        }
+    )
+    assert s.models == {"fast": "claude-haiku-4-5", "smart": "claude-opus-5-5",
+                        "tiny": "claude-haiku-4-5"}  # fmt: skip
+    assert s.prices["claude-x"] == (2.0, 8.0)
+    assert s.prices["claude-y"] == (1.0, 4.0)
+    assert s.prices["claude-sonnet-5-5"] == (2.0, 10.0)  # defaults stay
+    assert (s.run_budget_tokens, s.run_budget_usd) == (5000, 0.25)
+    assert (s.llm_timeout, s.llm_max_attempts) == (7.5, 3)
+    assert Settings.from_env({"AGENTRT_PRICES": "m=0.5/2"}).prices["m"] == (0.5, 2.0)
+    d = Settings.from_env({})
+    assert d.models == {"fast": "claude-haiku-4-5", "smart": "claude-sonnet-5-5"}
+    assert d.run_budget_tokens is None
+    assert d.run_budget_usd is None
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "problem"),
+    [
+        ("AGENTRT_MODELS", "fast", "not name=value"),
+        ("AGENTRT_MODELS", '{"fast": 3}', "non-empty string"),
+        ("AGENTRT_PRICES", "m=3", "input and output"),
+        ("AGENTRT_PRICES", "{bad json", "not valid JSON"),
+        ("AGENTRT_PRICES", "m=-1/2", "negative"),
+        ("AGENTRT_PRICES", "m=x/2", "not a number"),
+        ("AGENTRT_RUN_BUDGET_TOKENS", "lots", "whole number"),
+        ("AGENTRT_RUN_BUDGET_TOKENS", "-5", "too small"),
+        ("AGENTRT_RUN_BUDGET_USD", "nan", "finite"),
+        ("AGENTRT_LLM_TIMEOUT", "0", "positive"),
+        ("AGENTRT_LLM_MAX_ATTEMPTS", "0", "too small"),
+    ],
+)
+def test_bad_llm_settings_name_their_key(key: str, value: str, problem: str) -> None:
+    with pytest.raises(SettingsError) as info:
+        Settings.from_env({key: value})
+    assert info.value.key == key
+    assert problem in str(info.value)
