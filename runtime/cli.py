@@ -560,4 +560,12 @@ def main() -> None:
     app(prog_name="agentrt")
 
 
+def _register_builtin() -> None:
+    from runtime.cli_agents import register
+
+    register(app)
+
+
+_register_builtin()
+
 __all__ = ["app", "load_plugins", "main"]

@@ -1065,6 +1065,8 @@ class RecordedRequest(msgspec.Struct):
     body: Any
     status: int = 0
     fault: str | None = None
+    #: Wall-clock time (``time.time()``) it arrived.
+    received_at: float = 0.0
 
 
 class RequestLog:
@@ -1080,7 +1082,12 @@ class RequestLog:
         with self._lock:
             self._seq += 1
             item = RecordedRequest(
-                self._seq, method, path, model if isinstance(model, str) else None, body
+                self._seq,
+                method,
+                path,
+                model if isinstance(model, str) else None,
+                body,
+                received_at=time.time(),
             )
             self._items.append(item)
             return item

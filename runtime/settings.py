@@ -75,6 +75,10 @@ class Settings:
     llm_timeout: float = 120.0
     #: Calls per model step, the first included (the runtime's retries; the SDK makes none).
     llm_max_attempts: int = 5
+    #: Consecutive failures that open a tool's circuit breaker.
+    breaker_failure_threshold: int = 5
+    #: Seconds an open breaker waits before letting one probe call through.
+    breaker_reset_timeout: float = 30.0
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
@@ -142,6 +146,8 @@ ENV_KEYS: dict[str, str] = {
     "run_budget_usd": "AGENTRT_RUN_BUDGET_USD",
     "llm_timeout": "AGENTRT_LLM_TIMEOUT",
     "llm_max_attempts": "AGENTRT_LLM_MAX_ATTEMPTS",
+    "breaker_failure_threshold": "AGENTRT_BREAKER_FAILURES",
+    "breaker_reset_timeout": "AGENTRT_BREAKER_RESET",
 }
 
 _LOG_LEVELS = {"debug", "info", "warning", "error", "critical"}
@@ -188,7 +194,7 @@ def _parse(field: str, key: str, raw: Any) -> Any:
         return {**DEFAULT_MODELS, **_models(key, raw)}
     if field == "prices":
         return {**DEFAULT_PRICES, **_prices(key, raw)}
-    if field in ("run_budget_tokens", "llm_max_attempts"):
+    if field in ("run_budget_tokens", "llm_max_attempts", "breaker_failure_threshold"):
         try:
             number = int(raw)
         except (TypeError, ValueError):
@@ -196,7 +202,7 @@ def _parse(field: str, key: str, raw: Any) -> Any:
         if number < (0 if field == "run_budget_tokens" else 1):
             raise SettingsError(key, f"{number} is too small")
         return number
-    if field in ("run_budget_usd", "llm_timeout"):
+    if field in ("run_budget_usd", "llm_timeout", "breaker_reset_timeout"):
         amount = _finite(key, raw)
         if amount < 0 or (field == "llm_timeout" and amount == 0):
             raise SettingsError(key, f"{amount} must be positive")

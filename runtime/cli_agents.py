@@ -1,0 +1,228 @@
+"""``agentrt worker``, ``relay`` and ``dlq``: running agents and handling their dead letters."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import sys
+from collections.abc import AsyncIterator
+from typing import Annotated, Any
+
+import typer
+from rich.markup import escape
+from rich.table import Table
+
+from runtime import dlq as dlq_mod
+from runtime.agents import Agent, load_app
+from runtime.log import EventLog
+from runtime.relay import Relay
+from runtime.settings import Settings
+from runtime.streams import connect_redis
+from runtime.worker import Worker, WorkerOptions
+
+dlq_app = typer.Typer(help="Inspect and re-drive dead-lettered events.", no_args_is_help=True)
+
+AppOption = Annotated[
+    str,
+    typer.Option(
+        "--app",
+        help="Module with your agents: `mypkg.agents` (its `agents` list or Agent classes) "
+        "or `mypkg.agents:attr`",
+    ),
+]
+
+
+def _agents(target: str) -> list[Agent]:
+    # Like uvicorn and celery: the current directory is importable.
+    if os.getcwd() not in sys.path and "" not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    return load_app(target)
+
+
+def _stop_on_signals(stop: asyncio.Event) -> None:
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        with contextlib.suppress(NotImplementedError):
+            loop.add_signal_handler(sig, stop.set)
+
+
+@contextlib.asynccontextmanager
+async def _opened(settings: Settings) -> AsyncIterator[tuple[EventLog, Any]]:
+    from runtime.cli import _open_log
+
+    lg = await _open_log(settings)
+    redis = await connect_redis(settings.require_redis_url())
+    try:
+        yield lg, redis
+    finally:
+        await redis.aclose()
+        await lg.pool.close()
+
+
+def register(app: typer.Typer) -> None:
+    from runtime.cli import _run, _with_servers, err, out
+
+    @app.command("worker")
+    def worker(
+        ctx: typer.Context,
+        app_target: AppOption,
+        concurrency: Annotated[int, typer.Option(help="Activations in flight at once")] = 16,
+        batch: Annotated[int, typer.Option(help="Entries per XREADGROUP")] = 32,
+        claim_idle: Annotated[
+            float, typer.Option(help="Seconds before a dead consumer's entries are reclaimed")
+        ] = 60.0,
+        max_deliveries: Annotated[
+            int, typer.Option(help="Deliveries before an entry is dead-lettered")
+        ] = 5,
+        partitions: Annotated[int, typer.Option(help="Ingress partitions (webhooks.toml)")] = 8,
+        drain_timeout: Annotated[
+            float, typer.Option(help="Seconds in-flight work may take after SIGTERM")
+        ] = 30.0,
+        relay: Annotated[
+            bool, typer.Option("--relay/--no-relay", help="Also run the outbox relay here")
+        ] = True,
+        metrics_port: Annotated[
+            int, typer.Option(help="Serve Prometheus metrics on this port (0: off)")
+        ] = 0,
+    ) -> None:
+        """Run agents: consumer groups, durable steps, one transaction per activation."""
+        agents = _agents(app_target)
+        settings = _with_servers(ctx.obj, redis=True)
+        try:
+            options = WorkerOptions(
+                concurrency=concurrency,
+                batch=batch,
+                claim_idle=claim_idle,
+                max_deliveries=max_deliveries,
+                partitions=partitions,
+                drain_timeout=drain_timeout,
+            )
+        except ValueError as exc:
+            raise typer.BadParameter(str(exc)) from None
+        if metrics_port:
+            from prometheus_client import start_http_server
+
+            start_http_server(metrics_port)
+
+        async def go() -> None:
+            from runtime.llm import LLM, model_client
+
+            stop = asyncio.Event()
+            _stop_on_signals(stop)
+            async with _opened(settings) as (lg, redis), model_client(settings) as mc:
+                llm = LLM(mc.client, settings, offline=mc.offline)
+                w = Worker(
+                    agents,
+                    redis=redis,
+                    log=lg,
+                    llm=llm,
+                    options=options,
+                    breaker_threshold=settings.breaker_failure_threshold,
+                    breaker_reset=settings.breaker_reset_timeout,
+                )
+                tasks = [asyncio.create_task(w.run(stop))]
+                if relay:
+                    tasks.append(asyncio.create_task(Relay(lg, redis, agents).run(stop)))
+                err.print(
+                    f"worker {w.consumer}: agents {', '.join(a.name for a in agents)}"
+                    f"{' + relay' if relay else ''}; Ctrl-C or SIGTERM drains and stops"
+                )
+                await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
+                stop.set()
+                await asyncio.gather(*tasks)
+
+        _run(go())
+
+    @app.command("relay")
+    def relay_cmd(ctx: typer.Context, app_target: AppOption) -> None:
+        """Publish emitted events from the log to the streams of their subscribers."""
+        agents = _agents(app_target)
+        settings = _with_servers(ctx.obj, redis=True)
+
+        async def go() -> None:
+            stop = asyncio.Event()
+            _stop_on_signals(stop)
+            async with _opened(settings) as (lg, redis):
+                await Relay(lg, redis, agents, poll_interval=settings.poll_interval).run(stop)
+
+        _run(go())
+
+    @dlq_app.command("list")
+    def dlq_list(
+        ctx: typer.Context,
+        agent: Annotated[str | None, typer.Option(help="Only this agent's")] = None,
+        count: Annotated[int, typer.Option(help="At most this many")] = 100,
+    ) -> None:
+        """Dead letters, oldest first."""
+        settings = _with_servers(ctx.obj, redis=True, postgres=False)
+
+        async def go() -> list[dlq_mod.DeadLetter]:
+            redis = await connect_redis(settings.require_redis_url())
+            try:
+                return await dlq_mod.list_dead_letters(redis, agent=agent, count=count)
+            finally:
+                await redis.aclose()
+
+        letters = _run(go())
+        if not letters:
+            out.print("no dead letters")
+            return
+        table = Table("id", "agent", "type", "event", "deliveries", "error")
+        for x in letters:
+            table.add_row(x.id, x.agent, x.type or "?", x.event_id or "?", str(x.deliveries),
+                          escape(f"{x.error_type}: {x.error}"[:120]))  # fmt: skip
+        out.print(table)
+
+    @dlq_app.command("show")
+    def dlq_show(ctx: typer.Context, dead_letter_id: str) -> None:
+        """One dead letter in full (JSON)."""
+        import msgspec
+
+        settings = _with_servers(ctx.obj, redis=True, postgres=False)
+
+        async def go() -> dlq_mod.DeadLetter:
+            redis = await connect_redis(settings.require_redis_url())
+            try:
+                return await dlq_mod.get_dead_letter(redis, dead_letter_id)
+            finally:
+                await redis.aclose()
+
+        try:
+            letter = _run(go())
+        except dlq_mod.NotFound as exc:
+            err.print(f"[bold red]error[/] {escape(str(exc))}")
+            raise typer.Exit(1) from None
+        print(msgspec.json.format(msgspec.json.encode(letter), indent=2).decode())
+
+    @dlq_app.command("redrive")
+    def dlq_redrive(
+        ctx: typer.Context,
+        ids: Annotated[list[str] | None, typer.Argument(help="Dead-letter ids")] = None,
+        all_: Annotated[bool, typer.Option("--all", help="Every dead letter")] = False,
+        agent: Annotated[str | None, typer.Option(help="With --all: only this agent's")] = None,
+    ) -> None:
+        """Send dead letters back to their agents, as fresh activations."""
+        if not ids and not all_:
+            raise typer.BadParameter("give dead-letter ids, or --all")
+        settings = _with_servers(ctx.obj, redis=True)
+
+        async def go() -> list[tuple[str, str]]:
+            async with _opened(settings) as (lg, redis):
+                targets = list(ids or [])
+                if all_:
+                    letters = await dlq_mod.list_dead_letters(redis, agent=agent, count=10**6)
+                    targets = [x.id for x in letters]
+                return [(i, await dlq_mod.redrive(redis, lg, i)) for i in targets]
+
+        try:
+            moved = _run(go())
+        except dlq_mod.NotFound as exc:
+            err.print(f"[bold red]error[/] {escape(str(exc))}")
+            raise typer.Exit(1) from None
+        for old, new in moved:
+            out.print(f"redrove {old} -> {new}")
+        out.print(f"{len(moved)} dead letter(s) redriven")
+
+    app.add_typer(dlq_app, name="dlq")
