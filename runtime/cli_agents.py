@@ -225,4 +225,46 @@ def register(app: typer.Typer) -> None:
             out.print(f"redrove {old} -> {new}")
         out.print(f"{len(moved)} dead letter(s) redriven")
 
+    @app.command("approve")
+    def approve(
+        ctx: typer.Context,
+        approval_id: Annotated[str | None, typer.Argument(help="The approval id")] = None,
+        deny: Annotated[bool, typer.Option("--deny", help="Refuse instead")] = False,
+        by: Annotated[str, typer.Option(help="Who decides (recorded)")] = "",
+        comment: Annotated[str, typer.Option(help="Recorded with the decision")] = "",
+    ) -> None:
+        """Answer an approval request (no id: list the open ones)."""
+        import uuid
+
+        from runtime import approvals
+
+        settings = _with_servers(ctx.obj, redis=False)
+
+        async def go() -> None:
+            from runtime.cli import _open_log
+
+            lg = await _open_log(settings)
+            try:
+                if approval_id is None:
+                    waiting = await approvals.pending_approvals(lg)
+                    for aid, run_id, req in waiting:
+                        out.print(f"{aid}  run {run_id}  {req.agent}: {escape(req.subject)}")
+                    if not waiting:
+                        out.print("no approvals waiting")
+                    return
+                try:
+                    target = uuid.UUID(approval_id)
+                except ValueError:
+                    raise typer.BadParameter(f"{approval_id!r} is not a UUID") from None
+                await approvals.decide(lg, target, approved=not deny, by=by, comment=comment)
+                out.print(f"{'denied' if deny else 'approved'} {target}")
+            finally:
+                await lg.pool.close()
+
+        try:
+            _run(go())
+        except approvals.ApprovalNotFound as exc:
+            err.print(f"[bold red]error[/] {escape(str(exc))}")
+            raise typer.Exit(1) from None
+
     app.add_typer(dlq_app, name="dlq")

@@ -44,6 +44,8 @@ async def reserve_stock(ctx: ToolContext, sku: str, quantity: int) -> str:
     if calls:
         line = f"{ctx.idempotency_key} {ctx.activation_id} {ctx.step}\n"
         await asyncio.to_thread(_append, calls, line)
+    if os.environ.get("ORDERS_TOOL_FAIL"):
+        raise ConnectionError("the stock service is down")
     return f"res-{sku}-{quantity}-{ctx.idempotency_key[:8]}"
 
 

@@ -1,0 +1,66 @@
+"""Human approval: answering an ``approval.requested`` so that its run goes on."""
+
+from __future__ import annotations
+
+from uuid import UUID
+
+from runtime.agent_events import ApprovalDecided, ApprovalRequested
+from runtime.events import NewEvent, RecordedEvent
+from runtime.log import EventLog
+
+
+class ApprovalNotFound(LookupError):
+    pass
+
+
+async def pending_approvals(log: EventLog) -> list[tuple[UUID, UUID | None, ApprovalRequested]]:
+    """(approval id, run id, request) of every request without a decision, oldest first."""
+    q = f'"{log.schema}"'
+    rows = await log.pool.fetch(
+        f"SELECT r.event_id FROM {q}.events r WHERE r.event_type = 'approval.requested' "
+        f"AND NOT EXISTS (SELECT 1 FROM {q}.events d WHERE d.event_type = 'approval.decided' "
+        "AND d.run_id = r.run_id AND d.data->>'approval_id' = r.data->>'approval_id') "
+        "ORDER BY r.position"
+    )
+    out = []
+    for row in rows:
+        [event] = await _by_id(log, row[0])
+        assert isinstance(event.body, ApprovalRequested)
+        out.append((event.body.approval_id, event.run_id, event.body))
+    return out
+
+
+async def _by_id(log: EventLog, event_id: UUID) -> list[RecordedEvent]:
+    q = f'"{log.schema}"'
+    stream, version = await log.pool.fetchrow(
+        f"SELECT stream_id, stream_version FROM {q}.events WHERE event_id = $1", event_id
+    )
+    return await log.read_stream(stream, version, limit=1)
+
+
+async def decide(
+    log: EventLog, approval_id: UUID, *, approved: bool, by: str = "", comment: str = ""
+) -> UUID:
+    """Append ``approval.decided`` to the request's run (once); the decision's event id.
+
+    The relay delivers it to the agents subscribed to ``approval.decided``.
+    """
+    q = f'"{log.schema}"'
+    row = await log.pool.fetchrow(
+        f"SELECT event_id, run_id, stream_id FROM {q}.events "
+        "WHERE event_type = 'approval.requested' AND data->>'approval_id' = $1",
+        str(approval_id),
+    )
+    if row is None:
+        raise ApprovalNotFound(f"no approval.requested with approval_id {approval_id}")
+    request_id, run_id, stream = row
+    decided = NewEvent(
+        body=ApprovalDecided(approval_id=approval_id, approved=approved, by=by, comment=comment),
+        # One decision per approval: a second `decide` re-appends the same id, a no-op.
+        event_id=UUID(int=approval_id.int ^ 1),
+        run_id=run_id,
+        causation_id=request_id,
+        producer=f"human:{by}" if by else "human",
+    )
+    await log.append(stream, [decided])
+    return decided.event_id
