@@ -17,6 +17,7 @@ from rich.table import Table
 from runtime import dlq as dlq_mod
 from runtime.agents import Agent, load_app
 from runtime.log import EventLog
+from runtime.process import settle_gc
 from runtime.relay import Relay
 from runtime.settings import Settings
 from runtime.streams import connect_redis
@@ -122,6 +123,7 @@ def register(app: typer.Typer) -> None:
                     breaker_threshold=settings.breaker_failure_threshold,
                     breaker_reset=settings.breaker_reset_timeout,
                 )
+                settle_gc()
                 tasks = [asyncio.create_task(w.run(stop))]
                 if relay:
                     tasks.append(asyncio.create_task(Relay(lg, redis, agents).run(stop)))

@@ -675,7 +675,7 @@ def render(figures: dict[str, Figure], info: RunInfo, out: Console) -> None:
             _num(row["value"]),
             row["unit"],
             _num(row["ceiling"]),
-            "—" if row["ratio"] is None else f"{row['ratio']:.0%}",
+            "—" if row["ratio"] is None else f"{row['ratio']:.1%}",
             "—" if row["target"] is None else f"≥{row['target']:.0%}",
             f"[{style}]{mark}[/]" if style else mark,
             runs,
@@ -689,7 +689,7 @@ def render(figures: dict[str, Figure], info: RunInfo, out: Console) -> None:
     if missed:
         out.print("[bold red]targets missed:[/]")
         for r in missed:
-            ratio = "n/a" if r["ratio"] is None else f"{r['ratio']:.0%}"
+            ratio = "n/a" if r["ratio"] is None else f"{r['ratio']:.1%}"
             out.print(
                 f"  [red]✗[/] {r['name']}: {_num(r['value'])} {r['unit']} is {ratio} of "
                 f"its ceiling {_num(r['ceiling'])}, target ≥{r['target']:.0%}"
@@ -733,7 +733,7 @@ def readme_block(figures: dict[str, Figure], info: RunInfo) -> str:
         "| --- | ---: | --- | ---: | ---: | ---: | --- |",
     ]
     for row in figure_rows(figures):
-        ratio = "" if row["ratio"] is None else f"{row['ratio']:.0%}"
+        ratio = "" if row["ratio"] is None else f"{row['ratio']:.1%}"
         target = "" if row["target"] is None else f"≥{row['target']:.0%}"
         ceiling = "" if row["ceiling"] is None else _num(row["ceiling"])
         lines.append(

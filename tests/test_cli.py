@@ -65,7 +65,9 @@ def test_db_migrate_and_status(settings: Settings) -> None:
     assert status.returncode == 0, status.stdout + status.stderr
     assert "applied  0001_event_log" in status.stdout
     assert "NOT in force" not in status.stdout
-    assert status.stdout.count("in force") == 7
+    assert "applied  0002_agents" in status.stdout
+    # Two triggers on each of events, seals, seal_heads and inbox, and the role check.
+    assert status.stdout.count("in force") == 9
 
 
 async def test_log_tail_prints_backlog_as_json(settings: Settings, log: EventLog) -> None:

@@ -28,6 +28,7 @@ from redis.exceptions import RedisError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from runtime.database import create_pool
+from runtime.process import settle_gc
 from runtime.settings import Settings
 from runtime.streams import KEY_PREFIX, ingress_stream
 from webhooks import auth
@@ -158,6 +159,7 @@ def create_app(
         app.state.redis = redis
         app.state.pg = pool
         app.state.ingestor = Ingestor(redis, config.ingress)
+        settle_gc()
         try:
             yield
         finally:
