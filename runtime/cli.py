@@ -460,56 +460,6 @@ async def _head(lg: EventLog) -> LogPosition:
 # -- demo (the quick start's main job, for now) ---------------------------------
 
 
-@app.command("demo")
-def demo(
-    ctx: typer.Context,
-    runs: Annotated[int, typer.Option(help="How many sample runs to append")] = 3,
-) -> None:
-    """Start the services, migrate, append sample runs, print the log, verify it."""
-    from runtime.demo import sample_run
-
-    settings = _with_servers(ctx.obj, redis=True)
-
-    async def go() -> None:
-        lg = await _open_log(settings)
-        try:
-            head = await _head(lg)
-            for n in range(1, runs + 1):
-                stream, events = sample_run(n)
-                result = await lg.append(stream, events, expected_version=0)
-                err.print(
-                    f"appended {len(events)} events to {stream} "
-                    f"(positions {result.positions[0].position}..."
-                    f"{result.positions[-1].position})"
-                )
-            out.print("\n[bold]the log, as `agentrt log tail` shows it:[/]")
-            while batch := await lg.read_all(head, 1000):
-                for e in batch:
-                    print_event(e, as_json=False)
-                head = batch[-1].log_position
-            async with lg.pool.acquire() as conn:
-                sealed = await audit_mod.seal(conn, settings.db_schema)
-            owner = await connect(settings.require_database_url())
-            try:
-                report = await audit_mod.verify(owner, settings.db_schema)
-            finally:
-                await owner.close()
-        finally:
-            await lg.pool.close()
-        if sealed:
-            out.print(f"\nsealed: seal {sealed.seal_id} over {sealed.event_count} events")
-        verdict = "[green]ok[/]" if report.ok else f"[red]FAILED[/]: {escape(str(report.first))}"
-        out.print(f"audit verify: {verdict} ({report.events} events, {report.streams} streams)")
-        if not report.ok:
-            raise typer.Exit(1)
-
-    _run(go())
-    out.print(
-        "\nnext: `agentrt log tail` follows the log, `agentrt db status` shows the guards, "
-        "`agentrt services down` stops the servers."
-    )
-
-
 # -- plugins -------------------------------------------------------------------
 
 

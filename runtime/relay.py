@@ -91,8 +91,9 @@ class Relay:
         self.poll_interval = poll_interval
         self.lease_ms = int(lease_seconds * 1000)
         self.timer_interval = timer_interval
-        self.checkpoint_key = f"{KEY_PREFIX}relay:{name}:position"
-        self.lease_key = f"{KEY_PREFIX}relay:{name}:lease"
+        # Positions belong to one log (schema): the keys say which.
+        self.checkpoint_key = f"{KEY_PREFIX}relay:{log.schema}:{name}:position"
+        self.lease_key = f"{KEY_PREFIX}relay:{log.schema}:{name}:lease"
         self._token = secrets.token_hex(8)
         self._renew = redis.register_script(_RENEW)
         self.published = 0

@@ -155,7 +155,33 @@ def serve(
     )
 
 
+def demo(ctx: typer.Context) -> None:
+    """The quick start: signed webhooks -> ingress -> agents (LLM, tools) -> the log, audited."""
+    from runtime.cli import _open_log, _run, _with_servers
+    from runtime.logconfig import configure_logging
+    from webhooks.demo import run_demo
+
+    settings = _with_servers(ctx.obj, redis=True)
+    if "AGENTRT_LOG_LEVEL" not in os.environ:
+        configure_logging("warning", json=settings.log_json)  # the demo prints what matters
+
+    async def go() -> bool:
+        log = await _open_log(settings)
+        try:
+            return await run_demo(settings, log, Console(highlight=False, soft_wrap=True))
+        finally:
+            await log.pool.close()
+
+    if not _run(go()):
+        raise typer.Exit(1)
+    Console().print(
+        "\nnext: `agentrt log tail` follows the log, `agentrt worker --app webhooks.demo_agents` "
+        "runs these agents, `agentrt services down` stops the servers."
+    )
+
+
 def register(app: typer.Typer) -> None:
     """Entry point of the ``agentrt.commands`` group."""
     app.command("serve")(serve)
+    app.command("demo")(demo)
     app.add_typer(webhooks_app, name="webhooks")
