@@ -11,6 +11,7 @@ from pathlib import Path
 
 import asyncpg
 import pytest
+import redis.asyncio as aioredis
 
 from runtime.database import open_runtime_pool
 from runtime.embedded import EmbeddedServices
@@ -91,3 +92,15 @@ async def admin(servers: Servers) -> AsyncIterator[asyncpg.Connection]:
         yield conn
     finally:
         await conn.close()
+
+
+@pytest.fixture
+async def redis(servers: Servers) -> AsyncIterator[aioredis.Redis]:
+    """A client on the Redis database the worker tests own, flushed before and after."""
+    from tests.runtime_fixtures import db_url
+
+    client = aioredis.Redis.from_url(db_url(servers.redis_url))
+    await client.flushdb()
+    yield client
+    await client.flushdb()
+    await client.aclose()

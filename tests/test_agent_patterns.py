@@ -50,15 +50,6 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture
-async def redis(servers: Servers) -> AsyncIterator[aioredis.Redis]:
-    client = aioredis.Redis.from_url(db_url(servers.redis_url))
-    await client.flushdb()
-    yield client
-    await client.flushdb()
-    await client.aclose()
-
-
-@pytest.fixture
 async def llm(settings: Settings) -> AsyncIterator[LLM]:
     async with model_client(settings) as mc:
         assert mc.offline and mc.server is not None

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
@@ -19,25 +18,14 @@ from runtime.log import EventLog
 from runtime.streams import DLQ_STREAM, agent_stream, ingress_stream
 from runtime.worker import Worker, trim_acknowledged
 from tests.apps.orders import Auditor, Fulfilment, OrderPlaced, reserve_stock
-from tests.conftest import Servers
 from tests.runtime_fixtures import (
     count_type,
-    db_url,
     fast_options,
     inbox_rows,
     running,
     send,
     wait_for,
 )
-
-
-@pytest.fixture
-async def redis(servers: Servers) -> AsyncIterator[aioredis.Redis]:
-    client = aioredis.Redis.from_url(db_url(servers.redis_url))
-    await client.flushdb()
-    yield client
-    await client.flushdb()
-    await client.aclose()
 
 
 async def pending(redis: aioredis.Redis, stream: str, group: str) -> int:

@@ -19,12 +19,10 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import msgspec
-import pytest
 import redis.asyncio as aioredis
 
 from runtime.agent_events import StepRecorded
@@ -47,15 +45,6 @@ CORRECT = [sys.executable, "-m", "runtime", "worker", "--app", "tests.apps.crash
 BROKEN = [sys.executable, "-m", "tests.apps.broken_worker"]
 
 _canonical = msgspec.json.Encoder(order="sorted")
-
-
-@pytest.fixture
-async def redis(servers: Servers) -> AsyncIterator[aioredis.Redis]:
-    client = aioredis.Redis.from_url(db_url(servers.redis_url))
-    await client.flushdb()
-    yield client
-    await client.flushdb()
-    await client.aclose()
 
 
 async def run_scenario(
