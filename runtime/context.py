@@ -5,13 +5,15 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import uuid
-from collections.abc import Awaitable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, Protocol
 from uuid import UUID
 
+import asyncpg
 import msgspec
 import structlog
+from redis.exceptions import RedisError
 from structlog.typing import FilteringBoundLogger
 
 from runtime.agent_events import ApprovalRequested, CircuitTransitioned, StepError, TimerScheduled
@@ -73,7 +75,7 @@ class Context:
         steps: Steps,
         services: Services,
         history: list[RecordedEvent],
-        spent: tuple[int, float] = (0, 0.0),
+        spent: tuple[int, float] | Callable[[], Awaitable[tuple[int, float]]] = (0, 0.0),
     ) -> None:
         self.agent = agent
         self.trigger = trigger
@@ -88,10 +90,15 @@ class Context:
             state = agent.evolve(state, event)
         #: The run's folded state (``Agent.evolve`` over ``history``).
         self.state = state
-        #: Tokens and dollars the run had spent before this activation.
-        self.spent_tokens, self.spent_usd = spent
+        self._spent = spent
         self.emitted: list[NewEvent] = []
         self.log: FilteringBoundLogger = structlog.get_logger("agentrt.agent")
+
+    async def run_spend(self) -> tuple[int, float]:
+        """Tokens and dollars the run spent in other activations (read once, when needed)."""
+        if not isinstance(self._spent, tuple):
+            self._spent = await self._spent()
+        return self._spent
 
     # -- events ---------------------------------------------------------------
 
@@ -199,15 +206,21 @@ class Context:
             await breaker.release(permit)
             raise
         except Exception as exc:  # the tool's failure is its step's recorded result
-            transition = await breaker.record_failure(permit)
-            if transition is not None:
-                await self.services.record_transition(transition, run_id=self.run_id)
+            await self._bookkeeping(breaker.record_failure(permit))
             code = exc.code.value if isinstance(exc, AgentrtError) else None
             return StepOutput(error=StepError(type=type(exc).__name__, message=str(exc), code=code))
-        transition = await breaker.record_success(permit)
-        if transition is not None:
-            await self.services.record_transition(transition, run_id=self.run_id)
+        await self._bookkeeping(breaker.record_success(permit))
         return StepOutput(result=result.data)
+
+    async def _bookkeeping(self, report: Awaitable[Transition | None]) -> None:
+        """The breaker's count and transition event, after the call: never at the cost of
+        the step's record (losing it would run the tool again on retry)."""
+        try:
+            transition = await report
+            if transition is not None:
+                await self.services.record_transition(transition, run_id=self.run_id)
+        except (RedisError, OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+            self.log.warning("breaker.bookkeeping_failed", error=f"{type(exc).__name__}: {exc}")
 
 
 def transition_event(transition: Transition) -> CircuitTransitioned:

@@ -481,7 +481,7 @@ class LLM:
         """One model call as a durable step: from the log, or budget-checked and made now."""
         steps = ctx.steps
         if steps.next_step not in steps.recorded:
-            self._check_budget(ctx, request)
+            await self._check_budget(ctx, request)
         before = steps.reused
         record = await steps.run("llm", request["model"], request, lambda: self._create(request))
         log.info(
@@ -528,13 +528,13 @@ class LLM:
             result=message.model_dump(mode="json"), attempts=outcome.attempts, usage=usage
         )
 
-    def _check_budget(self, ctx: Context, request: JSON) -> None:
+    async def _check_budget(self, ctx: Context, request: JSON) -> None:
         budget = ctx.agent.budget or Budget(
             tokens=self.settings.run_budget_tokens, usd=self.settings.run_budget_usd
         )
         if budget.tokens is None and budget.usd is None:
             return
-        spent_tokens, spent_usd = ctx.spent_tokens, ctx.spent_usd
+        spent_tokens, spent_usd = await ctx.run_spend()
         for n in range(1, ctx.steps.count + 1):
             usage = getattr(ctx.steps.recorded.get(n), "usage", None)
             if usage is not None:

@@ -124,6 +124,13 @@ class EventLog:
         # unique (stream_id, stream_version) index with any writer that moved
         # the head meanwhile, and the head can never be below what this log
         # itself wrote, so no version check is needed.
+        self._sql_append_marked = (
+            f"WITH marked AS (INSERT INTO {q}.inbox "
+            "(consumer, event_id, activation_id, outcome, run_id) "
+            "VALUES ($15, $16, $17, $18, $19)) "
+            f"SELECT * FROM {q}.append_events("
+            "$1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14)"
+        )
         self._sql_insert = (
             f"INSERT INTO {q}.events (event_id, stream_id, stream_version, event_type, "
             "schema_version, run_id, causation_id, producer, recorded_at, trace, data, "
@@ -230,6 +237,27 @@ class EventLog:
                     # typed conflict.
             actual = await c.fetchval(self._sql_head, stream_id) or 0
         raise ConcurrencyConflict(stream_id, expected_version, actual)
+
+    async def append_marked(
+        self, stream_id: str, events: Sequence[NewEvent | Event], marker: Sequence[Any]
+    ) -> AppendResult:
+        """Append (any version) and insert the inbox row ``marker`` in ONE statement.
+
+        ``marker`` is (consumer, event id, activation id, outcome, run id). One
+        statement is one atomic transaction and one round trip: the worker's
+        commit. Errors are raised as they come (a unique violation on
+        ``inbox_pkey`` means the activation was committed already; on the
+        events table, a lost race): the caller decides.
+        """
+        if not events:
+            raise InvalidAppend(f"append to {stream_id!r}: no events given")
+        args = self._encode(stream_id, events, None)
+        try:
+            row = await self._pool.fetchrow(self._sql_append_marked, *args, *marker)
+        except asyncpg.PostgresError as exc:
+            self._raise_typed(exc, stream_id, None)
+            raise
+        return self._result(stream_id, row)
 
     async def _append_once(
         self,

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 from uuid import UUID
 
+import asyncpg
 import msgspec
 import structlog
 
@@ -20,6 +22,8 @@ from runtime.retry import AttemptRecord
 log = structlog.get_logger(__name__)
 
 _canonical = msgspec.json.Encoder(order="sorted")
+#: Tries to record a step's result when the connection drops meanwhile.
+_APPEND_ATTEMPTS = 5
 
 
 def steps_stream(activation_id: UUID) -> str:
@@ -148,7 +152,7 @@ class Steps:
                 body=body, run_id=self.run_id, causation_id=self.trigger_id, producer=self.agent
             )
             try:
-                await self._log.append(self.stream, [event], expected_version=n - 1)
+                await self._append(event, n)
             except ConcurrencyConflict:
                 # Another worker recorded this step first: its result is the one.
                 page = await self._log.read_stream(self.stream, n, limit=1)
@@ -162,6 +166,22 @@ class Steps:
             log.info("step.recorded", kind=kind, name=name, ms=body.duration_ms,
                      failed=body.error is not None, retries=len(body.attempts))  # fmt: skip
             return body
+
+    async def _append(self, event: NewEvent, n: int) -> None:
+        """Append the step's record, retrying a dropped connection: the result may have
+        cost money or had effects, and ``expected_version`` makes a repeat safe (the
+        same event id re-appended is a no-op; another worker's step is a conflict)."""
+        delay = 0.05
+        for attempt in range(1, _APPEND_ATTEMPTS + 1):
+            try:
+                await self._log.append(self.stream, [event], expected_version=n - 1)
+                return
+            except (OSError, asyncpg.PostgresConnectionError, asyncpg.InterfaceError) as exc:
+                if attempt == _APPEND_ATTEMPTS:
+                    raise
+                log.warning("step.append_retry", step=n, error=f"{type(exc).__name__}: {exc}")
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 2.0)
 
     def _check(self, recorded: StepRecorded, kind: str, name: str, wanted: str) -> None:
         if (recorded.kind, recorded.name, recorded.request_hash) != (kind, name, wanted):

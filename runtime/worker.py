@@ -21,11 +21,12 @@ import asyncio
 import contextlib
 import dataclasses
 import os
+import random
 import socket
 import time
 import typing
 import uuid
-from collections.abc import Iterable, Sequence
+from collections.abc import Coroutine, Sequence
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 from uuid import UUID
@@ -47,13 +48,16 @@ from runtime.errors import (
     AgentrtError,
     BudgetExceeded,
     ConcurrencyConflict,
+    DuplicateEventMismatch,
     EventDecodeError,
     InvalidDelivery,
+    StepDivergence,
+    StepFailed,
     UnknownEventType,
 )
-from runtime.events import Event, NewEvent, RecordedEvent
-from runtime.log import ANY_VERSION, EventLog
-from runtime.steps import Steps
+from runtime.events import Event, LogPosition, NewEvent, RecordedEvent
+from runtime.log import EventLog
+from runtime.steps import Steps, steps_stream
 from runtime.streams import DLQ_STREAM, agent_stream, ingress_stream
 
 if TYPE_CHECKING:
@@ -64,7 +68,25 @@ log = structlog.get_logger(__name__)
 #: uuid5 namespace of the log events the worker writes about dead letters.
 _DLQ_NAMESPACE = uuid.UUID("0b7d2d6e-8f0a-4c2e-9a51-3c1f3e9f2a77")
 #: How often a lost race on the run stream is retried before the activation fails.
-_COMMIT_ATTEMPTS = 8
+_COMMIT_ATTEMPTS = 12
+
+# KEYS: stream. ARGV: group, consumer, entry ids. Reset the idle time of the
+# entries this consumer still owns (XCLAIM JUSTID does not count a delivery);
+# never take back one that another consumer reclaimed. Returns those lost.
+_RENEW = """
+local lost = {}
+for i = 3, #ARGV do
+    local p = redis.call('XPENDING', KEYS[1], ARGV[1], ARGV[i], ARGV[i], 1)
+    if p[1] then
+        if p[1][2] == ARGV[2] then
+            redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[2], 0, ARGV[i], 'JUSTID')
+        else
+            table.insert(lost, ARGV[i])
+        end
+    end
+end
+return lost
+"""
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -110,10 +132,14 @@ class Delivery(msgspec.Struct, frozen=True, kw_only=True):
     causation_id: UUID | None = None
     producer: str | None = None
     recorded_at: datetime | None = None
-    #: True when the event is in the log already (relayed), False for ingress events.
-    in_log: bool = False
+    #: Where the event sits in the log, for events relayed from it (None: ingress).
+    position: LogPosition | None = None
     #: Bumped by each redrive: a fresh activation (fresh steps) for the same event.
     generation: int = 0
+
+    @property
+    def in_log(self) -> bool:
+        return self.position is not None
 
 
 def _text(value: Any) -> str:
@@ -141,7 +167,7 @@ def parse_delivery(stream: str, entry_id: str, fields: dict[Any, Any]) -> Delive
             producer=_text(f["producer"]) if f.get("producer") else (
                 f"ingress:{_text(f['source'])}" if f.get("source") else None),
             recorded_at=datetime.fromisoformat(_text(at)) if at else None,
-            in_log=bool(f.get("position")),
+            position=LogPosition.parse(_text(f["position"])) if f.get("position") else None,
             generation=int(_text(f.get("generation", b"0"))),
         )  # fmt: skip
     except KeyError as exc:
@@ -210,24 +236,30 @@ class Worker:
         self._breaker_threshold = breaker_threshold
         self._breaker_reset = breaker_reset
         self._stopping = asyncio.Event()
-        self._capacity = asyncio.Semaphore(opts.concurrency)
-        #: (group name, stream, entry id) -> task, for lease renewal and draining.
+        #: Activations running at once (entries read beyond it wait, leases renewed).
+        self._gate = asyncio.Semaphore(opts.concurrency)
+        #: Set while fewer than `concurrency` entries are held: readers wait on it.
+        self._room = asyncio.Event()
+        self._room.set()
+        #: (group name, stream, entry id) -> task, from the read on: leases and draining.
         self._inflight: dict[tuple[str, str, str], asyncio.Task[None]] = {}
         q = f'"{log.schema}"'
         self._sql_start = (
             f"SELECT EXISTS (SELECT 1 FROM {q}.inbox WHERE consumer = $1 AND event_id = $2), "
-            "coalesce(sum(coalesce((data->'usage'->>'input_tokens')::bigint, 0) "
+            f"EXISTS (SELECT 1 FROM {q}.events WHERE event_id = $2), "
+            f"EXISTS (SELECT 1 FROM {q}.events WHERE stream_id = $3)"
+        )
+        self._sql_spend = (
+            "SELECT coalesce(sum(coalesce((data->'usage'->>'input_tokens')::bigint, 0) "
             "+ coalesce((data->'usage'->>'output_tokens')::bigint, 0) "
             "+ coalesce((data->'usage'->>'cache_creation_input_tokens')::bigint, 0) "
             "+ coalesce((data->'usage'->>'cache_read_input_tokens')::bigint, 0)), 0), "
             "coalesce(sum((data->'usage'->>'cost_usd')::float8), 0) "
-            f"FROM {q}.events WHERE run_id = $3 AND event_type = 'step.recorded'"
+            f"FROM {q}.events WHERE run_id = $1 AND event_type = 'step.recorded' "
+            "AND stream_id <> $2"
         )
-        self._sql_has_event = f"SELECT 1 FROM {q}.events WHERE event_id = $1"
-        self._sql_inbox = (
-            f"INSERT INTO {q}.inbox (consumer, event_id, activation_id, outcome, run_id) "
-            "VALUES ($1, $2, $3, $4, $5)"
-        )
+        self._sql_has_event = f"SELECT EXISTS (SELECT 1 FROM {q}.events WHERE event_id = $1)"
+        self._renew = redis.register_script(_RENEW)
         # XAUTOCLAIM's reply differs between Redis 6.2 and 7 (and redis-py
         # cannot parse 6.2's deleted entries): take it raw.
         self._raw = aioredis.Redis(connection_pool=redis.connection_pool)
@@ -282,23 +314,30 @@ class Worker:
         self._stopping.set()
 
     async def run(self, stop: asyncio.Event | None = None) -> None:
-        """Work until ``stop`` is set (or :meth:`stop`), then drain and return."""
+        """Work until ``stop`` is set (or :meth:`stop`), then drain and return.
+
+        Stopping: readers finish their current XREADGROUP (``block_ms``) and
+        read no more, reclaiming stops, activations in hand get
+        ``drain_timeout`` seconds (their leases still renewed), and what is
+        left is cancelled unacknowledged, for another consumer to reclaim.
+        """
         await self.setup()
         opts = self.options
+        if opts.drain_timeout >= opts.claim_idle:
+            log.warning("worker.drain_outlasts_claim_idle", drain_timeout=opts.drain_timeout,
+                        claim_idle=opts.claim_idle)  # fmt: skip
         log.info(
             "worker.started",
             consumer=self.consumer,
             agents=[g.agent.name for g in self.groups],
             concurrency=opts.concurrency,
         )
-        readers = [asyncio.create_task(self._read(g), name=f"read:{g.agent.name}")
-                   for g in self.groups]  # fmt: skip
-        background = [
-            *(asyncio.create_task(self._reclaim(g), name=f"reclaim:{g.agent.name}")
-              for g in self.groups),
-            asyncio.create_task(self._renew_leases(), name="leases"),
-            asyncio.create_task(self._trim_loop(), name="trim"),
-        ]  # fmt: skip
+        readers = [self._task(self._read(g), f"read:{g.agent.name}") for g in self.groups]
+        helpers = [
+            *(self._task(self._reclaim(g), f"reclaim:{g.agent.name}") for g in self.groups),
+            self._task(self._trim_loop(), "trim"),
+        ]
+        renewer = self._task(self._renew_leases(), "leases")
         waiters: list[asyncio.Task[Any]] = [asyncio.create_task(self._stopping.wait())]
         if stop is not None:
             waiters.append(asyncio.create_task(stop.wait()))
@@ -310,22 +349,38 @@ class Worker:
                     raise error
         finally:
             self._stopping.set()
+            self._room.set()
             for task in waiters:
                 task.cancel()
             # Readers notice the flag when their XREADGROUP returns (block_ms).
-            await asyncio.gather(*readers, return_exceptions=True)
-            await self._drain()
-            for task in background:
+            _, slow = await asyncio.wait(readers, timeout=opts.block_ms / 1000 + 5)
+            for task in [*slow, *helpers]:
                 task.cancel()
-            await asyncio.gather(*background, return_exceptions=True)
+            await asyncio.gather(*readers, *helpers, return_exceptions=True)
+            await self._drain()
+            renewer.cancel()
+            await asyncio.gather(renewer, return_exceptions=True)
             log.info("worker.stopped", consumer=self.consumer)
 
+    def _task(self, coro: Coroutine[Any, Any, None], name: str) -> asyncio.Task[None]:
+        """A background task whose unexpected death is logged, not lost."""
+        task = asyncio.create_task(coro, name=name)
+
+        def done(t: asyncio.Task[None]) -> None:
+            if not t.cancelled() and t.exception() is not None:
+                exc = t.exception()
+                log.error("worker.task_died", task=name, error=f"{type(exc).__name__}: {exc}")
+
+        task.add_done_callback(done)
+        return task
+
     async def _drain(self) -> None:
-        tasks = list(self._inflight.values())
-        if not tasks:
-            return
-        log.info("worker.draining", in_flight=len(tasks))
-        _, late = await asyncio.wait(tasks, timeout=self.options.drain_timeout)
+        deadline = time.monotonic() + self.options.drain_timeout
+        if self._inflight:
+            log.info("worker.draining", in_flight=len(self._inflight))
+        while self._inflight and (left := deadline - time.monotonic()) > 0:
+            await asyncio.wait(list(self._inflight.values()), timeout=left)
+        late = list(self._inflight.values())
         for task in late:
             # Not acknowledged: the entry stays pending and another consumer
             # reclaims it; its recorded steps are not repeated.
@@ -340,16 +395,20 @@ class Worker:
         streams: dict[Any, Any] = dict.fromkeys(g.streams, ">")
         backoff = 0.1
         while not self._stopping.is_set():
-            # Wait for room before asking for more: unread entries stay in the
+            # Read only what there is room for: unread entries stay in the
             # stream for other workers instead of pending here.
-            await self._capacity.acquire()
-            self._capacity.release()
+            free = opts.concurrency - len(self._inflight)
+            if free <= 0:
+                self._room.clear()
+                await self._room.wait()
+                continue
             try:
                 reply = await self.redis.xreadgroup(
                     name,
                     self.consumer,
                     streams,
-                    count=opts.batch,
+                    # COUNT is per stream: spread the room over them.
+                    count=max(1, min(opts.batch, free // len(streams))),
                     block=opts.block_ms,
                 )
             except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
@@ -367,21 +426,24 @@ class Worker:
             for stream_key, entries in typing.cast(list[Any], reply or []):
                 stream = _text(stream_key)
                 for entry_id, fields in entries:
-                    await self._spawn(g, stream, _text(entry_id), fields, claimed=False)
+                    self._spawn(g, stream, _text(entry_id), fields, claimed=False)
 
-    async def _spawn(
+    def _spawn(
         self, g: _Group, stream: str, entry_id: str, fields: dict[Any, Any], *, claimed: bool
     ) -> None:
+        """Hold the entry from now on (its lease is renewed), run it when there is room."""
         key = (g.agent.name, stream, entry_id)
         if key in self._inflight:
             return  # our own entry, still being handled
-        await self._capacity.acquire()
-        task = asyncio.create_task(self._entry(g, stream, entry_id, fields, claimed))
+        task = asyncio.create_task(self._gated(g, stream, entry_id, fields, claimed))
         self._inflight[key] = task
+        if len(self._inflight) >= self.options.concurrency:
+            self._room.clear()
 
         def done(t: asyncio.Task[None]) -> None:
             self._inflight.pop(key, None)
-            self._capacity.release()
+            if len(self._inflight) < self.options.concurrency:
+                self._room.set()
             if not t.cancelled() and t.exception() is not None:
                 # Redis or Postgres failed around the activation (acking,
                 # counting deliveries, dead-lettering): the entry stays
@@ -391,6 +453,12 @@ class Worker:
                             entry_id=entry_id, error=f"{type(exc).__name__}: {exc}")  # fmt: skip
 
         task.add_done_callback(done)
+
+    async def _gated(
+        self, g: _Group, stream: str, entry_id: str, fields: dict[Any, Any], claimed: bool
+    ) -> None:
+        async with self._gate:
+            await self._entry(g, stream, entry_id, fields, claimed)
 
     # -- one entry ----------------------------------------------------------------
 
@@ -416,19 +484,14 @@ class Worker:
             causation_id=str(delivery.causation_id) if delivery.causation_id else None,
             activation_id=str(activation_id_for(agent, delivery.event_id, delivery.generation)),
         ):
-            if claimed:
-                deliveries = await self._deliveries(g, stream, entry_id)
-                if deliveries > self.options.max_deliveries:
-                    error = RuntimeError(
-                        f"delivered {deliveries} times without completing "
-                        "(its workers died or timed out while handling it)"
-                    )
-                    await self._dead_letter(g, stream, entry_id, fields, delivery, error,
-                                            deliveries)  # fmt: skip
-                    return
             try:
-                outcome = await self._activate(g, delivery)
-            except (asyncpg.PostgresConnectionError, OSError, RedisError) as exc:
+                outcome = await self._activate(g, delivery, fields, claimed)
+            except (
+                asyncpg.PostgresConnectionError,
+                asyncpg.InterfaceError,
+                OSError,
+                RedisError,
+            ) as exc:
                 # The servers, not the event: leave it pending for a retry.
                 log.warning("activation.unavailable", error=f"{type(exc).__name__}: {exc}")
                 metrics.ACTIVATIONS.labels(agent, "failed").inc()
@@ -442,27 +505,39 @@ class Worker:
             if outcome != "duplicate":
                 metrics.ACTIVATION_SECONDS.labels(agent).observe(time.perf_counter() - started)
 
-    async def _activate(self, g: _Group, d: Delivery) -> str:
+    async def _activate(self, g: _Group, d: Delivery, fields: dict[Any, Any], claimed: bool) -> str:
         agent = g.agent
         aid = activation_id_for(agent.name, d.event_id, d.generation)
-        pool = self.log.pool
-        done, spent_tokens, spent_usd = await pool.fetchrow(
-            self._sql_start, agent.name, d.event_id, d.run_id
+        steps_stream_id = steps_stream(aid)
+        done, trigger_in_log, has_steps = await self.log.pool.fetchrow(
+            self._sql_start, agent.name, d.event_id, steps_stream_id
         )
         if done:
             await self._ack(g, d.stream, d.entry_id)
             log.info("activation.duplicate")
             return "duplicate"
+        if claimed:
+            deliveries = await self._deliveries(g, d.stream, d.entry_id)
+            if deliveries > self.options.max_deliveries:
+                error = RuntimeError(
+                    f"delivered {deliveries} times without completing "
+                    "(its workers died or timed out while handling it)"
+                )
+                await self._dead_letter(g, d.stream, d.entry_id, fields, d, error, deliveries)
+                return "dead_lettered"
         try:
             body = self.log.registry.decode(d.type, d.schema_version, d.body, strict=True)
         except (EventDecodeError, UnknownEventType) as exc:
             raise InvalidDelivery(d.stream, d.entry_id, str(exc)) from None
-        steps = await Steps.load(
-            self.log, activation_id=aid, run_id=d.run_id, agent=agent.name, trigger_id=d.event_id
-        )
+        if has_steps:
+            steps = await Steps.load(self.log, activation_id=aid, run_id=d.run_id,
+                                     agent=agent.name, trigger_id=d.event_id)  # fmt: skip
+        else:
+            steps = Steps(self.log, activation_id=aid, run_id=d.run_id, agent=agent.name,
+                          trigger_id=d.event_id)  # fmt: skip
         history: list[RecordedEvent] = []
         if type(agent).evolve is not Agent.evolve:
-            history = [e for e in await self.log.read_run(d.run_id) if e.event_id != d.event_id]
+            history = await self._history(d)
         trigger = Trigger(
             event_id=d.event_id,
             type=d.type,
@@ -473,6 +548,11 @@ class Worker:
             stream=d.stream,
             entry_id=d.entry_id,
         )
+
+        async def spend() -> tuple[int, float]:
+            tokens, usd = await self.log.pool.fetchrow(self._sql_spend, d.run_id, steps_stream_id)
+            return int(tokens), float(usd)
+
         ctx = Context(
             agent=agent,
             trigger=trigger,
@@ -480,7 +560,7 @@ class Worker:
             steps=steps,
             services=self,
             history=history,
-            spent=(int(spent_tokens), float(spent_usd)),
+            spent=spend,
         )
         started = time.perf_counter()
         outcome = "completed"
@@ -506,10 +586,13 @@ class Worker:
             duration_ms=round((time.perf_counter() - started) * 1000, 3),
             outcome=outcome,
         )
+        meta = {"run_id": d.run_id, "causation_id": d.event_id, "producer": agent.name}
+        outputs = [*ctx.emitted, *(NewEvent(body=e, **meta) for e in [*extra, completed])]  # type: ignore[arg-type]
+        trigger_event = None if d.in_log else self._trigger_event(d, body)
         # The commit and the ack run to the end even if the worker is told to
         # stop meanwhile: half of them is what the inbox exists to repair.
-        committed = await asyncio.shield(self._commit_and_ack(g, d, body, aid, ctx, extra,
-                                                              completed))  # fmt: skip
+        committed = await asyncio.shield(self._commit_and_ack(
+            g, d, aid, outputs, trigger_event, bool(trigger_in_log), outcome))  # fmt: skip
         if not committed:
             log.info("activation.duplicate", reason="another consumer committed it first")
             return "duplicate"
@@ -517,17 +600,36 @@ class Worker:
                  reused_steps=steps.reused, emitted=len(ctx.emitted))  # fmt: skip
         return outcome
 
+    async def _history(self, d: Delivery) -> list[RecordedEvent]:
+        """The run's events before the trigger, so a retry folds the same state.
+
+        A run starts with its ingress event (nothing before it); a relayed
+        event carries its log position; anything else stops at the trigger.
+        """
+        if d.run_id == d.event_id and not d.in_log:
+            return []
+        events = await self.log.read_run(d.run_id)
+        if d.position is not None:
+            return [e for e in events if e.log_position < d.position]
+        out = []
+        for e in events:
+            if e.event_id == d.event_id:
+                break
+            out.append(e)
+        return out
+
     async def _commit_and_ack(
         self,
         g: _Group,
         d: Delivery,
-        body: Event,
         aid: UUID,
-        ctx: Context,
-        extra: list[Event],
-        completed: ActivationCompleted,
+        outputs: list[NewEvent],
+        trigger: NewEvent | None,
+        trigger_in_log: bool,
+        outcome: str,
     ) -> bool:
-        committed = await self.commit(g.agent.name, d, body, aid, ctx.emitted, extra, completed)
+        committed = await self.commit(g.agent.name, d, aid, outputs, trigger, trigger_in_log,
+                                      outcome)  # fmt: skip
         await self._ack(g, d.stream, d.entry_id)
         return committed
 
@@ -535,41 +637,39 @@ class Worker:
         self,
         agent: str,
         d: Delivery,
-        body: Event,
         aid: UUID,
-        emitted: Sequence[NewEvent],
-        extra: Iterable[Event],
-        completed: ActivationCompleted,
+        outputs: Sequence[NewEvent],
+        trigger: NewEvent | None,
+        trigger_in_log: bool,
+        outcome: str,
     ) -> bool:
-        """The activation's one transaction; False if its inbox row was there already."""
-        outputs = [
-            *emitted,
-            *(
-                NewEvent(body=e, run_id=d.run_id, causation_id=d.event_id, producer=agent)
-                for e in [*extra, completed]
-            ),
-        ]
+        """The activation's one transaction; False if its inbox row was there already.
+
+        One statement (so one round trip, atomic without BEGIN/COMMIT): the
+        trigger if the log lacks it, the outputs, and the inbox row. A lost
+        race (another activation of the run appended first, or wrote the
+        trigger) rolls it back whole; it is tried again.
+        """
+        marker = (agent, d.event_id, aid, outcome, d.run_id)
         for attempt in range(1, _COMMIT_ATTEMPTS + 1):
+            events = list(outputs)
+            if trigger is not None and not trigger_in_log:
+                events.insert(0, trigger)
             try:
-                async with self.log.pool.acquire() as conn, conn.transaction():
-                    events = list(outputs)
-                    if not d.in_log and not await conn.fetchval(self._sql_has_event, d.event_id):
-                        events.insert(0, self._trigger_event(d, body))
-                    await self.log.append(run_stream(d.run_id), events, ANY_VERSION, conn=conn)
-                    await conn.execute(
-                        self._sql_inbox, agent, d.event_id, aid, completed.outcome, d.run_id
-                    )
+                await self.log.append_marked(run_stream(d.run_id), events, marker)
                 return True
             except asyncpg.UniqueViolationError as exc:
                 if exc.constraint_name == "inbox_pkey":
                     return False
-                raise
-            except ConcurrencyConflict:
-                # Another activation of the run appended first (or wrote the
-                # trigger): the transaction rolled back whole; go again.
-                if attempt == _COMMIT_ATTEMPTS:
-                    raise
-                await asyncio.sleep(0.001 * attempt)
+                lost: Exception = exc
+            except (ConcurrencyConflict, DuplicateEventMismatch) as exc:
+                lost = exc
+            if attempt == _COMMIT_ATTEMPTS:
+                raise lost
+            await asyncio.sleep(random.uniform(0, 0.002 * 2**attempt))
+            if trigger is not None:
+                trigger_in_log = bool(await self.log.pool.fetchval(self._sql_has_event,
+                                                                   d.event_id))  # fmt: skip
         raise AssertionError("unreachable")
 
     @staticmethod
@@ -594,7 +694,9 @@ class Worker:
 
     async def _failed(self, g: _Group, d: Delivery, fields: dict[Any, Any], exc: Exception) -> None:
         deliveries = await self._deliveries(g, d.stream, d.entry_id)
-        final = isinstance(exc, InvalidDelivery) or deliveries >= self.options.max_deliveries
+        # These fail the same way every time: retrying only delays the dead letter.
+        deterministic = isinstance(exc, InvalidDelivery | StepFailed | StepDivergence)
+        final = deterministic or deliveries >= self.options.max_deliveries
         log.warning(
             "activation.failed",
             error=f"{type(exc).__name__}: {exc}",
@@ -703,7 +805,7 @@ class Worker:
                 got.append(entry_id)
                 fields = dict(zip(raw_fields[::2], raw_fields[1::2], strict=True))
                 claimed += 1
-                await self._spawn(g, stream, entry_id, fields, claimed=True)
+                self._spawn(g, stream, entry_id, fields, claimed=True)
             # Redis 7 drops deleted entries from the PEL itself and lists them
             # in reply[2]. Redis 6.2 returns each as a bare nil and leaves it
             # pending on us, for ever: find those and acknowledge them.
@@ -728,18 +830,24 @@ class Worker:
 
     async def _renew_leases(self) -> None:
         """Reset the idle time of entries being handled here, so nobody reclaims them."""
+        # Runs until cancelled, after the drain: entries in hand keep their lease.
         interval = max(self.options.claim_idle / 3, 0.05)
-        while await self._sleep(interval):
+        while True:
+            await asyncio.sleep(interval)
             by_stream: dict[tuple[str, str], list[str]] = {}
             for group, stream, entry_id in list(self._inflight):
                 by_stream.setdefault((group, stream), []).append(entry_id)
             for (group, stream), ids in by_stream.items():
                 try:
-                    await self.redis.xclaim(
-                        stream, group, self.consumer, 0, list[Any](ids), justid=True
-                    )
+                    lost = await self._renew(keys=[stream], args=[group, self.consumer, *ids])
                 except (RedisError, OSError) as exc:
                     log.warning("worker.lease_renewal_failed", stream=stream, error=str(exc))
+                    continue
+                for entry_id in lost or ():
+                    # Another consumer reclaimed it (we stalled past claim_idle).
+                    # Both may finish it: the inbox lets one commit, and the
+                    # log keeps one result per step.
+                    log.warning("worker.lease_lost", stream=stream, entry_id=_text(entry_id))
 
     async def _trim_loop(self) -> None:
         streams = sorted({s for g in self.groups for s in g.streams})

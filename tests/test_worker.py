@@ -317,3 +317,23 @@ async def test_log_lines_carry_correlation_fields(redis: aioredis.Redis, log: Ev
     assert any(x.get("step") == 1 and x.get("event_id") == str(event_id) for x in logs), logs
     steps = [e.body for e in await log.read_all() if isinstance(e.body, StepRecorded)]
     assert steps[0].name == "reserve_stock"
+
+
+async def test_entries_held_by_a_busy_worker_are_not_stolen(
+    redis: aioredis.Redis, log: EventLog, tmp_path: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Slow activations, a short claim_idle and two workers: leases keep each entry on one."""
+    calls = tmp_path / "calls.txt"
+    monkeypatch.setenv("ORDERS_CALLS", str(calls))
+    monkeypatch.setenv("ORDERS_TOOL_DELAY", "0.15")
+    for i in range(8):
+        await send(redis, OrderPlaced(order_id=f"s{i}", sku="S"))
+    opts = fast_options(concurrency=2, batch=16, partitions=1, claim_idle=0.3)
+    async with (
+        running([Fulfilment()], redis, log, relay=False, options=opts),
+        running([Fulfilment()], redis, log, relay=False, options=opts),
+    ):
+        await wait_for(lambda: _count(log, "activation.completed", 8), what="8 completions")
+    lines = calls.read_text().splitlines()
+    assert len(lines) == 8, "a tool ran twice: an entry was reclaimed from a live worker"
+    assert await count_type(log, "step.recorded") == 8

@@ -22,11 +22,11 @@ from tests.apps.crash import agents
 
 
 class AckOnReceipt(Worker):
-    async def _spawn(
-        self, g: _Group, stream: str, entry_id: str, fields: dict[Any, Any], *, claimed: bool
+    async def _entry(
+        self, g: _Group, stream: str, entry_id: str, fields: dict[Any, Any], claimed: bool
     ) -> None:
         await self.redis.xack(stream, g.agent.name, entry_id)  # the bug under test
-        await super()._spawn(g, stream, entry_id, fields, claimed=claimed)
+        await super()._entry(g, stream, entry_id, fields, claimed)
 
 
 async def main() -> None:
