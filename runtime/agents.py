@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import msgspec
 
 from runtime.errors import AppLoadError
-from runtime.events import Event, RecordedEvent, event_type_of
+from runtime.events import Event, RecordedEvent
 from runtime.events import registry as default_registry
 from runtime.tools import Tool
 
@@ -140,10 +140,16 @@ def load_app(target: str) -> list[Agent]:
     defined in it (instantiated with no arguments).
     """
     module_name, _, attr = target.partition(":")
+    if not module_name:
+        raise AppLoadError(target, "name a module, like `mypkg.agents` or `mypkg.agents:agents`")
     try:
         module = importlib.import_module(module_name)
     except ImportError as exc:
         raise AppLoadError(target, f"cannot import {module_name!r}: {exc}") from None
+    except Exception as exc:  # the user's module failed while importing: say where
+        raise AppLoadError(
+            target, f"importing {module_name!r} raised {type(exc).__name__}: {exc}"
+        ) from exc
     if attr:
         try:
             found: Any = getattr(module, attr)
@@ -181,7 +187,3 @@ def subscribers(agents: Iterable[Agent]) -> dict[str, list[str]]:
         for t in sorted(agent.subscribed_types()):
             out.setdefault(t, []).append(agent.name)
     return out
-
-
-def emitted_type(body: Event) -> str:
-    return event_type_of(body)

@@ -13,6 +13,16 @@ class ApprovalNotFound(LookupError):
     pass
 
 
+class AlreadyDecided(Exception):
+    """The approval has a decision already; the first one stands."""
+
+    def __init__(self, decision: ApprovalDecided) -> None:
+        verdict = "approved" if decision.approved else "denied"
+        by = f" by {decision.by}" if decision.by else ""
+        super().__init__(f"approval {decision.approval_id} was already {verdict}{by}")
+        self.decision = decision
+
+
 async def pending_approvals(log: EventLog) -> list[tuple[UUID, UUID | None, ApprovalRequested]]:
     """(approval id, run id, request) of every request without a decision, oldest first."""
     q = f'"{log.schema}"'
@@ -62,5 +72,9 @@ async def decide(
         causation_id=request_id,
         producer=f"human:{by}" if by else "human",
     )
-    await log.append(stream, [decided])
+    result = await log.append(stream, [decided])
+    if not result.inserted:
+        first = (await log.read_stream(stream, result.stream_version, limit=1))[0].body
+        assert isinstance(first, ApprovalDecided)
+        raise AlreadyDecided(first)
     return decided.event_id

@@ -16,6 +16,7 @@ from rich.table import Table
 
 from runtime import dlq as dlq_mod
 from runtime.agents import Agent, load_app
+from runtime.errors import AppLoadError
 from runtime.log import EventLog
 from runtime.process import settle_gc
 from runtime.relay import Relay
@@ -36,10 +37,15 @@ AppOption = Annotated[
 
 
 def _agents(target: str) -> list[Agent]:
+    from runtime.cli import _fail
+
     # Like uvicorn and celery: the current directory is importable.
     if os.getcwd() not in sys.path and "" not in sys.path:
         sys.path.insert(0, os.getcwd())
-    return load_app(target)
+    try:
+        return load_app(target)
+    except AppLoadError as exc:
+        return _fail(exc)  # type: ignore[no-any-return]
 
 
 def _stop_on_signals(stop: asyncio.Event) -> None:
@@ -126,7 +132,7 @@ def register(app: typer.Typer) -> None:
                 settle_gc()
                 tasks = [asyncio.create_task(w.run(stop))]
                 if relay:
-                    tasks.append(asyncio.create_task(Relay(lg, redis, agents).run(stop)))
+                    tasks.append(asyncio.create_task(Relay(lg, redis, agents).serve(stop)))
                 err.print(
                     f"worker {w.consumer}: agents {', '.join(a.name for a in agents)}"
                     f"{' + relay' if relay else ''}; Ctrl-C or SIGTERM drains and stops"
@@ -147,7 +153,7 @@ def register(app: typer.Typer) -> None:
             stop = asyncio.Event()
             _stop_on_signals(stop)
             async with _opened(settings) as (lg, redis):
-                await Relay(lg, redis, agents, poll_interval=settings.poll_interval).run(stop)
+                await Relay(lg, redis, agents, poll_interval=settings.poll_interval).serve(stop)
 
         _run(go())
 
@@ -265,7 +271,7 @@ def register(app: typer.Typer) -> None:
 
         try:
             _run(go())
-        except approvals.ApprovalNotFound as exc:
+        except (approvals.ApprovalNotFound, approvals.AlreadyDecided) as exc:
             err.print(f"[bold red]error[/] {escape(str(exc))}")
             raise typer.Exit(1) from None
 

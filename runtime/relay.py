@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import secrets
 import time
 import typing
@@ -25,10 +26,11 @@ from collections.abc import Iterable, Mapping
 from datetime import UTC, datetime
 from typing import Any
 
+import asyncpg
 import msgspec
 import redis.asyncio as aioredis
 import structlog
-from redis.exceptions import RedisError
+from redis.exceptions import RedisError, WatchError
 
 from runtime import metrics
 from runtime.agent_events import BOOKKEEPING, TimerFired, TimerScheduled
@@ -75,7 +77,7 @@ class Relay:
         redis: aioredis.Redis,
         agents: Iterable[Agent] | Mapping[str, list[str]],
         *,
-        name: str = "main",
+        name: str | None = None,
         batch: int = 500,
         poll_interval: float = 0.5,
         lease_seconds: float = 10.0,
@@ -86,14 +88,20 @@ class Relay:
         self.routes: dict[str, list[str]] = (
             dict(agents) if isinstance(agents, Mapping) else subscribers(agents)
         )
-        self.name = name
+        # One relay per set of routes: workers running different apps each
+        # publish for their own agents, under their own lease and checkpoint.
+        self.name = (
+            name
+            or "app-"
+            + hashlib.sha256(msgspec.json.encode(self.routes, order="sorted")).hexdigest()[:12]
+        )
         self.batch = batch
         self.poll_interval = poll_interval
         self.lease_ms = int(lease_seconds * 1000)
         self.timer_interval = timer_interval
         # Positions belong to one log (schema): the keys say which.
-        self.checkpoint_key = f"{KEY_PREFIX}relay:{log.schema}:{name}:position"
-        self.lease_key = f"{KEY_PREFIX}relay:{log.schema}:{name}:lease"
+        self.checkpoint_key = f"{KEY_PREFIX}relay:{log.schema}:{self.name}:position"
+        self.lease_key = f"{KEY_PREFIX}relay:{log.schema}:{self.name}:lease"
         self._token = secrets.token_hex(8)
         self._renew = redis.register_script(_RENEW)
         self.published = 0
@@ -145,6 +153,25 @@ class Relay:
                     await self.redis.delete(self.lease_key)
             log.info("relay.stopped", name=self.name, published=self.published)
 
+    async def serve(self, stop: asyncio.Event) -> None:
+        """:meth:`run`, restarted after Redis or PostgreSQL errors and lost leases.
+
+        A worker runs its relay this way, so a hiccup of the relay never
+        stops the agents. Restarting is safe: it resumes at its checkpoint.
+        """
+        delay = 0.5
+        while not stop.is_set():
+            try:
+                await self.run(stop)
+                return
+            except (LeaseLost, RedisError, OSError, asyncpg.PostgresError,
+                    asyncpg.InterfaceError) as exc:  # fmt: skip
+                log.warning("relay.restarting", error=f"{type(exc).__name__}: {exc}",
+                            retry_in=delay)  # fmt: skip
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), delay)
+                delay = min(delay * 2, 10.0)
+
     async def _lease_loop(self) -> None:
         while True:
             await asyncio.sleep(self.lease_ms / 3000)
@@ -165,15 +192,26 @@ class Relay:
         """Publish one page and move the checkpoint past it, atomically; entries added."""
         added = 0
         async with self.redis.pipeline(transaction=True) as pipe:
+            # Fenced by the lease: a relay that stalled past it and was
+            # replaced publishes nothing (EXEC fails if the lease changed).
+            await pipe.watch(self.lease_key)
+            if await pipe.get(self.lease_key) != self._token.encode():
+                raise LeaseLost(f"relay {self.name!r} lost its lease to another relay")
+            pipe.multi()  # type: ignore[no-untyped-call]
             for event in page:
                 if isinstance(event.body, TimerScheduled):
                     self._schedule(pipe, event, event.body)
                 for agent in self.route(event):
                     pipe.xadd(agent_stream(agent), _fields(event))
-                    metrics.RELAYED.labels(event.event_type).inc()
                     added += 1
             pipe.set(self.checkpoint_key, str(page[-1].log_position))
-            await pipe.execute()
+            try:
+                await pipe.execute()
+            except WatchError:
+                raise LeaseLost(f"relay {self.name!r} lost its lease while publishing") from None
+        for event in page:
+            for _ in self.route(event):
+                metrics.RELAYED.labels(event.event_type).inc()
         self.published += added
         return added
 

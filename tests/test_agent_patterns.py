@@ -164,7 +164,8 @@ async def test_a_run_waits_for_approval_then_goes_on(redis: aioredis.Redis, log:
         [(approval_id, run_id, request)] = await approvals.pending_approvals(log)
         assert run_id == event_id and request.subject == "ship 3 x SKU-4?"
         await approvals.decide(log, approval_id, approved=True, by="ada")
-        await approvals.decide(log, approval_id, approved=False, by="bob")  # too late: no-op
+        with pytest.raises(approvals.AlreadyDecided, match="already approved by ada"):
+            await approvals.decide(log, approval_id, approved=False, by="bob")
         await wait_for(lambda: _has(log, "orders.audited"), what="the run going on")
     [audited] = [e.body for e in await log.read_all() if isinstance(e.body, OrderAudited)]
     assert audited.seen_by == "approved by ada"

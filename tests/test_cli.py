@@ -151,3 +151,19 @@ def test_demo_runs_the_whole_pipeline(settings: Settings) -> None:
 
 
 pytestmark = pytest.mark.filterwarnings("error")
+
+
+@pytest.mark.parametrize(
+    ("target", "message"),
+    [
+        ("nosuch.module", "cannot import 'nosuch.module'"),
+        ("", "name a module"),
+        ("runtime.events", "defines no agents"),
+        ("tests.apps.orders:nothing", "has no 'nothing'"),
+    ],
+)
+def test_worker_refuses_a_bad_app_clearly(settings: Settings, target: str, message: str) -> None:
+    result = agentrt(settings, "worker", "--app", target)
+    assert result.returncode == 1
+    assert "[app_load_failed]" in result.stderr and message in result.stderr
+    assert "Traceback" not in result.stderr

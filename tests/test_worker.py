@@ -337,3 +337,27 @@ async def test_entries_held_by_a_busy_worker_are_not_stolen(
     lines = calls.read_text().splitlines()
     assert len(lines) == 8, "a tool ran twice: an entry was reclaimed from a live worker"
     assert await count_type(log, "step.recorded") == 8
+
+
+async def test_a_relay_that_lost_its_lease_publishes_nothing(
+    redis: aioredis.Redis, log: EventLog
+) -> None:
+    from runtime.events import NewEvent
+    from runtime.relay import LeaseLost, Relay
+    from tests.apps.orders import StockReserved
+
+    run_id = uuid.uuid4()
+    await log.append(f"run-{run_id}", [NewEvent(body=StockReserved(order_id="l1", reservation="r"),
+                                                run_id=run_id, producer="fulfilment")])  # fmt: skip
+    page = await log.read_all()
+    relay = Relay(log, redis, [Auditor()])
+    await redis.set(relay.lease_key, "someone-else")
+    with pytest.raises(LeaseLost):
+        await relay.publish(page)
+    assert await redis.xlen(agent_stream("auditor")) == 0
+    assert await redis.get(relay.checkpoint_key) is None
+    # Holding the lease, the same page goes out, with the checkpoint, once.
+    await redis.set(relay.lease_key, relay._token)
+    assert await relay.publish(page) == 1
+    assert await redis.xlen(agent_stream("auditor")) == 1
+    assert (await relay.position()) == page[-1].log_position
