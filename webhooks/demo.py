@@ -110,7 +110,7 @@ async def run_demo(settings: Settings, log: EventLog, out: Console) -> bool:
         tasks = [
             asyncio.create_task(server.serve()),
             asyncio.create_task(worker.run(stop)),
-            asyncio.create_task(Relay(log, redis, agents, poll_interval=0.1).run(stop)),
+            asyncio.create_task(Relay(log, redis, agents, poll_interval=0.1).serve(stop)),
         ]
         try:
             while not server.started:
