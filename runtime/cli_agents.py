@@ -11,6 +11,7 @@ from collections.abc import AsyncIterator
 from typing import Annotated, Any
 
 import typer
+from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
@@ -162,6 +163,7 @@ def register(app: typer.Typer) -> None:
         ctx: typer.Context,
         agent: Annotated[str | None, typer.Option(help="Only this agent's")] = None,
         count: Annotated[int, typer.Option(help="At most this many")] = 100,
+        as_json: Annotated[bool, typer.Option("--json", help="One JSON object per line")] = False,
     ) -> None:
         """Dead letters, oldest first."""
         settings = _with_servers(ctx.obj, redis=True, postgres=False)
@@ -174,14 +176,24 @@ def register(app: typer.Typer) -> None:
                 await redis.aclose()
 
         letters = _run(go())
+        if as_json:
+            import msgspec
+
+            for x in letters:
+                print(msgspec.json.encode(x).decode())
+            return
         if not letters:
             out.print("no dead letters")
             return
         table = Table("id", "agent", "type", "event", "deliveries", "error")
+        for column in table.columns[:4]:
+            column.no_wrap = True
         for x in letters:
             table.add_row(x.id, x.agent, x.type or "?", x.event_id or "?", str(x.deliveries),
                           escape(f"{x.error_type}: {x.error}"[:120]))  # fmt: skip
-        out.print(table)
+        # Ids are wide: piped output gets room instead of 80 columns.
+        wide = out if out.is_terminal else Console(highlight=False, width=200)
+        wide.print(table)
 
     @dlq_app.command("show")
     def dlq_show(ctx: typer.Context, dead_letter_id: str) -> None:

@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import re
+import time
 from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING, Any, Generic, Protocol, cast
@@ -30,6 +31,7 @@ import msgspec
 import structlog
 from typing_extensions import TypeVar
 
+from runtime import metrics
 from runtime.agent_events import RunBudgetExceeded, StepError, StepRecorded, Usage
 from runtime.agents import Budget
 from runtime.errors import (
@@ -501,6 +503,8 @@ class LLM:
 
         async def on_attempt(a: AttemptRecord) -> None:
             failed.append(a)
+            if a.will_retry:
+                metrics.RETRIES.labels("llm", a.reason or "error").inc()
             log.warning(
                 "llm.attempt_failed",
                 attempt=a.attempt,
@@ -513,6 +517,8 @@ class LLM:
         async def create() -> anthropic.types.Message:
             return await self.client.messages.create(**request)
 
+        model = request["model"]
+        started = time.perf_counter()
         try:
             outcome = await run_with_retries(create, self.policy, on_attempt=on_attempt)
         except RetriesExhausted as exc:
@@ -522,8 +528,15 @@ class LLM:
             status = getattr(exc, "status_code", None)
             error = StepError(type=type(exc).__name__, message=str(exc), code=str(status or ""))
             return StepOutput(error=error, attempts=tuple(failed))
+        finally:
+            metrics.LLM_SECONDS.labels(model).observe(time.perf_counter() - started)
         message = outcome.value
-        usage = usage_of(self.settings, request["model"], message.usage, offline=self.offline)
+        usage = usage_of(self.settings, model, message.usage, offline=self.offline)
+        metrics.LLM_TOKENS.labels(model, "input").inc(
+            usage.input_tokens + usage.cache_creation_input_tokens + usage.cache_read_input_tokens
+        )
+        metrics.LLM_TOKENS.labels(model, "output").inc(usage.output_tokens)
+        metrics.LLM_COST.labels(model).inc(usage.cost_usd)
         return StepOutput(
             result=message.model_dump(mode="json"), attempts=outcome.attempts, usage=usage
         )

@@ -74,6 +74,11 @@ class Frugal(Classifier):
 async def test_llm_steps_run_through_the_worker_with_usage(
     redis: aioredis.Redis, log: EventLog, llm: LLM
 ) -> None:
+    def tokens() -> float:
+        labels = {"model": "claude-haiku-4-5", "kind": "input"}
+        return REGISTRY.get_sample_value("agentrt_llm_tokens_total", labels) or 0.0
+
+    before = tokens()
     await send(redis, OrderPlaced(order_id="u1", sku="SKU-1"))
     async with running([Classifier()], redis, log, relay=False, llm=llm):
         await wait_for(lambda: _has(log, "activation.completed"), what="completion")
@@ -82,6 +87,7 @@ async def test_llm_steps_run_through_the_worker_with_usage(
     assert step.usage is not None and step.usage.offline and step.usage.input_tokens > 0
     [audited] = [e.body for e in await log.read_all() if isinstance(e.body, OrderAudited)]
     assert audited.seen_by == "[offline] urgent"
+    assert tokens() - before == step.usage.input_tokens
 
 
 async def _has(log: EventLog, event_type: str, n: int = 1) -> bool:

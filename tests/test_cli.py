@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+import uuid
 from importlib.metadata import EntryPoint
 
 import pytest
@@ -167,3 +168,42 @@ def test_worker_refuses_a_bad_app_clearly(settings: Settings, target: str, messa
     assert result.returncode == 1
     assert "[app_load_failed]" in result.stderr and message in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_dlq_list_show_redrive(settings: Settings) -> None:
+    import redis as sync_redis
+
+    agent = f"cli-{uuid.uuid4().hex[:8]}"
+    event_id = str(uuid.uuid4())
+    client = sync_redis.Redis.from_url(settings.require_redis_url())
+    try:
+        entry = client.xadd("agentrt:dlq", {
+            "event_id": event_id, "type": "orders.placed", "body": b"{}",
+            "dlq_agent": agent, "dlq_stream": "agentrt:in:{p0}", "dlq_entry_id": "1-0",
+            "dlq_deliveries": "5", "dlq_error_type": "RuntimeError", "dlq_error": "boom",
+            "dlq_at": "2026-11-29T00:00:00+00:00",
+        }).decode()  # fmt: skip
+        listed = agentrt(settings, "dlq", "list", "--agent", agent, "--json")
+        assert listed.returncode == 0, listed.stderr
+        [letter] = [json.loads(line) for line in listed.stdout.splitlines()]
+        assert (letter["id"], letter["error_type"], letter["error"]) == (
+            entry,
+            "RuntimeError",
+            "boom",
+        )
+        table = agentrt(settings, "dlq", "list", "--agent", agent)
+        assert entry in table.stdout
+        shown = agentrt(settings, "dlq", "show", entry)
+        assert shown.returncode == 0 and f'"event_id": "{event_id}"' in shown.stdout
+        missing = agentrt(settings, "dlq", "show", "1-1")
+        assert missing.returncode == 1 and "no dead letter" in missing.stderr
+        moved = agentrt(settings, "dlq", "redrive", entry)
+        assert moved.returncode == 0, moved.stderr
+        assert "1 dead letter(s) redriven" in moved.stdout
+        [(_, fields)] = client.xrange(f"agentrt:agent:{{{agent}}}")
+        assert fields[b"generation"] == b"1" and fields[b"event_id"].decode() == event_id
+        assert not client.xrange("agentrt:dlq", entry, entry)
+        assert agentrt(settings, "dlq", "redrive").returncode == 2  # neither ids nor --all
+    finally:
+        client.delete(f"agentrt:agent:{{{agent}}}")
+        client.close()
