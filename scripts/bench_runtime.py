@@ -1,0 +1,1411 @@
+"""Benchmark the agent runtime (ingress stream -> worker -> log) against the same work by hand.
+
+One run measures, side by side on the same Redis and PostgreSQL, with 1 and
+2 worker processes (``--processes``):
+
+runtime:
+  ``runtime.worker.Worker`` running one agent without an LLM (``Echo``): it
+  reads the ingress streams ``agentrt:in:{p0..p7}`` in its consumer group,
+  and each activation emits one event. The worker commits the activation in
+  one transaction (the trigger event, the emitted event,
+  ``activation.completed``, the inbox row), then XACKs; whatever else it does
+  per activation (the inbox look-up, steps, the hash chain, NOTIFY) is what
+  the comparison prices. Options are the
+  ``agentrt worker`` defaults: concurrency 16, batch 32, the runtime pool
+  (10 connections), and no relay (``--no-relay``).
+
+ceiling (the same work by hand):
+  the same number of processes, each an XREADGROUP loop over the same streams
+  with the same batch, the same concurrency and the same pool size, doing per
+  entry one statement (one transaction, one round trip) that INSERTs the
+  three equivalent rows and, in a CTE, the inbox row, then XACK. Raw asyncpg
+  on plain copies of the ``events`` and ``inbox`` tables (``LIKE ...
+  INCLUDING ALL``: same columns, defaults and indexes; no triggers, so no
+  NOTIFY, no hash chain, no registry, no inbox look-up before the handler).
+
+Two phases per kind and process count, in the same worker processes:
+
+latency (open loop):
+  a producer XADDs one entry at a time at a fixed ``--rate`` (default 500
+  events/s); each event's latency runs from just before its XADD is sent to
+  just after its activation's commit returned in the worker (both read from
+  the same wall clock; the worker notes the time between the commit and the
+  XACK). p50 and p99 over the measured seconds (after a warm-up). The
+  "per-activation overhead" is runtime p50 minus ceiling p50 at that rate.
+
+throughput (backlog):
+  a backlog of entries is XADDed (pipelined) and the workers drain it;
+  activations/s counts the commits inside a window after a warm-up.
+
+Servers: ``REDIS_URL`` / ``DATABASE_URL`` if set (DATABASE_URL a superuser or
+schema-owner URL), otherwise the embedded servers in ``--state-dir`` (default
+``.agentrt/bench``) with their durable defaults (Redis AOF ``appendfsync
+always``, PostgreSQL fsync on). Redis database ``--redis-db`` (default 13)
+is flushed before each block and at the end; PostgreSQL work goes into fresh
+``bench_<random>`` schemas dropped at the end.
+
+Usage::
+
+    .venv/bin/python scripts/bench_runtime.py            # full run, about four minutes
+    .venv/bin/python scripts/bench_runtime.py --quick    # under a minute
+    .venv/bin/python scripts/bench_runtime.py --json     # last stdout line: {"figures": [...]}
+    .venv/bin/python scripts/bench_runtime.py --repeat 3 --write-readme
+    .venv/bin/python scripts/bench_runtime.py --quick --profile /tmp/prof  # cProfile the workers
+
+The exit code is 0 whatever the figures: this is a measurement, not a test.
+Missed targets and flagged errors are listed at the end of the human output.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import dataclasses
+import datetime as dt
+import gc
+import json
+import logging
+import math
+import os
+import random
+import secrets
+import signal
+import statistics
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Iterator, Sequence
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, Literal
+
+import msgspec
+import structlog
+from rich.console import Console
+from rich.table import Table
+
+REPO = Path(__file__).resolve().parent.parent
+if str(REPO) not in sys.path:  # run as a script: the repository's packages first
+    sys.path.insert(0, str(REPO))
+
+import asyncpg  # noqa: E402
+import redis.asyncio as aioredis  # noqa: E402
+from redis.exceptions import BusyLoadingError, RedisError, ResponseError  # noqa: E402
+
+from runtime.agent_events import ActivationCompleted  # noqa: E402
+from runtime.agents import Agent  # noqa: E402
+from runtime.context import Context  # noqa: E402
+from runtime.events import Event, encode_body, event_type_of, new_event_id  # noqa: E402
+from runtime.streams import agent_stream, ingress_stream  # noqa: E402
+
+README = REPO / "README.md"
+SCRIPT = str(Path(__file__).resolve())
+MARK_START = "<!-- bench_runtime:start -->"
+MARK_END = "<!-- bench_runtime:end -->"
+#: Runtime activations/s as a share of the ceiling's, at least.
+TARGET_RATIO = 0.6
+#: Runtime p50 minus ceiling p50 at the latency rate, in milliseconds, below.
+TARGET_OVERHEAD_MS = 5.0
+AGENT = "bench"
+PARTITIONS = 8
+#: ``agentrt worker`` defaults.
+CONCURRENCY = 16
+BATCH = 32
+POOL_SIZE = 10
+#: Activations/s per process assumed before any throughput phase was measured.
+FIRST_ESTIMATE = 3000.0
+#: Seconds a latency phase waits for its last commits after its schedule ends.
+DRAIN_SECONDS = 30.0
+#: Cores of other work (median over the measured windows) that make a run noisy.
+NOISY_CORES = 0.15
+
+Kind = Literal["ceiling", "runtime"]
+KINDS: tuple[Kind, Kind] = ("ceiling", "runtime")
+
+
+# -- the workload: events and the agent (imported by the worker processes too) --------
+
+
+class BenchReceived(Event, tag="bench_runtime.received"):
+    """The ingress event (about 350 bytes of JSON)."""
+
+    seq: int
+    customer: str
+    subject: str
+    amount: int
+    labels: list[str]
+    note: str
+
+
+class BenchHandled(Event, tag="bench_runtime.handled"):
+    """What the agent emits for each event."""
+
+    seq: int
+    customer: str
+    verdict: str
+
+
+class Echo(Agent):
+    """No LLM, no tools: one emitted event per activation."""
+
+    name = AGENT
+    subscribes = (BenchReceived,)
+
+    async def handle(self, event: BenchReceived, ctx: Context) -> None:
+        ctx.emit(BenchHandled(seq=event.seq, customer=event.customer, verdict=_verdict(event)))
+
+
+def _verdict(event: BenchReceived) -> str:
+    return "review" if event.amount > 50_000 else "accept"
+
+
+# fmt: off
+_WORDS = (
+    "invoice", "shipment", "customer", "refund", "priority", "escalate", "review", "contract",
+    "renewal", "support", "billing", "account", "urgent", "follow", "update", "request",
+)
+# fmt: on
+
+
+class Workload:
+    """Ingress entries as the webhook ingress writes them (see tests/runtime_fixtures.py)."""
+
+    def __init__(self, tag: str) -> None:
+        self._rng = random.Random(tag)
+        self._seq = 0
+        self._filler = " ".join(self._rng.choice(_WORDS) for _ in range(200))
+
+    def entry(self) -> tuple[str, str, dict[str, Any]]:
+        """(stream, event id, fields) of the next event; partitions round-robin."""
+        rng = self._rng
+        self._seq += 1
+        body = BenchReceived(
+            seq=self._seq,
+            customer=f"cus_{rng.randrange(10_000):05d}",
+            subject=" ".join(rng.choice(_WORDS) for _ in range(6)),
+            amount=rng.randint(100, 99_999),
+            labels=[rng.choice(_WORDS) for _ in range(rng.randint(2, 5))],
+            note=self._filler[: rng.randint(150, 220)],
+        )
+        event_id = str(uuid.uuid4())
+        encoded = encode_body(body)
+        fields = {
+            "event_id": event_id,
+            "type": event_type_of(body),
+            "schema_version": "1",
+            "source": "bench",
+            "delivery": f"msg_{self._seq}",
+            "received_at": datetime.now(UTC).isoformat(),
+            "content_type": "application/json",
+            "body": encoded,
+            "raw": b'{"payload": ' + encoded + b"}",
+        }
+        return ingress_stream(self._seq % PARTITIONS), event_id, fields
+
+
+# -- the worker processes --------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class WorkerSpec:
+    kind: Kind
+    index: int
+    redis_url: str
+    #: The migration (owner) URL; the runtime derives its pool's URL from it.
+    database_url: str
+    #: The URL the ceiling's pool uses: the one the runtime's pool ends up with.
+    pool_url: str
+    schema: str
+    raw_schema: str
+    notify: bool
+    dump_dir: str
+    profile: str | None = None
+
+
+class Recorder:
+    """(event id, wall-clock time just after the COMMIT returned) per activation."""
+
+    def __init__(self, spec: WorkerSpec) -> None:
+        self.spec = spec
+        self.records: list[tuple[uuid.UUID, float]] = []
+        self.dumps = 0
+
+    def dump(self) -> None:
+        records, self.records = self.records, []
+        self.dumps += 1
+        path = Path(self.spec.dump_dir) / f"{self.spec.kind}-{self.spec.index}-{self.dumps}.json"
+        path.write_bytes(msgspec.json.encode([(str(e), t) for e, t in records]))
+        print(f"dumped {path} {len(records)}", flush=True)
+
+
+def quiet_logging() -> None:
+    """Runtime log lines go to stderr, warnings and up only (stdout is for figures)."""
+    structlog.configure(
+        wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING),
+        logger_factory=structlog.PrintLoggerFactory(sys.stderr),
+    )
+    logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
+
+
+async def _keep_session(conn: asyncpg.Connection) -> None:
+    return None
+
+
+class Ceiling:
+    """The same work by hand: XREADGROUP, one INSERT transaction per entry, XACK."""
+
+    def __init__(
+        self, redis: aioredis.Redis, pool: asyncpg.Pool, raw_schema: str, recorder: Recorder
+    ) -> None:
+        self.redis, self.pool, self.recorder = redis, pool, recorder
+        self.consumer = f"ceiling-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+        streams = [ingress_stream(p) for p in range(PARTITIONS)] + [agent_stream(AGENT)]
+        self.streams: dict[Any, Any] = dict.fromkeys(streams, ">")
+        self.capacity = asyncio.Semaphore(CONCURRENCY)
+        self.tasks: set[asyncio.Task[None]] = set()
+        q = f'"{raw_schema}"'
+        rows = ", ".join(
+            "(" + ", ".join(f"${i + 13 * r}" for i in range(1, 14)) + ")" for r in range(3)
+        )
+        # One statement: one transaction and one round trip (as the runtime's commit).
+        self.sql_commit = (
+            f"WITH marked AS (INSERT INTO {q}.inbox "
+            "(consumer, event_id, activation_id, outcome, run_id) "
+            "VALUES ($40, $41, $42, $43, $44)) "
+            f"INSERT INTO {q}.events (event_id, stream_id, stream_version, event_type, "
+            "schema_version, run_id, causation_id, producer, recorded_at, trace, data, "
+            f"prev_hash, hash) VALUES {rows}"
+        )
+        self.decode = msgspec.json.Decoder(BenchReceived).decode
+        self.encode = msgspec.json.Encoder().encode
+        self.type = str(BenchReceived.__struct_config__.tag).encode()
+        self.hash = bytes(32)
+
+    async def setup(self) -> None:
+        for stream in self.streams:
+            with contextlib.suppress(ResponseError):
+                await self.redis.xgroup_create(stream, AGENT, id="0", mkstream=True)
+
+    async def run(self, stop: asyncio.Event) -> None:
+        await self.setup()
+        while not stop.is_set():
+            await self.capacity.acquire()
+            self.capacity.release()
+            reply = await self.redis.xreadgroup(
+                AGENT, self.consumer, self.streams, count=BATCH, block=1000
+            )
+            for stream, entries in reply or []:
+                for entry_id, fields in entries:
+                    await self.capacity.acquire()
+                    task = asyncio.create_task(self.handle(stream, entry_id, fields))
+                    self.tasks.add(task)
+                    task.add_done_callback(self._done)
+        await asyncio.gather(*self.tasks, return_exceptions=True)
+
+    def _done(self, task: asyncio.Task[None]) -> None:
+        self.tasks.discard(task)
+        self.capacity.release()
+        if not task.cancelled() and task.exception() is not None:
+            print(f"ceiling: {task.exception()!r}", file=sys.stderr)
+
+    async def handle(self, stream: bytes, entry_id: bytes, fields: dict[bytes, bytes]) -> None:
+        if fields[b"type"] != self.type:
+            await self.redis.xack(stream, AGENT, entry_id)
+            return
+        started = time.perf_counter()
+        event_id = uuid.UUID(fields[b"event_id"].decode())
+        body = fields[b"body"]
+        event = self.decode(body)
+        received = datetime.fromisoformat(fields[b"received_at"].decode())
+        handled = BenchHandled(seq=event.seq, customer=event.customer, verdict=_verdict(event))
+        emitted_id, completed_id, activation_id = new_event_id(), new_event_id(), new_event_id()
+        completed = ActivationCompleted(
+            agent=AGENT,
+            activation_id=activation_id,
+            trigger_id=event_id,
+            trigger_type=self.type.decode(),
+            steps=0,
+            emitted=[emitted_id],
+            duration_ms=round((time.perf_counter() - started) * 1000, 3),
+        )
+        now = datetime.now(UTC)
+        run, h = f"run-{event_id}", self.hash
+        await self.pool.execute(
+            self.sql_commit,
+            event_id, run, 1, "bench_runtime.received", 1, event_id, None,
+            "ingress:bench", received, None, body.decode(), h, h,
+            emitted_id, run, 2, "bench_runtime.handled", 1, event_id, event_id,
+            AGENT, now, None, self.encode(handled).decode(), h, h,
+            completed_id, run, 3, "activation.completed", 1, event_id, event_id,
+            AGENT, now, None, self.encode(completed).decode(), h, h,
+            AGENT, event_id, activation_id, "completed", event_id,
+        )  # fmt: skip
+        self.recorder.records.append((event_id, time.time()))
+        await self.redis.xack(stream, AGENT, entry_id)
+
+
+async def worker_main(spec: WorkerSpec) -> None:
+    """One worker process: set up, say "ready", work until SIGTERM; SIGUSR1 dumps records."""
+    from runtime.database import create_pool, open_runtime_pool
+    from runtime.log import EventLog
+    from runtime.settings import Settings
+    from runtime.streams import connect_redis
+    from runtime.worker import Worker, WorkerOptions
+
+    recorder = Recorder(spec)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    loop.add_signal_handler(signal.SIGTERM, stop.set)
+    loop.add_signal_handler(signal.SIGINT, stop.set)
+    loop.add_signal_handler(signal.SIGUSR1, recorder.dump)
+    redis = await connect_redis(spec.redis_url)
+    runner: Any
+    if spec.kind == "runtime":
+        settings = Settings.from_env(db_schema=spec.schema, log_notify=spec.notify).with_urls(
+            redis_url=spec.redis_url, database_url=spec.database_url
+        )
+        pool = await open_runtime_pool(settings)
+        lg = EventLog(pool, schema=spec.schema)
+
+        class TimedWorker(Worker):
+            async def commit(self, agent: str, d: Any, *args: Any) -> bool:
+                committed = await super().commit(agent, d, *args)
+                if committed:
+                    recorder.records.append((d.event_id, time.time()))
+                return committed
+
+        runner = TimedWorker(
+            [Echo()],
+            redis=redis,
+            log=lg,
+            llm=None,
+            options=WorkerOptions(concurrency=CONCURRENCY, batch=BATCH, partitions=PARTITIONS),
+        )
+    else:
+        pool = await create_pool(spec.pool_url, max_size=POOL_SIZE, reset=_keep_session)
+        runner = Ceiling(redis, pool, spec.raw_schema, recorder)
+    await runner.setup()
+    print(f"ready {os.getpid()}", flush=True)
+    try:
+        await runner.run(stop)
+    finally:
+        await pool.close()
+        await redis.aclose()
+    print("stopped", flush=True)
+
+
+def run_worker(spec: WorkerSpec) -> None:
+    quiet_logging()
+    if spec.profile is None:
+        asyncio.run(worker_main(spec))
+        return
+    import cProfile
+
+    profiler = cProfile.Profile()
+    profiler.enable()
+    try:
+        asyncio.run(worker_main(spec))
+    finally:
+        profiler.disable()
+        profiler.dump_stats(f"{spec.profile}/{spec.kind}-{spec.index}-{os.getpid()}.prof")
+
+
+# -- servers ---------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class Servers:
+    redis_url: str
+    database_url: str
+    redis_mode: str
+    pg_mode: str
+    #: True when the benchmark may rewrite Redis's AOF (an embedded server).
+    redis_owned: bool
+
+
+def with_db(url: str, db: int) -> str:
+    """``url`` pointed at Redis database ``db``."""
+    from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+
+    parts = urlsplit(url)
+    query = [(k, v) for k, v in parse_qsl(parts.query) if k != "db"]
+    if parts.scheme == "unix":
+        return urlunsplit(parts._replace(query=urlencode([*query, ("db", str(db))])))
+    return urlunsplit(parts._replace(path=f"/{db}", query=urlencode(query)))
+
+
+@contextlib.contextmanager
+def servers(args: argparse.Namespace, err: Console) -> Iterator[Servers]:
+    """REDIS_URL / DATABASE_URL if set, else the embedded durable servers (stopped after,
+    if this run started them and not --keep-server)."""
+    from runtime.embedded import EmbeddedServices
+
+    redis_url, database_url = os.environ.get("REDIS_URL"), os.environ.get("DATABASE_URL")
+    stops = []
+    redis_mode, pg_mode = "REDIS_URL", "DATABASE_URL"
+    if not redis_url or not database_url:
+        services = EmbeddedServices(args.state_dir)
+        need_redis, need_pg = not redis_url, not database_url
+        running = {
+            "redis": need_redis and services.redis.state().running,
+            "postgres": need_pg and services.postgres.running_pid() is not None,
+        }
+        started = time.perf_counter()
+        urls = services.up(redis=need_redis, postgres=need_pg)
+        err.print(
+            f"[dim]embedded servers in {args.state_dir}: "
+            + ", ".join(
+                f"{name} {'already running' if running[name] else 'started'}"
+                for name, need in (("redis", need_redis), ("postgres", need_pg))
+                if need
+            )
+            + f" ({time.perf_counter() - started:.1f}s)[/]"
+        )
+        if need_redis:
+            redis_url, redis_mode = urls["REDIS_URL"], "embedded"
+            if not running["redis"] and not args.keep_server:
+                stops.append(services.redis.stop)
+        if need_pg:
+            database_url, pg_mode = urls["DATABASE_URL"], "embedded"
+            if not running["postgres"] and not args.keep_server:
+                stops.append(services.postgres.stop)
+    assert redis_url and database_url
+    try:
+        yield Servers(
+            with_db(redis_url, args.redis_db), database_url, redis_mode, pg_mode,
+            redis_owned=redis_mode == "embedded",
+        )  # fmt: skip
+    finally:
+        for stop in stops:
+            err.print("[dim]stopping an embedded server this run started[/]")
+            stop()
+
+
+# -- measuring -------------------------------------------------------------------------
+
+_CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+def proc_cpu(pids: Sequence[int]) -> dict[int, float]:
+    """CPU seconds so far of each live process in ``pids``."""
+    out = {}
+    for pid in pids:
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            stat = Path(f"/proc/{pid}/stat").read_text()
+            fields = stat[stat.rindex(")") + 2 :].split()
+            out[pid] = (int(fields[11]) + int(fields[12])) / _CLK_TCK
+    return out
+
+
+def machine_busy() -> float:
+    """CPU seconds the whole machine spent not idle since boot (/proc/stat)."""
+    with open("/proc/stat") as fh:
+        fields = [int(v) for v in fh.readline().split()[1:]]
+    return (sum(fields[:8]) - fields[3] - fields[4]) / _CLK_TCK
+
+
+async def redis_cpu(client: aioredis.Redis) -> float:
+    cpu = await client.info("cpu")
+    return sum(
+        float(cpu.get(f"used_cpu_{k}", 0)) for k in ("sys", "user", "sys_children", "user_children")
+    )
+
+
+@dataclasses.dataclass
+class CpuSnapshot:
+    workers: dict[int, float]
+    postgres: dict[int, float]
+    redis: float
+    me: float
+    busy: float
+
+
+@dataclasses.dataclass
+class Cpu:
+    """Cores busy during a window."""
+
+    workers: float = math.nan
+    postgres: float = math.nan
+    redis: float = math.nan
+    producer: float = math.nan
+    other: float = math.nan
+
+
+class Meter:
+    """CPU use of the workers, PostgreSQL (if local), Redis, this process and the rest."""
+
+    def __init__(self, admin: asyncpg.Connection, redis: aioredis.Redis) -> None:
+        self.admin, self.redis = admin, redis
+
+    async def snapshot(self, worker_pids: Sequence[int]) -> CpuSnapshot:
+        pg_pids = [int(r[0]) for r in await self.admin.fetch("SELECT pid FROM pg_stat_activity")]
+        return CpuSnapshot(
+            proc_cpu(worker_pids),
+            proc_cpu(pg_pids),
+            await redis_cpu(self.redis),
+            time.process_time(),
+            machine_busy(),
+        )
+
+    @staticmethod
+    def between(a: CpuSnapshot, b: CpuSnapshot, seconds: float) -> Cpu:
+        def delta(x: dict[int, float], y: dict[int, float]) -> float:
+            return sum(v - x.get(pid, 0.0) for pid, v in y.items())
+
+        workers = delta(a.workers, b.workers)
+        postgres = delta(a.postgres, b.postgres) if b.postgres else math.nan
+        redis, me, busy = b.redis - a.redis, b.me - a.me, b.busy - a.busy
+        known = workers + (0.0 if math.isnan(postgres) else postgres) + redis + me
+        return Cpu(
+            workers / seconds,
+            postgres / seconds,
+            redis / seconds,
+            me / seconds,
+            max(0.0, busy - known) / seconds,
+        )
+
+
+class WorkerProcs:
+    """The worker processes of one block, from the parent's side."""
+
+    def __init__(self, specs: list[WorkerSpec], log_dir: Path) -> None:
+        self.specs = specs
+        self.log_dir = log_dir
+        self.procs: list[asyncio.subprocess.Process] = []
+
+    async def start(self) -> None:
+        env = dict(os.environ)
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH")) if p)
+        for spec in self.specs:
+            log = _open_log(self.log_dir / f"{spec.kind}-{spec.index}.log")
+            proc = await asyncio.create_subprocess_exec(
+                sys.executable, SCRIPT, "--_worker",
+                json.dumps(dataclasses.asdict(spec)),
+                stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE, stderr=log,
+                cwd=REPO, env=env,
+            )  # fmt: skip
+            log.close()
+            self.procs.append(proc)
+        for proc, spec in zip(self.procs, self.specs, strict=True):
+            line = await self._line(proc, spec, 60)
+            if not line.startswith("ready"):
+                raise RuntimeError(f"{spec.kind} worker {spec.index} said {line!r}")
+
+    @property
+    def pids(self) -> list[int]:
+        return [p.pid for p in self.procs]
+
+    async def _line(self, proc: asyncio.subprocess.Process, spec: WorkerSpec, wait: float) -> str:
+        assert proc.stdout is not None
+        try:
+            raw = await asyncio.wait_for(proc.stdout.readline(), wait)
+        except TimeoutError:
+            raw = b""
+        if not raw:
+            tail = (self.log_dir / f"{spec.kind}-{spec.index}.log").read_text(errors="replace")
+            raise RuntimeError(
+                f"{spec.kind} worker {spec.index} (pid {proc.pid}) gave no answer; "
+                f"its log:\n{tail[-3000:]}"
+            )
+        return raw.decode().strip()
+
+    async def dump(self) -> list[tuple[str, float]]:
+        """Every worker's (event id, commit time) since the previous dump."""
+        out: list[tuple[str, float]] = []
+        for proc in self.procs:
+            proc.send_signal(signal.SIGUSR1)
+        for proc, spec in zip(self.procs, self.specs, strict=True):
+            line = await self._line(proc, spec, 30)
+            if not line.startswith("dumped "):
+                raise RuntimeError(f"{spec.kind} worker {spec.index} said {line!r}")
+            out.extend(_take_dump(Path(line.split()[1])))
+        return out
+
+    async def stop(self) -> None:
+        for proc in self.procs:
+            if proc.returncode is None:
+                with contextlib.suppress(ProcessLookupError):
+                    proc.send_signal(signal.SIGTERM)
+        for proc in self.procs:
+            try:
+                await asyncio.wait_for(proc.wait(), 30)
+            except TimeoutError:
+                with contextlib.suppress(ProcessLookupError):
+                    proc.kill()
+                await proc.wait()
+
+
+def _open_log(path: Path) -> Any:
+    return open(path, "ab")
+
+
+def _take_dump(path: Path) -> list[tuple[str, float]]:
+    records = [(str(e), float(t)) for e, t in msgspec.json.decode(path.read_bytes())]
+    path.unlink()
+    return records
+
+
+def percentile(ordered: Sequence[float], q: float) -> float:
+    """Nearest-rank percentile of sorted ``ordered`` (seconds), in milliseconds."""
+    if not ordered:
+        return math.nan
+    return ordered[max(1, math.ceil(q / 100 * len(ordered))) - 1] * 1000
+
+
+@dataclasses.dataclass
+class Phase:
+    loop: Literal["latency", "throughput"]
+    kind: Kind
+    procs: int
+    repeat: int
+    #: Activations/s: committed in the window / its length.
+    rate: float
+    p50_ms: float = math.nan
+    p99_ms: float = math.nan
+    max_ms: float = math.nan
+    samples: int = 0
+    cpu: Cpu = dataclasses.field(default_factory=Cpu)
+    problems: list[str] = dataclasses.field(default_factory=list)
+
+
+class Bench:
+    """Runs the blocks of one benchmark run against one Redis database and two schemas."""
+
+    def __init__(
+        self,
+        args: argparse.Namespace,
+        srv: Servers,
+        redis: aioredis.Redis,
+        meter: Meter,
+        base_spec: dict[str, Any],
+        work_dir: Path,
+        err: Console,
+    ) -> None:
+        self.args, self.srv, self.redis, self.meter = args, srv, redis, meter
+        self.base_spec, self.work_dir, self.err = base_spec, work_dir, err
+        self.workload = Workload(secrets.token_hex(4))
+        #: Best activations/s seen per (kind, processes): sizes the next backlog.
+        self.estimates: dict[tuple[Kind, int], float] = {}
+
+    async def reset_redis(self) -> None:
+        """Empty the bench database; on a server we own, shrink the AOF back too."""
+        await self.redis.flushdb()
+        if not self.srv.redis_owned:
+            return
+        with contextlib.suppress(ResponseError):  # one already running
+            await self.redis.bgrewriteaof()
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            info = await self.redis.info("persistence")
+            if not info.get("aof_rewrite_in_progress") and not info.get("aof_rewrite_scheduled"):
+                return
+            await asyncio.sleep(0.05)
+
+    async def block(self, kind: Kind, procs: int, repeat: int) -> list[Phase]:
+        """Start ``procs`` workers of ``kind``; a latency phase, then a throughput phase."""
+        args = self.args
+        await self.reset_redis()
+        with contextlib.suppress(asyncpg.InsufficientPrivilegeError):
+            await self.meter.admin.execute("CHECKPOINT")
+        latency_events = [
+            self.workload.entry()
+            for _ in range(math.ceil(args.rate * (args.warmup + args.duration)))
+        ]
+        # The backlog must outlast the preload, the warm-up and the window: sized on the
+        # best rate seen (or a first guess), with room to spare.
+        estimate = max(self.estimates.get((kind, procs), 0.0), FIRST_ESTIMATE * procs)
+        backlog = [
+            self.workload.entry()
+            for _ in range(math.ceil(estimate * 1.6 * (args.warmup + args.duration + 2.0)))
+        ]
+        gc.collect()
+        gc.freeze()
+        specs = [WorkerSpec(kind=kind, index=i, **self.base_spec) for i in range(procs)]
+        workers = WorkerProcs(specs, self.work_dir)
+        try:
+            await workers.start()
+            latency = await self.latency_phase(workers, kind, procs, repeat, latency_events)
+            throughput = await self.throughput_phase(workers, kind, procs, repeat, backlog)
+        finally:
+            await workers.stop()
+            del latency_events, backlog
+            gc.unfreeze()
+            gc.collect()
+        return [latency, throughput]
+
+    async def latency_phase(
+        self,
+        workers: WorkerProcs,
+        kind: Kind,
+        procs: int,
+        repeat: int,
+        events: list[tuple[str, str, dict[str, Any]]],
+    ) -> Phase:
+        args = self.args
+        rate = args.rate
+        go = time.time() + 0.2
+        start, end = go + args.warmup, go + args.warmup + args.duration
+        sent: dict[str, float] = {}
+        last_ids: dict[str, bytes] = {}
+        late = 0.0
+        cpu0: CpuSnapshot | None = None
+        for i, (stream, event_id, fields) in enumerate(events):
+            at = go + i / rate
+            if cpu0 is None and at >= start:
+                cpu0 = await self.meter.snapshot(workers.pids)
+            delay = at - time.time()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            t = time.time()
+            late = max(late, t - at)
+            last_ids[stream] = await self.redis.xadd(stream, fields)
+            if at >= start:
+                sent[event_id] = t
+        await asyncio.sleep(max(0.0, end - time.time()))
+        cpu1 = await self.meter.snapshot(workers.pids)
+        assert cpu0 is not None
+        problems = []
+        if not await self.drained(last_ids, DRAIN_SECONDS):
+            problems.append(f"not all events committed {DRAIN_SECONDS:.0f}s after the last XADD")
+        committed = dict(await workers.dump())
+        latencies = sorted(committed[e] - t for e, t in sent.items() if e in committed)
+        missing = len(sent) - len(latencies)
+        if missing:
+            problems.append(f"{missing} of {len(sent)} measured events not committed")
+        if late > 0.1:
+            problems.append(f"the producer fell {late * 1000:.0f} ms behind its schedule")
+        return Phase(
+            "latency", kind, procs, repeat,
+            rate=len(latencies) / args.duration,
+            p50_ms=percentile(latencies, 50),
+            p99_ms=percentile(latencies, 99),
+            max_ms=percentile(latencies, 100),
+            samples=len(latencies),
+            cpu=Meter.between(cpu0, cpu1, args.duration),
+            problems=problems,
+        )  # fmt: skip
+
+    async def drained(self, last_ids: dict[str, bytes], seconds: float) -> bool:
+        """Every stream delivered up to its last entry, and nothing pending (all acked)."""
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            done = True
+            for stream, last in last_ids.items():
+                groups = await self.redis.xinfo_groups(stream)
+                g = next((g for g in groups if g["name"] in (AGENT, AGENT.encode())), None)
+                if g is None or g["last-delivered-id"] != last or int(g["pending"]):
+                    done = False
+                    break
+            if done:
+                return True
+            await asyncio.sleep(0.02)
+        return False
+
+    async def backlog_left(self) -> int:
+        """Entries not yet delivered to the group, over the ingress streams (an upper bound
+        of 1 per stream when ids are compared)."""
+        left = 0
+        for p in range(PARTITIONS):
+            stream = ingress_stream(p)
+            info = await self.redis.xinfo_stream(stream)
+            groups = await self.redis.xinfo_groups(stream)
+            g = next((g for g in groups if g["name"] in (AGENT, AGENT.encode())), None)
+            if g is None or g["last-delivered-id"] != info["last-generated-id"]:
+                left += 1
+        return left
+
+    async def throughput_phase(
+        self,
+        workers: WorkerProcs,
+        kind: Kind,
+        procs: int,
+        repeat: int,
+        backlog: list[tuple[str, str, dict[str, Any]]],
+    ) -> Phase:
+        args = self.args
+        chunk = 500
+        for i in range(0, len(backlog), chunk):
+            pipe = self.redis.pipeline(transaction=False)
+            for stream, _, fields in backlog[i : i + chunk]:
+                pipe.xadd(stream, fields)
+            await pipe.execute()
+        start = time.time() + args.warmup
+        end = start + args.duration
+        await asyncio.sleep(max(0.0, start - time.time()))
+        cpu0 = await self.meter.snapshot(workers.pids)
+        await asyncio.sleep(max(0.0, end - time.time()))
+        cpu1 = await self.meter.snapshot(workers.pids)
+        left = await self.backlog_left()
+        commits = sorted(t for _, t in await workers.dump())
+        inside = [t for t in commits if start <= t < end]
+        problems = []
+        window = args.duration
+        if not left:
+            # The backlog ran out: count up to the last commit, size the next one larger.
+            last = max(inside, default=start)
+            window = max(last - start, 1e-3)
+            problems.append(
+                f"the backlog of {len(backlog)} ran out {end - last:.1f}s before the window's end"
+            )
+        rate = len(inside) / window
+        key = (kind, procs)
+        self.estimates[key] = max(self.estimates.get(key, 0.0), rate * (1.0 if left else 2.0))
+        return Phase(
+            "throughput", kind, procs, repeat, rate=rate, samples=len(inside),
+            cpu=Meter.between(cpu0, cpu1, args.duration), problems=problems,
+        )  # fmt: skip
+
+
+# -- figures ---------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class Figure:
+    name: str
+    unit: str
+    ceiling_key: str | None = None
+    #: A share of the ceiling to reach (activations/s), or a value to stay below (ms).
+    target: float | None = None
+    runs: list[float] = dataclasses.field(default_factory=list)
+
+    @property
+    def value(self) -> float | None:
+        runs = [r for r in self.runs if not math.isnan(r)]
+        return statistics.median(runs) if runs else None
+
+
+def _procs(n: int) -> str:
+    return f"{n} process{'es' if n > 1 else ''}"
+
+
+def new_figures(processes: Sequence[int], rate: float) -> dict[str, Figure]:
+    f = Figure
+    out: dict[str, Figure] = {}
+    for n in processes:
+        out[f"tp_ceiling_{n}"] = f(f"ceiling activations/s, {_procs(n)} (by hand)", "act/s")
+        out[f"tp_runtime_{n}"] = f(
+            f"runtime activations/s, {_procs(n)}", "act/s", f"tp_ceiling_{n}", TARGET_RATIO
+        )
+    for n in processes:
+        at = f"at {rate:g}/s, {_procs(n)}"
+        out[f"p50_ceiling_{n}"] = f(f"ceiling p50 XADD→commit {at}", "ms")
+        out[f"p99_ceiling_{n}"] = f(f"ceiling p99 XADD→commit {at}", "ms")
+        out[f"p50_runtime_{n}"] = f(f"runtime p50 XADD→commit {at}", "ms", f"p50_ceiling_{n}")
+        out[f"p99_runtime_{n}"] = f(f"runtime p99 XADD→commit {at}", "ms", f"p99_ceiling_{n}")
+        out[f"overhead_{n}"] = f(
+            f"overhead p50 (runtime − ceiling) {at}", "ms", None, TARGET_OVERHEAD_MS
+        )
+    return out
+
+
+def record(figures: dict[str, Figure], phases: list[Phase], repeat: int) -> None:
+    """Add one repeat's phases; the overhead is taken within the repeat."""
+    mine = [p for p in phases if p.repeat == repeat]
+    for p in mine:
+        if p.loop == "throughput":
+            figures[f"tp_{p.kind}_{p.procs}"].runs.append(p.rate)
+        else:
+            figures[f"p50_{p.kind}_{p.procs}"].runs.append(p.p50_ms)
+            figures[f"p99_{p.kind}_{p.procs}"].runs.append(p.p99_ms)
+    for p in mine:
+        if p.loop == "latency" and p.kind == "runtime":
+            ceiling = next(
+                (c for c in mine if c.loop == "latency" and c.kind == "ceiling"
+                 and c.procs == p.procs), None,
+            )  # fmt: skip
+            if ceiling is not None:
+                figures[f"overhead_{p.procs}"].runs.append(p.p50_ms - ceiling.p50_ms)
+
+
+def _round(value: float | None, digits: int) -> float | None:
+    return None if value is None or math.isnan(value) else round(value, digits)
+
+
+def figure_rows(figures: dict[str, Figure]) -> list[dict[str, Any]]:
+    """The JSON rows: ratio is value / ceiling for activations/s only."""
+    rows = []
+    for f in figures.values():
+        ceiling = figures[f.ceiling_key].value if f.ceiling_key else None
+        ratio = f.value / ceiling if f.unit == "act/s" and f.value and ceiling else None
+        digits = 1 if f.unit == "act/s" else 2
+        rows.append(
+            {
+                "name": f.name,
+                "value": _round(f.value, digits),
+                "unit": f.unit,
+                "ceiling": _round(ceiling, digits),
+                "ratio": _round(ratio, 3),
+                "target": f.target,
+            }
+        )
+    return rows
+
+
+def met(row: dict[str, Any]) -> bool | None:
+    if row["target"] is None:
+        return None
+    if row["unit"] == "ms":
+        return None if row["value"] is None else row["value"] < row["target"]
+    return None if row["ratio"] is None else row["ratio"] >= row["target"]
+
+
+def cells(row: dict[str, Any]) -> list[str]:
+    """value, ceiling, ratio, target and mark, as text."""
+
+    def num(v: float | None) -> str:
+        return "" if v is None else f"{v:,.0f}" if row["unit"] == "act/s" else f"{v:,.2f}"
+
+    target = ""
+    if row["target"] is not None:
+        target = f"<{row['target']:g} ms" if row["unit"] == "ms" else f"≥{row['target']:.0%}"
+    ok = met(row)
+    mark = "" if row["target"] is None else "?" if ok is None else "✓ pass" if ok else "✗ MISS"
+    ratio = "" if row["ratio"] is None else f"{row['ratio']:.1%}"
+    return [num(row["value"]), num(row["ceiling"]), ratio, target, mark]
+
+
+# -- output ----------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class RunInfo:
+    redis: str
+    postgres: str
+    notify: bool
+    pool_role: str
+    rate: float
+    warmup: float
+    duration: float
+    repeat: int
+    processes: list[int]
+    body_bytes: int
+    code: str = ""
+    seconds: float = 0.0
+
+
+def setup_text(info: RunInfo) -> str:
+    return (
+        f"{info.redis}; {info.postgres}, NOTIFY {'on' if info.notify else 'off'}; "
+        f"{PARTITIONS} ingress partitions, {info.body_bytes}-byte event bodies; "
+        f"per process concurrency {CONCURRENCY}, batch {BATCH}, pool {POOL_SIZE} "
+        f"(role {info.pool_role}); {info.code}; {info.warmup:g}s warm-up + {info.duration:g}s "
+        "measured per "
+        f"phase, median of {info.repeat} run(s)"
+    )
+
+
+def render(figures: dict[str, Figure], phases: list[Phase], info: RunInfo, out: Console) -> None:
+    rows = figure_rows(figures)
+    out.print(
+        f"[bold]agentrt runtime benchmark[/]  {setup_text(info)} ({info.seconds:.0f}s in all)"
+    )
+    table = Table()
+    for col in ("figure", "value", "unit", "ceiling", "ratio", "target", "", "runs"):
+        table.add_column(col, justify="left" if col in ("figure", "unit", "") else "right")
+    for row, f in zip(rows, figures.values(), strict=True):
+        value, ceiling, ratio, target, mark = cells(row)
+        style = "red" if "MISS" in mark else "green" if "pass" in mark else "default"
+        digits = 0 if f.unit == "act/s" else 2
+        runs = ", ".join(f"{v:,.{digits}f}" for v in f.runs) if len(f.runs) > 1 else ""
+        table.add_row(
+            row["name"], value, row["unit"], ceiling, ratio, target, f"[{style}]{mark}[/]", runs
+        )
+    out.print(table)
+    phase_table = Table(title="phases (CPU: cores busy during the measured window)")
+    for col in ("run", "phase", "kind", "procs", "act/s", "p50 ms", "p99 ms", "max ms",
+                "workers", "wk µs/act", "postgres", "pg µs/act", "redis", "producer", "other",
+                "errors"):  # fmt: skip
+        phase_table.add_column(col, justify="left" if col in ("phase", "kind") else "right")
+    for p in phases:
+        c = p.cpu
+
+        def per(cores: float, p: Phase = p) -> str:
+            return "—" if math.isnan(cores) or not p.rate else f"{cores / p.rate * 1e6:,.0f}"
+
+        def ms(v: float) -> str:
+            return "" if math.isnan(v) else f"{v:.2f}"
+
+        def cores(v: float) -> str:
+            return "—" if math.isnan(v) else f"{v:.2f}"
+
+        phase_table.add_row(
+            str(p.repeat + 1), p.loop, p.kind, str(p.procs), f"{p.rate:,.0f}",
+            ms(p.p50_ms), ms(p.p99_ms), ms(p.max_ms),
+            cores(c.workers), per(c.workers), cores(c.postgres), per(c.postgres),
+            cores(c.redis), cores(c.producer), cores(c.other),
+            "[red]yes[/]" if p.problems else "0",
+        )  # fmt: skip
+    out.print(phase_table)
+    out.print(f"[dim]{definitions(info)}[/]")
+    if cost := cpu_cost(phases):
+        out.print(f"[dim]{cost}[/]")
+    for n in info.processes:
+        ratios = [
+            r.rate / c.rate
+            for c in phases
+            for r in phases
+            if c.loop == r.loop == "throughput" and c.kind == "ceiling" and r.kind == "runtime"
+            and c.procs == r.procs == n and c.repeat == r.repeat and c.rate
+        ]  # fmt: skip
+        if len(ratios) > 1:
+            out.print(
+                f"[dim]runtime/ceiling per run, {_procs(n)}: "
+                f"{', '.join(f'{r:.0%}' for r in ratios)}[/]"
+            )
+    other = statistics.median(p.cpu.other for p in phases) if phases else 0.0
+    if other > NOISY_CORES:
+        out.print(
+            f"[yellow]note:[/] other work used a median {other:.2f} cores during the measured "
+            "windows (other processes, the kernel): on a small machine these figures are noisy"
+        )
+    flagged = [p for p in phases if p.problems]
+    if flagged:
+        out.print("[bold red]errors flagged (these figures are suspect):[/]")
+        for p in flagged:
+            out.print(
+                f"  [red]✗[/] run {p.repeat + 1} {p.loop} {p.kind} {_procs(p.procs)}: "
+                f"{'; '.join(p.problems)}"
+            )
+    missed = [row for row in rows if row["target"] is not None and not met(row)]
+    for row in missed:
+        value, ceiling, ratio, target, _ = cells(row)
+        against = f"{ratio} of {ceiling}" if row["unit"] == "act/s" else f"{value} ms"
+        out.print(f"[bold red]target missed:[/] {row['name']}: {against}, target {target}")
+    if not missed:
+        out.print("[bold green]all targets met[/]")
+
+
+def definitions(info: RunInfo) -> str:
+    return (
+        f"Latency runs from just before a producer's XADD (one entry at a time, {info.rate:g} "
+        "events/s, open loop) to just after the worker's commit of that activation returned, "
+        "before its XACK; overhead = runtime p50 − ceiling p50 within each run. "
+        "Activations/s count the commits in the measured window while the workers drain a "
+        "pipelined backlog. The ceiling is the same work by hand in the same number of "
+        "processes: XREADGROUP (same streams, batch, concurrency and pool size), then per "
+        "entry one statement (one transaction, one round trip) inserting the 3 event rows "
+        "into a plain copy of `events` (no triggers, no hash chain) and the inbox row into "
+        "a copy of `inbox`, then XACK."
+    )
+
+
+def cpu_cost(phases: list[Phase]) -> str:
+    """CPU per activation in the throughput phases (medians), runtime beside ceiling."""
+    parts = []
+    for kind in KINDS:
+        tp = [p for p in phases if p.loop == "throughput" and p.kind == kind and p.rate]
+        workers = [p.cpu.workers / p.rate * 1e6 for p in tp if not math.isnan(p.cpu.workers)]
+        postgres = [p.cpu.postgres / p.rate * 1e6 for p in tp if not math.isnan(p.cpu.postgres)]
+        if not workers:
+            return ""
+        pg = f" + PostgreSQL {statistics.median(postgres):,.0f} µs" if postgres else ""
+        parts.append(f"{kind} workers {statistics.median(workers):,.0f} µs{pg}")
+    return f"CPU per activation while draining a backlog (median): {'; '.join(parts)}."
+
+
+def code_version() -> str:
+    """The commit measured, and whether runtime/ differed from it (others edit it too)."""
+    import subprocess
+
+    def git(*args: str) -> str:
+        done = subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True)
+        return done.stdout.strip() if done.returncode == 0 else ""
+
+    head = git("rev-parse", "--short", "HEAD")
+    if not head:
+        return "code version unknown"
+    dirty = git("status", "--porcelain", "--", "runtime")
+    return f"runtime at {head}" + (" with uncommitted changes" if dirty else "")
+
+
+def code_digest() -> str:
+    """A digest of the runtime modules a worker loads, to notice an edit during the run."""
+    import hashlib
+
+    import runtime.worker  # noqa: F401 (loads what a worker process loads)
+
+    digest = hashlib.sha256()
+    files = {
+        str(m.__file__)
+        for name, m in list(sys.modules.items())
+        if (name == "runtime" or name.startswith("runtime.")) and getattr(m, "__file__", None)
+    }
+    for path in sorted(files):
+        with contextlib.suppress(OSError):
+            digest.update(Path(path).read_bytes())
+    return digest.hexdigest()
+
+
+def machine() -> str:
+    cpu, memory = "unknown CPU", "unknown"
+    with contextlib.suppress(OSError, ValueError, IndexError, StopIteration):
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+        cpu = next(line for line in lines if line.startswith("model name")).split(":", 1)[1]
+        lines = Path("/proc/meminfo").read_text().splitlines()
+        kib = int(next(line for line in lines if line.startswith("MemTotal:")).split()[1])
+        memory = f"{kib / 1024 / 1024:.1f} GiB"
+    return f"{len(os.sched_getaffinity(0))} CPUs ({cpu.strip()}), {memory} RAM"
+
+
+def readme_block(figures: dict[str, Figure], phases: list[Phase], info: RunInfo) -> str:
+    errors = sum(bool(p.problems) for p in phases)
+    lines = [
+        MARK_START,
+        f"Measured with `scripts/bench_runtime.py` on {dt.date.today().isoformat()}: "
+        f"{machine()}, shared by the workers, the producer and both servers; "
+        f"{setup_text(info)}"
+        + (f"; {errors} phase(s) flagged (see the script's output)." if errors else "."),
+        "",
+        "| figure | value | unit | ceiling | ratio | target | |",
+        "| --- | ---: | --- | ---: | ---: | ---: | --- |",
+    ]
+    for row in figure_rows(figures):
+        value, ceiling, ratio, target, mark = cells(row)
+        lines.append(
+            f"| {row['name']} | {value} | {row['unit']} | {ceiling} | {ratio} | {target} | {mark} |"
+        )
+    lines += ["", definitions(info)]
+    if cost := cpu_cost(phases):
+        lines[-1] += " " + cost
+    other = statistics.median(p.cpu.other for p in phases) if phases else 0.0
+    if other > NOISY_CORES:
+        lines[-1] += (
+            f" Other work used a median {other:.2f} cores during the measured windows "
+            f"(worst {max(p.cpu.other for p in phases):.2f}): these figures are noisy."
+        )
+    lines.append(MARK_END)
+    return "\n".join(lines)
+
+
+def write_readme(block: str, err: Console) -> None:
+    text = README.read_text(encoding="utf-8")
+    start, end = text.find(MARK_START), text.find(MARK_END)
+    if start < 0 or end < start:
+        err.print(f"[yellow]warning:[/] {README} has no {MARK_START} markers; left unchanged")
+        return
+    README.write_text(text[:start] + block + text[end + len(MARK_END) :], encoding="utf-8")
+    err.print(f"[dim]wrote the figures into {README}[/]")
+
+
+# -- the run ---------------------------------------------------------------------------
+
+
+async def prepare_schemas(
+    admin: asyncpg.Connection, settings: Any, schema: str, raw_schema: str
+) -> tuple[str, str]:
+    """Migrate the log's schema, copy its tables for the ceiling; (pool URL, its role)."""
+    from runtime.database import open_runtime_pool, runtime_url
+    from runtime.migrations import migrate
+
+    await migrate(settings)
+    await admin.execute(f'CREATE SCHEMA "{raw_schema}"')
+    for table in ("events", "inbox"):
+        await admin.execute(
+            f'CREATE TABLE "{raw_schema}".{table} (LIKE "{schema}".{table} INCLUDING ALL)'
+        )
+    # The ceiling connects as whoever the runtime's pool connects as.
+    pool = await open_runtime_pool(settings, min_size=1, max_size=1)
+    try:
+        role = str(await pool.fetchval("SELECT current_user"))
+    finally:
+        await pool.close()
+    if role == settings.app_role:
+        await admin.execute(f'GRANT USAGE ON SCHEMA "{raw_schema}" TO "{role}"')
+        await admin.execute(
+            f'GRANT SELECT, INSERT ON ALL TABLES IN SCHEMA "{raw_schema}" TO "{role}"'
+        )
+        return runtime_url(settings), role
+    return settings.require_database_url(), role
+
+
+async def run(
+    args: argparse.Namespace, srv: Servers, err: Console
+) -> tuple[dict[str, Figure], list[Phase], RunInfo]:
+    from runtime.database import connect, redact
+    from runtime.settings import Settings
+
+    tag = secrets.token_hex(4)
+    schema, raw_schema = f"bench_{tag}", f"bench_{tag}_raw"
+    settings = Settings.from_env(db_schema=schema).with_urls(
+        redis_url=srv.redis_url, database_url=srv.database_url
+    )
+    redis = aioredis.Redis.from_url(srv.redis_url, socket_timeout=60)
+    deadline = time.monotonic() + 120
+    while True:  # a freshly started server loads its AOF first
+        try:
+            if not int((await redis.info("persistence")).get("loading", 0)):
+                break
+        except BusyLoadingError:
+            pass
+        if time.monotonic() > deadline:
+            raise RuntimeError("Redis was still loading its data after 120s")
+        await asyncio.sleep(0.1)
+    async for key in redis.scan_iter(count=100):
+        if not key.startswith(b"agentrt:"):
+            await redis.aclose()
+            raise SystemExit(
+                f"Redis database {args.redis_db} holds {key!r}, not an agentrt key: refusing to "
+                "flush it; pick an empty database with --redis-db"
+            )
+    admin = await connect(settings.require_database_url())
+    figures = new_figures(args.processes, args.rate)
+    phases: list[Phase] = []
+    try:
+        version = str(await admin.fetchval("SHOW server_version"))
+        fsync = await admin.fetchval("SHOW fsync")
+        sync_commit = await admin.fetchval("SHOW synchronous_commit")
+        if fsync != "on" or sync_commit != "on":
+            err.print(
+                f"[bold yellow]warning:[/] PostgreSQL runs with fsync={fsync}, "
+                f"synchronous_commit={sync_commit}: these are not durable figures"
+            )
+        rinfo = await redis.info("server")
+        try:
+            conf = await redis.config_get("append*")
+            aof = (
+                f"AOF, appendfsync {conf.get('appendfsync', '?')}"
+                if conf.get("appendonly") == "yes"
+                else "AOF off"
+            )
+        except RedisError:
+            aof = "durability unknown"
+        err.print(f"[dim]migrating scratch schema {schema} ({redact(srv.database_url)})[/]")
+        pool_url, role = await prepare_schemas(admin, settings, schema, raw_schema)
+        sample = Workload("sample")
+        info = RunInfo(
+            redis=f"Redis {rinfo.get('redis_version', '?')} ({srv.redis_mode}, {aof})",
+            postgres=f"PostgreSQL {version} ({srv.pg_mode}, fsync={fsync}, "
+            f"synchronous_commit={sync_commit})",
+            notify=settings.log_notify,
+            pool_role=role,
+            rate=args.rate,
+            warmup=args.warmup,
+            duration=args.duration,
+            repeat=args.repeat,
+            processes=list(args.processes),
+            body_bytes=round(statistics.fmean(len(sample.entry()[2]["body"]) for _ in range(200))),
+        )
+        info.code, digest = code_version(), code_digest()
+        with tempfile.TemporaryDirectory(prefix="bench_runtime_") as tmp:
+            base_spec = {
+                "redis_url": srv.redis_url,
+                "database_url": srv.database_url,
+                "pool_url": pool_url,
+                "schema": schema,
+                "raw_schema": raw_schema,
+                "notify": settings.log_notify,
+                "dump_dir": tmp,
+                "profile": str(args.profile) if args.profile else None,
+            }
+            bench = Bench(args, srv, redis, Meter(admin, redis), base_spec, Path(tmp), err)
+            started = time.perf_counter()
+            for r in range(args.repeat):
+                err.print(f"[bold]run {r + 1}/{args.repeat}[/]")
+                for i, n in enumerate(args.processes):
+                    order = KINDS if (r + i) % 2 == 0 else KINDS[::-1]
+                    for kind in order:
+                        err.print(f"  {kind}, {_procs(n)} ...", end="")
+                        got = await bench.block(kind, n, r)
+                        phases.extend(got)
+                        lat, tp = got
+                        err.print(
+                            f" {tp.rate:,.0f} act/s; at {args.rate:g}/s p50 {lat.p50_ms:.2f} ms, "
+                            f"p99 {lat.p99_ms:.2f} ms (workers {tp.cpu.workers:.2f} cores, "
+                            f"postgres {tp.cpu.postgres:.2f}, other {tp.cpu.other:.2f})"
+                            + (
+                                f" [red]{'; '.join(lat.problems + tp.problems)}[/]"
+                                if lat.problems or tp.problems
+                                else ""
+                            )
+                        )
+                record(figures, phases, r)
+            info.seconds = time.perf_counter() - started
+            if code_digest() != digest:
+                info.code += " (its worker code changed during the run: figures mix versions)"
+                err.print(f"[bold yellow]warning:[/] the code changed during the run: {info.code}")
+        return figures, phases, info
+    finally:
+        with contextlib.suppress(Exception):
+            await redis.flushdb()
+        await redis.aclose()
+        for s in (raw_schema, schema):
+            try:
+                await admin.execute(f'DROP SCHEMA IF EXISTS "{s}" CASCADE')
+            except asyncpg.PostgresError as exc:
+                err.print(f"[yellow]warning:[/] could not drop schema {s}: {exc}")
+        await admin.close()
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description="Benchmark agentrt workers against the same work by hand, same servers."
+    )
+    add = parser.add_argument
+    add("--quick", action="store_true", help="a short run (under a minute)")
+    add("--json", action="store_true", help='last stdout line: {"figures": [...]}')
+    add("--write-readme", action="store_true", help="refresh the bench_runtime block of README.md")
+    add("--repeat", type=int, help="runs of every phase, medians reported (default 3, quick 1)")
+    add("--rate", type=float, default=500.0, help="events/s of the latency phases (500)")
+    add("--duration", type=float, help="measured seconds per phase (default 6, quick 2.5)")
+    add("--warmup", type=float, help="warm-up seconds per phase (default 2, quick 1)")
+    add("--processes", default="1,2", help="worker process counts to measure (default 1,2)")
+    add("--redis-db", type=int, default=13, help="the Redis database the benchmark flushes (13)")
+    add(
+        "--state-dir",
+        type=Path,
+        default=Path(".agentrt/bench"),
+        help="embedded servers' state when REDIS_URL/DATABASE_URL are unset (.agentrt/bench)",
+    )
+    add("--keep-server", action="store_true", help="leave embedded servers this run started")
+    add("--profile", type=Path, help="cProfile every worker process into this directory")
+    add("--_worker", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args._worker:
+        return args
+    args.duration = args.duration or (2.5 if args.quick else 6.0)
+    args.warmup = args.warmup if args.warmup is not None else (1.0 if args.quick else 2.0)
+    args.repeat = args.repeat or (1 if args.quick else 3)
+    try:
+        args.processes = sorted({int(n) for n in args.processes.split(",")})
+    except ValueError:
+        parser.error("--processes takes counts separated by commas, e.g. 1,2")
+    if min(args.repeat, *args.processes) < 1 or args.warmup < 0 or args.duration <= 0:
+        parser.error("--repeat and --processes must be >= 1, --warmup >= 0, --duration > 0")
+    if args.rate <= 0:
+        parser.error("--rate must be > 0")
+    if args.profile:
+        args.profile.mkdir(parents=True, exist_ok=True)
+        args.profile = args.profile.resolve()
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args._worker:
+        run_worker(WorkerSpec(**json.loads(args._worker)))
+        return 0
+    quiet_logging()
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    err = Console(stderr=True)
+    # The human output goes to stdout, or to stderr when stdout carries the JSON.
+    out = err if args.json else Console()
+    if not out.is_terminal:
+        out = Console(stderr=out.stderr, width=180)
+    try:
+        with servers(args, err) as srv:
+            figures, phases, info = asyncio.run(run(args, srv, err))
+    except KeyboardInterrupt:
+        err.print("[yellow]interrupted[/]")
+        return 130
+    render(figures, phases, info, out)
+    if args.write_readme:
+        write_readme(readme_block(figures, phases, info), err)
+    if args.json:
+        print(json.dumps({"figures": figure_rows(figures)}), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
