@@ -482,6 +482,7 @@ class LLM:
     async def step(self, ctx: Context, request: JSON) -> StepRecorded:
         """One model call as a durable step: from the log, or budget-checked and made now."""
         steps = ctx.steps
+        await steps.ensure_loaded()
         if steps.next_step not in steps.recorded:
             await self._check_budget(ctx, request)
         before = steps.reused

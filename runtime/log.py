@@ -131,6 +131,20 @@ class EventLog:
             f"SELECT * FROM {q}.append_events("
             "$1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14)"
         )
+        self._sql_insert_marked = (
+            f"WITH marked AS (INSERT INTO {q}.inbox "
+            "(consumer, event_id, activation_id, outcome, run_id) "
+            "VALUES ($14, $15, $16, $17, $18)) "
+            f"INSERT INTO {q}.events (event_id, stream_id, stream_version, event_type, "
+            "schema_version, run_id, causation_id, producer, recorded_at, trace, data, "
+            "prev_hash, hash) "
+            "SELECT u.id, $1, $2 + u.ord, u.typ, u.ver, u.run, u.cause, u.producer, u.recorded, "
+            "u.trace, u.data, u.prev, u.hash FROM unnest($3::uuid[], $4::text[], $5::int[], "
+            "$6::uuid[], $7::uuid[], $8::text[], $9::timestamptz[], $10::text[], $11::json[], "
+            "$12::bytea[], $13::bytea[]) WITH ORDINALITY "
+            "AS u(id, typ, ver, run, cause, producer, recorded, trace, data, prev, hash, ord) "
+            "RETURNING tx_id, position, stream_version"
+        )
         self._sql_insert = (
             f"INSERT INTO {q}.events (event_id, stream_id, stream_version, event_type, "
             "schema_version, run_id, causation_id, producer, recorded_at, trace, data, "
@@ -239,7 +253,11 @@ class EventLog:
         raise ConcurrencyConflict(stream_id, expected_version, actual)
 
     async def append_marked(
-        self, stream_id: str, events: Sequence[NewEvent | Event], marker: Sequence[Any]
+        self,
+        stream_id: str,
+        events: Sequence[NewEvent | Event],
+        marker: Sequence[Any],
+        expected_version: int | None = ANY_VERSION,
     ) -> AppendResult:
         """Append (any version) and insert the inbox row ``marker`` in ONE statement.
 
@@ -251,13 +269,28 @@ class EventLog:
         """
         if not events:
             raise InvalidAppend(f"append to {stream_id!r}: no events given")
-        args = self._encode(stream_id, events, None)
-        try:
-            row = await self._pool.fetchrow(self._sql_append_marked, *args, *marker)
-        except asyncpg.PostgresError as exc:
-            self._raise_typed(exc, stream_id, None)
-            raise
-        return self._result(stream_id, row)
+        args = self._encode(stream_id, events, expected_version)
+        links = args[13]
+        if links is None or len(args[2]) >= COPY_THRESHOLD:
+            try:
+                row = await self._pool.fetchrow(self._sql_append_marked, *args, *marker)
+            except asyncpg.PostgresError as exc:
+                self._raise_typed(exc, stream_id, expected_version)
+                raise
+            return self._result(stream_id, row)
+        # The head is known (a new stream, or this log's last append to it): the
+        # chain was computed here and the rows go straight in, as in
+        # _insert_known_head; a writer that moved the head meets the unique index.
+        (_, expected, ids, types, versions, runs, causes, producers, recorded, traces, datas,
+         _, _, _) = args  # fmt: skip
+        rows = await self._pool.fetch(
+            self._sql_insert_marked, stream_id, expected, ids, types, versions, runs, causes,
+            producers, recorded, traces, datas, links[:-1], links[1:], *marker,
+        )  # fmt: skip
+        rows.sort(key=lambda r: r[2])
+        version = expected + len(ids)
+        self._remember_head(stream_id, version, links[-1])
+        return AppendResult(stream_id, version, [LogPosition(r[0], r[1]) for r in rows], True)
 
     async def _append_once(
         self,

@@ -75,8 +75,12 @@ class Steps:
         agent: str,
         trigger_id: UUID,
         recorded: dict[int, StepRecorded] | None = None,
+        lazy: bool = False,
     ) -> None:
+        """``lazy``: read the recorded steps from the log only when the first step is taken
+        (an activation that takes none then costs no read)."""
         self._log = log
+        self._loaded = not lazy
         self.activation_id = activation_id
         self.run_id = run_id
         self.agent = agent
@@ -92,25 +96,25 @@ class Steps:
     async def load(
         cls, log: EventLog, *, activation_id: UUID, run_id: UUID, agent: str, trigger_id: UUID
     ) -> Steps:
-        recorded: dict[int, StepRecorded] = {}
-        stream = steps_stream(activation_id)
+        steps = cls(log, activation_id=activation_id, run_id=run_id, agent=agent,
+                    trigger_id=trigger_id, lazy=True)  # fmt: skip
+        await steps.ensure_loaded()
+        return steps
+
+    async def ensure_loaded(self) -> None:
+        """Read the steps earlier attempts recorded (once)."""
+        if self._loaded:
+            return
         after = 1
         while True:
-            page = await log.read_stream(stream, after, limit=1000)
+            page = await self._log.read_stream(self.stream, after, limit=1000)
             for ev in page:
                 if isinstance(ev.body, StepRecorded):
-                    recorded[ev.stream_version] = ev.body
+                    self.recorded.setdefault(ev.stream_version, ev.body)
             if len(page) < 1000:
                 break
             after = page[-1].stream_version + 1
-        return cls(
-            log,
-            activation_id=activation_id,
-            run_id=run_id,
-            agent=agent,
-            trigger_id=trigger_id,
-            recorded=recorded,
-        )
+        self._loaded = True
 
     @property
     def next_step(self) -> int:
@@ -123,6 +127,7 @@ class Steps:
         this step. The caller turns a recorded error into an exception
         (:func:`raise_if_failed`).
         """
+        await self.ensure_loaded()
         self.count += 1
         n = self.count
         wanted = request_hash(kind, name, request)
@@ -194,7 +199,10 @@ class Steps:
             )
 
     def check_complete(self) -> None:
-        """After the handler returned: the log must not hold steps it no longer takes."""
+        """After the handler returned: the log must not hold steps it no longer takes.
+
+        (A lazy Steps that took no step has read nothing: the worker loads
+        eagerly for every redelivery, where that check matters.)"""
         extra = sorted(k for k in self.recorded if k > self.count)
         if extra:
             step = self.recorded[extra[0]]

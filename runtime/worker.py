@@ -56,7 +56,7 @@ from runtime.errors import (
     UnknownEventType,
 )
 from runtime.events import Event, LogPosition, NewEvent, RecordedEvent
-from runtime.log import EventLog
+from runtime.log import ANY_VERSION, NO_STREAM, EventLog
 from runtime.steps import Steps, steps_stream
 from runtime.streams import DLQ_STREAM, agent_stream, ingress_stream
 
@@ -258,6 +258,9 @@ class Worker:
             f"FROM {q}.events WHERE run_id = $1 AND event_type = 'step.recorded' "
             "AND stream_id <> $2"
         )
+        self._sql_done = (
+            f"SELECT EXISTS (SELECT 1 FROM {q}.inbox WHERE consumer = $1 AND event_id = $2)"
+        )
         self._sql_has_event = f"SELECT EXISTS (SELECT 1 FROM {q}.events WHERE event_id = $1)"
         self._renew = redis.register_script(_RENEW)
         # XAUTOCLAIM's reply differs between Redis 6.2 and 7 (and redis-py
@@ -407,8 +410,10 @@ class Worker:
                     name,
                     self.consumer,
                     streams,
-                    # COUNT is per stream: spread the room over them.
-                    count=max(1, min(opts.batch, free // len(streams))),
+                    # COUNT is per stream, so this may bring more than `free`
+                    # when several streams have entries: those wait their
+                    # turn here, leased (see _spawn).
+                    count=min(opts.batch, free),
                     block=opts.block_ms,
                 )
             except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
@@ -509,14 +514,19 @@ class Worker:
         agent = g.agent
         aid = activation_id_for(agent.name, d.event_id, d.generation)
         steps_stream_id = steps_stream(aid)
-        done, trigger_in_log, has_steps = await self.log.pool.fetchrow(
-            self._sql_start, agent.name, d.event_id, steps_stream_id
-        )
-        if done:
-            await self._ack(g, d.stream, d.entry_id)
-            log.info("activation.duplicate")
-            return "duplicate"
+        # A first delivery goes straight to the handler: a duplicate of a
+        # committed activation is caught by the inbox row at commit (its steps
+        # come back from the log, so nothing is called twice), which saves a
+        # round trip on every activation. A redelivery looks first.
+        trigger_in_log, has_steps = d.in_log, False
         if claimed:
+            done, trigger_in_log, has_steps = await self.log.pool.fetchrow(
+                self._sql_start, agent.name, d.event_id, steps_stream_id
+            )
+            if done:
+                await self._ack(g, d.stream, d.entry_id)
+                log.info("activation.duplicate")
+                return "duplicate"
             deliveries = await self._deliveries(g, d.stream, d.entry_id)
             if deliveries > self.options.max_deliveries:
                 error = RuntimeError(
@@ -529,12 +539,12 @@ class Worker:
             body = self.log.registry.decode(d.type, d.schema_version, d.body, strict=True)
         except (EventDecodeError, UnknownEventType) as exc:
             raise InvalidDelivery(d.stream, d.entry_id, str(exc)) from None
-        if has_steps:
-            steps = await Steps.load(self.log, activation_id=aid, run_id=d.run_id,
-                                     agent=agent.name, trigger_id=d.event_id)  # fmt: skip
-        else:
-            steps = Steps(self.log, activation_id=aid, run_id=d.run_id, agent=agent.name,
-                          trigger_id=d.event_id)  # fmt: skip
+        # Redeliveries read the recorded steps now (the divergence check at
+        # the end needs them); a first delivery reads them at its first step.
+        steps = Steps(self.log, activation_id=aid, run_id=d.run_id, agent=agent.name,
+                      trigger_id=d.event_id, lazy=not claimed or has_steps)  # fmt: skip
+        if claimed:
+            await steps.ensure_loaded()
         history: list[RecordedEvent] = []
         if type(agent).evolve is not Agent.evolve:
             history = await self._history(d)
@@ -653,10 +663,17 @@ class Worker:
         marker = (agent, d.event_id, aid, outcome, d.run_id)
         for attempt in range(1, _COMMIT_ATTEMPTS + 1):
             events = list(outputs)
+            expected = ANY_VERSION
             if trigger is not None and not trigger_in_log:
                 events.insert(0, trigger)
+                if d.run_id == d.event_id and attempt == 1:
+                    # Most likely the run's first event, its stream new: the
+                    # chain is computed here and the rows go straight in (no
+                    # function). If the stream exists after all (a redrive,
+                    # another agent), the retry appends at any version.
+                    expected = NO_STREAM
             try:
-                await self.log.append_marked(run_stream(d.run_id), events, marker)
+                await self.log.append_marked(run_stream(d.run_id), events, marker, expected)
                 return True
             except asyncpg.UniqueViolationError as exc:
                 if exc.constraint_name == "inbox_pkey":
@@ -666,7 +683,8 @@ class Worker:
                 lost = exc
             if attempt == _COMMIT_ATTEMPTS:
                 raise lost
-            await asyncio.sleep(random.uniform(0, 0.002 * 2**attempt))
+            if attempt > 1:
+                await asyncio.sleep(random.uniform(0, 0.002 * 2**attempt))
             if trigger is not None:
                 trigger_in_log = bool(await self.log.pool.fetchval(self._sql_has_event,
                                                                    d.event_id))  # fmt: skip
@@ -693,6 +711,12 @@ class Worker:
     # -- failure ------------------------------------------------------------------
 
     async def _failed(self, g: _Group, d: Delivery, fields: dict[Any, Any], exc: Exception) -> None:
+        if await self.log.pool.fetchval(self._sql_done, g.agent.name, d.event_id):
+            # A duplicate of an activation that committed: its rerun failing
+            # changes nothing.
+            await self._ack(g, d.stream, d.entry_id)
+            log.info("activation.duplicate", rerun_error=f"{type(exc).__name__}: {exc}")
+            return
         deliveries = await self._deliveries(g, d.stream, d.entry_id)
         # These fail the same way every time: retrying only delays the dead letter.
         deterministic = isinstance(exc, InvalidDelivery | StepFailed | StepDivergence)
