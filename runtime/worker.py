@@ -263,6 +263,9 @@ class Worker:
         )
         self._sql_has_event = f"SELECT EXISTS (SELECT 1 FROM {q}.events WHERE event_id = $1)"
         self._renew = redis.register_script(_RENEW)
+        #: (stream, group) -> entry ids committed and waiting for the next XACK.
+        self._acks: dict[tuple[str, str], list[str]] = {}
+        self._ack_wake = asyncio.Event()
         # XAUTOCLAIM's reply differs between Redis 6.2 and 7 (and redis-py
         # cannot parse 6.2's deleted entries): take it raw.
         self._raw = aioredis.Redis(connection_pool=redis.connection_pool)
@@ -341,6 +344,7 @@ class Worker:
             self._task(self._trim_loop(), "trim"),
         ]
         renewer = self._task(self._renew_leases(), "leases")
+        acker = self._task(self._ack_loop(), "acks")
         waiters: list[asyncio.Task[Any]] = [asyncio.create_task(self._stopping.wait())]
         if stop is not None:
             waiters.append(asyncio.create_task(stop.wait()))
@@ -361,8 +365,10 @@ class Worker:
                 task.cancel()
             await asyncio.gather(*readers, *helpers, return_exceptions=True)
             await self._drain()
+            acker.cancel()
             renewer.cancel()
-            await asyncio.gather(renewer, return_exceptions=True)
+            await asyncio.gather(renewer, acker, return_exceptions=True)
+            await self._flush_acks()
             log.info("worker.stopped", consumer=self.consumer)
 
     def _task(self, coro: Coroutine[Any, Any, None], name: str) -> asyncio.Task[None]:
@@ -702,7 +708,35 @@ class Worker:
         )
 
     async def _ack(self, g: _Group, stream: str, entry_id: str) -> None:
-        await self.redis.xack(stream, g.agent.name, entry_id)
+        """Acknowledge, batched: the entry joins the next XACK of its stream.
+
+        Only ever called after the commit (or for entries with nothing to
+        commit), so a delay changes nothing but the round trips: if the
+        process dies first, the entry is redelivered and the inbox skips it.
+        """
+        self._acks.setdefault((stream, g.agent.name), []).append(entry_id)
+        self._ack_wake.set()
+
+    async def _ack_loop(self) -> None:
+        """Send the queued acknowledgements, one pipelined round trip per wake-up."""
+        while True:
+            await self._ack_wake.wait()
+            await self._flush_acks()
+
+    async def _flush_acks(self) -> None:
+        self._ack_wake.clear()
+        batch, self._acks = self._acks, {}
+        if not batch:
+            return
+        try:
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for (stream, group), ids in batch.items():
+                    pipe.xack(stream, group, *ids)
+                await pipe.execute()
+        except (RedisError, OSError) as exc:
+            # Left pending: reclaimed later, and the inbox row makes it a no-op.
+            log.warning("worker.ack_failed", entries=sum(map(len, batch.values())),
+                        error=f"{type(exc).__name__}: {exc}")  # fmt: skip
 
     async def _deliveries(self, g: _Group, stream: str, entry_id: str) -> int:
         rows = await self.redis.xpending_range(stream, g.agent.name, entry_id, entry_id, 1)
