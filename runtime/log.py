@@ -552,28 +552,33 @@ class EventLog:
         *,
         batch: int = 500,
         poll_interval: float = 0.5,
+        wake: asyncio.Event | None = None,
     ) -> AsyncGenerator[list[RecordedEvent], None]:
         """Catch up from ``after``, then follow the log live, a page at a time.
 
         Appends NOTIFY the log's channel; a dedicated connection LISTENs and
         wakes the reader. A wake-up can be missed (a dropped connection, or
         events that become readable only when an older transaction ends), so
-        the reader also polls every ``poll_interval`` seconds.
+        the reader also polls every ``poll_interval`` seconds. A caller with
+        wake-ups of its own passes ``wake`` (the relay uses Redis messages from
+        the workers); no LISTEN connection is held then.
         """
-        wake = asyncio.Event()
         listener: asyncpg.Connection | None = None
+        if wake is None:
+            wake = asyncio.Event()
 
-        def on_notify(*_: object) -> None:
-            wake.set()
+            def on_notify(*_: object) -> None:
+                assert wake is not None
+                wake.set()
 
-        try:
-            listener = await self._pool.acquire()
-            await listener.add_listener(self.channel, on_notify)
-        except (OSError, asyncpg.PostgresError) as exc:
-            log.warning("log.listen_failed", error=str(exc), fallback="polling")
-            if listener is not None:
-                await self._pool.release(listener)
-                listener = None
+            try:
+                listener = await self._pool.acquire()
+                await listener.add_listener(self.channel, on_notify)
+            except (OSError, asyncpg.PostgresError) as exc:
+                log.warning("log.listen_failed", error=str(exc), fallback="polling")
+                if listener is not None:
+                    await self._pool.release(listener)
+                    listener = None
         position = after
         try:
             while True:

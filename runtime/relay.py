@@ -37,7 +37,7 @@ from runtime.agent_events import BOOKKEEPING, TimerFired, TimerScheduled
 from runtime.agents import Agent, subscribers
 from runtime.events import START, LogPosition, NewEvent, RecordedEvent, encode_body
 from runtime.log import EventLog
-from runtime.streams import KEY_PREFIX, agent_stream
+from runtime.streams import KEY_PREFIX, agent_stream, log_wake_channel
 
 log = structlog.get_logger(__name__)
 
@@ -179,14 +179,32 @@ class Relay:
                 raise LeaseLost(f"relay {self.name!r} lost its lease to another relay")
 
     async def _publish_loop(self) -> None:
+        wake = asyncio.Event()
+        listener = asyncio.create_task(self._listen(wake))
         pages = self.log.follow(
-            await self.position(), batch=self.batch, poll_interval=self.poll_interval
+            await self.position(), batch=self.batch, poll_interval=self.poll_interval, wake=wake
         )
         try:
             async for page in pages:
                 await self.publish(page)
         finally:
+            listener.cancel()
+            await asyncio.gather(listener, return_exceptions=True)
             await pages.aclose()
+
+    async def _listen(self, wake: asyncio.Event) -> None:
+        """Wake the reader when a worker announces a commit (polling covers the rest:
+        appends by other writers, a lost message, a Redis reconnect)."""
+        while True:
+            try:
+                async with self.redis.pubsub() as pubsub:
+                    await pubsub.subscribe(log_wake_channel(self.log.schema))
+                    async for message in pubsub.listen():
+                        if message.get("type") == "message":
+                            wake.set()
+            except (RedisError, OSError) as exc:
+                log.warning("relay.wake_listener_failed", error=str(exc))
+                await asyncio.sleep(1.0)
 
     async def publish(self, page: list[RecordedEvent]) -> int:
         """Publish one page and move the checkpoint past it, atomically; entries added."""

@@ -56,10 +56,12 @@ class Settings:
     app_password: str | None = None
     log_level: str = "info"
     log_json: bool = False
-    #: Seconds between polls when a tail reader has no NOTIFY wake-up.
-    poll_interval: float = 0.5
-    #: Whether appends NOTIFY tail readers (see README: NOTIFY serialises commits).
-    log_notify: bool = True
+    #: Seconds between polls when a tail reader has no wake-up.
+    poll_interval: float = 0.2
+    #: Whether appends NOTIFY tail readers. Off by default: PostgreSQL serializes
+    #: the commits of notifying transactions (see README); workers wake the relay
+    #: through Redis instead, and other tail readers poll.
+    log_notify: bool = False
     #: The webhook sources file (TOML) that ``agentrt serve`` reads.
     webhooks_config: Path = Path("webhooks.toml")
     #: Model tiers (``fast``, ``smart``, ...) -> model ids.

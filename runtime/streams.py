@@ -37,6 +37,11 @@ def agent_stream(agent: str) -> str:
     return f"{KEY_PREFIX}agent:{{{agent}}}"
 
 
+def log_wake_channel(schema: str) -> str:
+    """Redis pub/sub channel on which workers announce commits to the log of ``schema``."""
+    return f"{KEY_PREFIX}wake:{schema}"
+
+
 #: Entries whose activation failed too often, with the error (``agentrt dlq``).
 DLQ_STREAM = f"{KEY_PREFIX}dlq"
 

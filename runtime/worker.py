@@ -58,7 +58,7 @@ from runtime.errors import (
 from runtime.events import Event, LogPosition, NewEvent, RecordedEvent
 from runtime.log import ANY_VERSION, NO_STREAM, EventLog
 from runtime.steps import Steps, steps_stream
-from runtime.streams import DLQ_STREAM, agent_stream, ingress_stream
+from runtime.streams import DLQ_STREAM, agent_stream, ingress_stream, log_wake_channel
 
 if TYPE_CHECKING:
     from runtime.llm import LLM
@@ -266,6 +266,9 @@ class Worker:
         #: (stream, group) -> entry ids committed and waiting for the next XACK.
         self._acks: dict[tuple[str, str], list[str]] = {}
         self._ack_wake = asyncio.Event()
+        #: Whether something committed since the last flush (the relay is woken).
+        self._committed = False
+        self._wake_channel = log_wake_channel(log.schema)
         # XAUTOCLAIM's reply differs between Redis 6.2 and 7 (and redis-py
         # cannot parse 6.2's deleted entries): take it raw.
         self._raw = aioredis.Redis(connection_pool=redis.connection_pool)
@@ -646,6 +649,7 @@ class Worker:
     ) -> bool:
         committed = await self.commit(g.agent.name, d, aid, outputs, trigger, trigger_in_log,
                                       outcome)  # fmt: skip
+        self._committed = self._committed or committed
         await self._ack(g, d.stream, d.entry_id)
         return committed
 
@@ -726,12 +730,17 @@ class Worker:
     async def _flush_acks(self) -> None:
         self._ack_wake.clear()
         batch, self._acks = self._acks, {}
-        if not batch:
+        committed, self._committed = self._committed, False
+        if not batch and not committed:
             return
         try:
             async with self.redis.pipeline(transaction=False) as pipe:
                 for (stream, group), ids in batch.items():
                     pipe.xack(stream, group, *ids)
+                if committed:
+                    # Wakes the relay (cheaper than a NOTIFY in every commit,
+                    # which PostgreSQL serializes).
+                    pipe.publish(self._wake_channel, b"")
                 await pipe.execute()
         except (RedisError, OSError) as exc:
             # Left pending: reclaimed later, and the inbox row makes it a no-op.

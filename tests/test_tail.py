@@ -148,7 +148,11 @@ async def test_a_lower_position_committing_late_is_read_not_skipped(log: EventLo
     assert isinstance(events[0].log_position, LogPosition)
 
 
-async def test_subscribe_wakes_on_notify_before_the_poll_interval(log: EventLog) -> None:
+async def test_subscribe_wakes_on_notify_before_the_poll_interval(
+    log: EventLog, settings: Settings
+) -> None:
+    loud_pool = await open_runtime_pool(dataclasses.replace(settings, log_notify=True))
+    loud = EventLog(loud_pool, schema=log.schema)
     got: list[UUID] = []
 
     async def follow() -> None:
@@ -160,8 +164,11 @@ async def test_subscribe_wakes_on_notify_before_the_poll_interval(log: EventLog)
     task = asyncio.create_task(follow())
     await asyncio.sleep(0.2)
     event = NewEvent(body=Counted(writer=0, seq=0))
-    await log.append("s-n", [event])
-    await asyncio.wait_for(task, 5)
+    try:
+        await loud.append("s-n", [event])
+        await asyncio.wait_for(task, 5)
+    finally:
+        await loud_pool.close()
     assert got == [event.event_id]
 
 
@@ -194,13 +201,15 @@ async def test_notify_off_really_sends_no_notification(log: EventLog, settings: 
     listener = await log.pool.acquire()
     await listener.add_listener(log.channel, lambda *_: woken.set())
     quiet_pool = await open_runtime_pool(dataclasses.replace(settings, log_notify=False))
+    loud_pool = await open_runtime_pool(dataclasses.replace(settings, log_notify=True))
     try:
         await EventLog(quiet_pool, schema=log.schema).append("s-q2", [Counted(writer=0, seq=2)])
         await asyncio.sleep(0.3)
         assert not woken.is_set()
-        await log.append("s-q2", [Counted(writer=0, seq=3)])
+        await EventLog(loud_pool, schema=log.schema).append("s-q2", [Counted(writer=0, seq=3)])
         await asyncio.wait_for(woken.wait(), 5)
     finally:
         await quiet_pool.close()
+        await loud_pool.close()
         await listener.reset()
         await log.pool.release(listener)

@@ -361,3 +361,23 @@ async def test_a_relay_that_lost_its_lease_publishes_nothing(
     assert await relay.publish(page) == 1
     assert await redis.xlen(agent_stream("auditor")) == 1
     assert (await relay.position()) == page[-1].log_position
+
+
+async def test_workers_wake_the_relay_through_redis(redis: aioredis.Redis, log: EventLog) -> None:
+    """With a poll interval far longer than the test, only the worker's wake-up can
+    get the fulfilment's output to the auditor in time (appends do not NOTIFY)."""
+    from runtime.relay import Relay
+
+    agents = [Fulfilment(), Auditor()]
+    relay = Relay(log, redis, agents, poll_interval=30)
+    stop = asyncio.Event()
+    task = asyncio.create_task(relay.run(stop))
+    try:
+        async with running(agents, redis, log, relay=False):
+            await asyncio.sleep(0.3)  # the relay has caught up and waits
+            await send(redis, OrderPlaced(order_id="w1", sku="SKU-9"))
+            await wait_for(lambda: _count(log, "orders.audited", 1), seconds=10,
+                           what="the auditor, woken through Redis")  # fmt: skip
+    finally:
+        stop.set()
+        await task
