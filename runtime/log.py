@@ -131,20 +131,6 @@ class EventLog:
             f"SELECT * FROM {q}.append_events("
             "$1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14)"
         )
-        self._sql_insert_marked = (
-            f"WITH marked AS (INSERT INTO {q}.inbox "
-            "(consumer, event_id, activation_id, outcome, run_id) "
-            "VALUES ($14, $15, $16, $17, $18)) "
-            f"INSERT INTO {q}.events (event_id, stream_id, stream_version, event_type, "
-            "schema_version, run_id, causation_id, producer, recorded_at, trace, data, "
-            "prev_hash, hash) "
-            "SELECT u.id, $1, $2 + u.ord, u.typ, u.ver, u.run, u.cause, u.producer, u.recorded, "
-            "u.trace, u.data, u.prev, u.hash FROM unnest($3::uuid[], $4::text[], $5::int[], "
-            "$6::uuid[], $7::uuid[], $8::text[], $9::timestamptz[], $10::text[], $11::json[], "
-            "$12::bytea[], $13::bytea[]) WITH ORDINALITY "
-            "AS u(id, typ, ver, run, cause, producer, recorded, trace, data, prev, hash, ord) "
-            "RETURNING tx_id, position, stream_version"
-        )
         self._sql_insert = (
             f"INSERT INTO {q}.events (event_id, stream_id, stream_version, event_type, "
             "schema_version, run_id, causation_id, producer, recorded_at, trace, data, "
@@ -155,6 +141,12 @@ class EventLog:
             "$12::bytea[], $13::bytea[]) WITH ORDINALITY "
             "AS u(id, typ, ver, run, cause, producer, recorded, trace, data, prev, hash, ord) "
             "RETURNING tx_id, position, stream_version"
+        )
+        # The same rows with the worker's inbox row, in one statement.
+        self._sql_insert_marked = (
+            f"WITH marked AS (INSERT INTO {q}.inbox "
+            "(consumer, event_id, activation_id, outcome, run_id) "
+            "VALUES ($14, $15, $16, $17, $18)) " + self._sql_insert
         )
         self._sql_insert_one = (
             f"INSERT INTO {q}.events (event_id, stream_id, stream_version, event_type, "
