@@ -142,12 +142,8 @@ class EventLog:
             "AS u(id, typ, ver, run, cause, producer, recorded, trace, data, prev, hash, ord) "
             "RETURNING tx_id, position, stream_version"
         )
-        # The same rows with the worker's inbox row, in one statement.
-        self._sql_insert_marked = (
-            f"WITH marked AS (INSERT INTO {q}.inbox "
-            "(consumer, event_id, activation_id, outcome, run_id) "
-            "VALUES ($14, $15, $16, $17, $18)) " + self._sql_insert
-        )
+        #: n -> the marked INSERT of n rows (see _marked_values).
+        self._marked_sql: dict[int, str] = {}
         self._sql_insert_one = (
             f"INSERT INTO {q}.events (event_id, stream_id, stream_version, event_type, "
             "schema_version, run_id, causation_id, producer, recorded_at, trace, data, "
@@ -275,14 +271,43 @@ class EventLog:
         # _insert_known_head; a writer that moved the head meets the unique index.
         (_, expected, ids, types, versions, runs, causes, producers, recorded, traces, datas,
          _, _, _) = args  # fmt: skip
-        rows = await self._pool.fetch(
-            self._sql_insert_marked, stream_id, expected, ids, types, versions, runs, causes,
-            producers, recorded, traces, datas, links[:-1], links[1:], *marker,
-        )  # fmt: skip
+        n = len(ids)
+        # Scalars for a few rows (an activation's usual batch): asyncpg encodes
+        # them faster than the unnest arrays, which pay a type check per element.
+        params: list[Any] = []
+        for i in range(n):
+            params += (
+                ids[i], stream_id, expected + i + 1, types[i], versions[i],
+                runs[i] if runs is not None else None,
+                causes[i] if causes is not None else None,
+                producers[i] if producers is not None else None,
+                recorded[i], traces[i] if traces is not None else None, datas[i],
+                links[i], links[i + 1],
+            )  # fmt: skip
+        rows = await self._pool.fetch(self._marked_values(n), *params, *marker)
         rows.sort(key=lambda r: r[2])
         version = expected + len(ids)
         self._remember_head(stream_id, version, links[-1])
         return AppendResult(stream_id, version, [LogPosition(r[0], r[1]) for r in rows], True)
+
+    def _marked_values(self, n: int) -> str:
+        """``INSERT ... VALUES`` of ``n`` rows with the inbox row in a CTE (built once per n)."""
+        sql = self._marked_sql.get(n)
+        if sql is None:
+            rows = ", ".join(
+                "(" + ", ".join(f"${13 * i + c}" for c in range(1, 14)) + ")" for i in range(n)
+            )
+            m = 13 * n
+            q = f'"{self.schema}"'
+            sql = self._marked_sql[n] = (
+                f"WITH marked AS (INSERT INTO {q}.inbox "
+                "(consumer, event_id, activation_id, outcome, run_id) "
+                f"VALUES (${m + 1}, ${m + 2}, ${m + 3}, ${m + 4}, ${m + 5})) "
+                f"INSERT INTO {q}.events (event_id, stream_id, stream_version, event_type, "
+                "schema_version, run_id, causation_id, producer, recorded_at, trace, data, "
+                f"prev_hash, hash) VALUES {rows} RETURNING tx_id, position, stream_version"
+            )
+        return sql
 
     async def _append_once(
         self,
