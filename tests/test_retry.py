@@ -14,7 +14,7 @@ import httpx
 import httpx2
 import msgspec
 import pytest
-from hypothesis import given
+from hypothesis import example, given
 from hypothesis import strategies as st
 
 from runtime.errors import AgentrtError, ErrorCode
@@ -51,11 +51,16 @@ policies = st.builds(
     attempt=st.integers(0, 2000),
     seed=st.integers(0, 2**32),
 )
+# The smallest float as a base, past attempt 1000: 2**attempt is still finite.
+@example(base=5e-324, cap=1.0, attempt=1001, seed=0)
 def test_full_jitter_stays_within_the_exponential_window(
     base: float, cap: float, attempt: int, seed: int
 ) -> None:
     policy = RetryPolicy(base_delay=min(base, cap), max_delay=cap)  # multiplier 2
-    window = min(cap, policy.base_delay * 2.0 ** min(attempt, 1000))
+    try:
+        window = min(cap, policy.base_delay * 2.0**attempt)
+    except OverflowError:  # 2.0 ** attempt past the float range: the cap holds
+        window = cap
     delay = policy.delay(attempt, random.Random(seed))
     assert 0 <= delay <= window
 
