@@ -1,9 +1,14 @@
-"""agentrt's core: events, the PostgreSQL event log, settings and embedded servers."""
+"""agentrt's core: events, the PostgreSQL event log, agents and their workers, settings."""
 
 from __future__ import annotations
 
+from runtime.agent_events import ApprovalDecided, ApprovalRequested, TimerFired
+from runtime.agents import Agent, Budget
+from runtime.context import Context
 from runtime.errors import (
     AgentrtError,
+    BudgetExceeded,
+    CircuitOpen,
     ConcurrencyConflict,
     DuplicateEventMismatch,
     ErrorCode,
@@ -11,6 +16,8 @@ from runtime.errors import (
     InvalidAppend,
     ServiceUnavailable,
     SettingsError,
+    StepDivergence,
+    StepFailed,
     UnknownEventType,
 )
 from runtime.events import (
@@ -26,14 +33,23 @@ from runtime.events import (
 )
 from runtime.log import ANY_VERSION, NO_STREAM, AppendResult, EventLog
 from runtime.settings import Settings
+from runtime.tools import ToolContext, tool
+from runtime.worker import Worker, WorkerOptions
 
 __all__ = [
     "ANY_VERSION",
     "NO_STREAM",
     "START",
+    "Agent",
     "AgentrtError",
     "AppendResult",
+    "ApprovalDecided",
+    "ApprovalRequested",
+    "Budget",
+    "BudgetExceeded",
+    "CircuitOpen",
     "ConcurrencyConflict",
+    "Context",
     "DuplicateEventMismatch",
     "ErrorCode",
     "Event",
@@ -47,8 +63,15 @@ __all__ = [
     "ServiceUnavailable",
     "Settings",
     "SettingsError",
+    "StepDivergence",
+    "StepFailed",
+    "TimerFired",
+    "ToolContext",
     "UnknownEvent",
     "UnknownEventType",
+    "Worker",
+    "WorkerOptions",
     "new_event_id",
     "registry",
+    "tool",
 ]
