@@ -605,8 +605,13 @@ class Worker:
             duration_ms=round((time.perf_counter() - started) * 1000, 3),
             outcome=outcome,
         )
-        meta = {"run_id": d.run_id, "causation_id": d.event_id, "producer": agent.name}
-        outputs = [*ctx.emitted, *(NewEvent(body=e, **meta) for e in [*extra, completed])]  # type: ignore[arg-type]
+        outputs = [
+            *ctx.emitted,
+            *(
+                NewEvent(body=e, run_id=d.run_id, causation_id=d.event_id, producer=agent.name)
+                for e in [*extra, completed]
+            ),
+        ]
         trigger_event = None if d.in_log else self._trigger_event(d, body)
         # The commit and the ack run to the end even if the worker is told to
         # stop meanwhile: half of them is what the inbox exists to repair.
