@@ -5,7 +5,7 @@ from __future__ import annotations
 from uuid import UUID
 
 from runtime.agent_events import ApprovalDecided, ApprovalRequested
-from runtime.events import NewEvent, RecordedEvent
+from runtime.events import NewEvent
 from runtime.log import EventLog
 
 
@@ -27,25 +27,18 @@ async def pending_approvals(log: EventLog) -> list[tuple[UUID, UUID | None, Appr
     """(approval id, run id, request) of every request without a decision, oldest first."""
     q = f'"{log.schema}"'
     rows = await log.pool.fetch(
-        f"SELECT r.event_id FROM {q}.events r WHERE r.event_type = 'approval.requested' "
+        f"SELECT r.stream_id, r.stream_version FROM {q}.events r "
+        "WHERE r.event_type = 'approval.requested' "
         f"AND NOT EXISTS (SELECT 1 FROM {q}.events d WHERE d.event_type = 'approval.decided' "
         "AND d.run_id = r.run_id AND d.data->>'approval_id' = r.data->>'approval_id') "
         "ORDER BY r.position"
     )
     out = []
     for row in rows:
-        [event] = await _by_id(log, row[0])
+        [event] = await log.read_stream(row[0], row[1], limit=1)
         assert isinstance(event.body, ApprovalRequested)
         out.append((event.body.approval_id, event.run_id, event.body))
     return out
-
-
-async def _by_id(log: EventLog, event_id: UUID) -> list[RecordedEvent]:
-    q = f'"{log.schema}"'
-    stream, version = await log.pool.fetchrow(
-        f"SELECT stream_id, stream_version FROM {q}.events WHERE event_id = $1", event_id
-    )
-    return await log.read_stream(stream, version, limit=1)
 
 
 async def decide(

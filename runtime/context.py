@@ -230,7 +230,3 @@ def transition_event(transition: Transition) -> CircuitTransitioned:
         to_state=transition.to_state.value,
         failures=transition.failures,
     )
-
-
-def now() -> datetime:
-    return datetime.now(UTC)

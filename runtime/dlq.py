@@ -81,11 +81,16 @@ async def list_dead_letters(
     return out[:count]
 
 
-async def get_dead_letter(redis: aioredis.Redis, dead_letter_id: str) -> DeadLetter:
+async def _entry(redis: aioredis.Redis, dead_letter_id: str) -> dict[Any, Any]:
+    """The dead letter's raw fields (bytes as stored), or :class:`NotFound`."""
     page = await redis.xrange(DLQ_STREAM, min=dead_letter_id, max=dead_letter_id, count=1)
     if not page:
         raise NotFound(f"no dead letter {dead_letter_id!r} in {DLQ_STREAM}")
-    return _parse(page[0][0], page[0][1] or {})
+    return page[0][1] or {}
+
+
+async def get_dead_letter(redis: aioredis.Redis, dead_letter_id: str) -> DeadLetter:
+    return _parse(dead_letter_id, await _entry(redis, dead_letter_id))
 
 
 async def redrive(redis: aioredis.Redis, log: EventLog, dead_letter_id: str) -> str:
@@ -97,9 +102,9 @@ async def redrive(redis: aioredis.Redis, log: EventLog, dead_letter_id: str) -> 
     ``dead_letter.redriven``, then removed from the dead-letter stream, in
     one MULTI with the XADD.
     """
-    letter = await get_dead_letter(redis, dead_letter_id)
-    page = await redis.xrange(DLQ_STREAM, min=dead_letter_id, max=dead_letter_id, count=1)
-    entry: dict[Any, Any] = (page or [(None, {})])[0][1] or {}
+    entry = await _entry(redis, dead_letter_id)
+    letter = _parse(dead_letter_id, entry)
+    # The original fields as stored (bytes: `raw` bodies are not text).
     raw: dict[Any, Any] = {_text(k): v for k, v in entry.items() if not _text(k).startswith("dlq_")}
     generation = letter.generation + 1
     raw["generation"] = str(generation)

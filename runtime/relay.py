@@ -208,7 +208,6 @@ class Relay:
 
     async def publish(self, page: list[RecordedEvent]) -> int:
         """Publish one page and move the checkpoint past it, atomically; entries added."""
-        added = 0
         async with self.redis.pipeline(transaction=True) as pipe:
             # Fenced by the lease: a relay that stalled past it and was
             # replaced publishes nothing (EXEC fails if the lease changed).
@@ -216,22 +215,22 @@ class Relay:
             if await pipe.get(self.lease_key) != self._token.encode():
                 raise LeaseLost(f"relay {self.name!r} lost its lease to another relay")
             pipe.multi()  # type: ignore[no-untyped-call]
+            relayed: list[str] = []
             for event in page:
                 if isinstance(event.body, TimerScheduled):
                     self._schedule(pipe, event, event.body)
                 for agent in self.route(event):
                     pipe.xadd(agent_stream(agent), _fields(event))
-                    added += 1
+                    relayed.append(event.event_type)
             pipe.set(self.checkpoint_key, str(page[-1].log_position))
             try:
                 await pipe.execute()
             except WatchError:
                 raise LeaseLost(f"relay {self.name!r} lost its lease while publishing") from None
-        for event in page:
-            for _ in self.route(event):
-                metrics.RELAYED.labels(event.event_type).inc()
-        self.published += added
-        return added
+        for event_type in relayed:
+            metrics.RELAYED.labels(event_type).inc()
+        self.published += len(relayed)
+        return len(relayed)
 
     @staticmethod
     def _schedule(pipe: Any, event: RecordedEvent, timer: TimerScheduled) -> None:

@@ -548,12 +548,15 @@ class Worker:
             body = self.log.registry.decode(d.type, d.schema_version, d.body, strict=True)
         except (EventDecodeError, UnknownEventType) as exc:
             raise InvalidDelivery(d.stream, d.entry_id, str(exc)) from None
-        # Redeliveries read the recorded steps now (the divergence check at
-        # the end needs them); a first delivery reads them at its first step.
-        steps = Steps(self.log, activation_id=aid, run_id=d.run_id, agent=agent.name,
-                      trigger_id=d.event_id, lazy=not claimed or has_steps)  # fmt: skip
-        if claimed:
-            await steps.ensure_loaded()
+        # A redelivery reads its recorded steps now (the divergence check at
+        # the end needs them), or knows there are none; a first delivery reads
+        # them at its first step, if it takes one.
+        if claimed and has_steps:
+            steps = await Steps.load(self.log, activation_id=aid, run_id=d.run_id,
+                                     agent=agent.name, trigger_id=d.event_id)  # fmt: skip
+        else:
+            steps = Steps(self.log, activation_id=aid, run_id=d.run_id, agent=agent.name,
+                          trigger_id=d.event_id, lazy=not claimed)  # fmt: skip
         history: list[RecordedEvent] = []
         if type(agent).evolve is not Agent.evolve:
             history = await self._history(d)
