@@ -86,11 +86,22 @@ from collections.abc import Iterator, Sequence
 from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any, Literal
-from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import msgspec
 import redis
 import structlog
+from benchlib import (
+    CLK_TCK,
+    Figure,
+    cells,
+    figure_rows,
+    machine,
+    machine_busy,
+    met,
+    percentile,
+    with_db,
+    write_readme,
+)
 from rich.console import Console
 from rich.table import Table
 
@@ -381,15 +392,6 @@ class RedisTarget:
     owned: bool
 
 
-def with_db(url: str, db: int) -> str:
-    """``url`` pointed at database ``db`` (the path for redis://, ``?db=`` for unix://)."""
-    parts = urlsplit(url)
-    query = [(k, v) for k, v in parse_qsl(parts.query) if k != "db"]
-    if parts.scheme == "unix":
-        return urlunsplit(parts._replace(query=urlencode([*query, ("db", str(db))])))
-    return urlunsplit(parts._replace(path=f"/{db}", query=urlencode(query)))
-
-
 def durability(client: redis.Redis) -> str:
     try:
         conf = client.config_get("append*")
@@ -477,8 +479,6 @@ def stream_entries(client: redis.Redis, kind: Kind) -> int:
 
 # -- the server -------------------------------------------------------------------------
 
-_CLK_TCK = os.sysconf("SC_CLK_TCK")
-
 
 def group_cpu(pgid: int) -> float:
     """CPU seconds used so far by the live processes of process group ``pgid``."""
@@ -490,14 +490,7 @@ def group_cpu(pgid: int) -> float:
                 fields = stat[stat.rindex(")") + 2 :].split()
                 if int(fields[2]) == pgid:  # pgrp (field 5); utime 14, stime 15
                     total += int(fields[11]) + int(fields[12])
-    return total / _CLK_TCK
-
-
-def machine_busy() -> float:
-    """CPU seconds the whole machine has spent not idle since boot (/proc/stat)."""
-    with open("/proc/stat") as fh:
-        fields = [int(v) for v in fh.readline().split()[1:]]
-    return (sum(fields[:8]) - fields[3] - fields[4]) / _CLK_TCK  # less idle and iowait
+    return total / CLK_TCK
 
 
 @contextlib.contextmanager
@@ -597,13 +590,6 @@ class Phase:
     problems: list[str]
 
 
-def percentile(ordered: Sequence[float], q: float) -> float:
-    """Nearest-rank percentile of sorted ``ordered``, in milliseconds."""
-    if not ordered:
-        return math.nan
-    return ordered[max(1, math.ceil(q / 100 * len(ordered))) - 1] * 1000
-
-
 def run_phase(spec: PhaseSpec, loader: Loader, server_pid: int, target: RedisTarget) -> Phase:
     reset_redis(target)
     loader.pipe.send(spec)
@@ -650,20 +636,6 @@ def run_phase(spec: PhaseSpec, loader: Loader, server_pid: int, target: RedisTar
 # -- figures ----------------------------------------------------------------------------
 
 
-@dataclasses.dataclass
-class Figure:
-    name: str
-    unit: str
-    ceiling_key: str | None = None
-    #: A share of the ceiling to reach (req/s), or a value to stay below (ms).
-    target: float | None = None
-    runs: list[float] = dataclasses.field(default_factory=list)
-
-    @property
-    def value(self) -> float | None:
-        return statistics.median(self.runs) if self.runs else None
-
-
 def new_figures() -> dict[str, Figure]:
     f = Figure
     return {
@@ -690,53 +662,6 @@ def record(figures: dict[str, Figure], p: Phase) -> None:
         figures[f"closed_{p.kind}_rps"].runs.append(p.rps)
     figures[f"{p.loop}_{p.kind}_p50"].runs.append(p.p50_ms)
     figures[f"{p.loop}_{p.kind}_p99"].runs.append(p.p99_ms)
-
-
-def _round(value: float | None, digits: int) -> float | None:
-    return None if value is None or math.isnan(value) else round(value, digits)
-
-
-def figure_rows(figures: dict[str, Figure]) -> list[dict[str, Any]]:
-    """The JSON rows: ratio is value / ceiling for req/s figures only."""
-    rows = []
-    for f in figures.values():
-        ceiling = figures[f.ceiling_key].value if f.ceiling_key else None
-        ratio = f.value / ceiling if f.unit == "req/s" and f.value and ceiling else None
-        digits = 1 if f.unit == "req/s" else 2
-        rows.append(
-            {
-                "name": f.name,
-                "value": _round(f.value, digits),
-                "unit": f.unit,
-                "ceiling": _round(ceiling, digits),
-                "ratio": _round(ratio, 3),
-                "target": f.target,
-            }
-        )
-    return rows
-
-
-def met(row: dict[str, Any]) -> bool | None:
-    if row["target"] is None:
-        return None
-    if row["unit"] == "ms":
-        return None if row["value"] is None else row["value"] < row["target"]
-    return None if row["ratio"] is None else row["ratio"] >= row["target"]
-
-
-def cells(row: dict[str, Any]) -> list[str]:
-    """value, ceiling, ratio, target and mark, as text."""
-
-    def num(v: float | None) -> str:
-        return "" if v is None else f"{v:,.0f}" if row["unit"] == "req/s" else f"{v:,.2f}"
-
-    target = ""
-    if row["target"] is not None:
-        target = f"<{row['target']:g} ms" if row["unit"] == "ms" else f"≥{row['target']:.0%}"
-    ok = met(row)
-    mark = "" if row["target"] is None else "?" if ok is None else "✓ pass" if ok else "✗ MISS"
-    ratio = "" if row["ratio"] is None else f"{row['ratio']:.1%}"
-    return [num(row["value"]), num(row["ceiling"]), ratio, target, mark]
 
 
 # -- output -----------------------------------------------------------------------------
@@ -833,17 +758,6 @@ def render(figures: dict[str, Figure], phases: list[Phase], info: RunInfo, out: 
         out.print("[bold green]all targets met[/]")
 
 
-def machine() -> str:
-    cpu, memory = "unknown CPU", "unknown"
-    with contextlib.suppress(OSError, ValueError, IndexError, StopIteration):
-        lines = Path("/proc/cpuinfo").read_text().splitlines()
-        cpu = next(line for line in lines if line.startswith("model name")).split(":", 1)[1]
-        lines = Path("/proc/meminfo").read_text().splitlines()
-        kib = int(next(line for line in lines if line.startswith("MemTotal:")).split()[1])
-        memory = f"{kib / 1024 / 1024:.1f} GiB"
-    return f"{len(os.sched_getaffinity(0))} CPUs ({cpu.strip()}), {memory} RAM"
-
-
 def readme_block(figures: dict[str, Figure], phases: list[Phase], info: RunInfo) -> str:
     errors = sum(bool(p.problems) for p in phases)
     lines = [
@@ -873,16 +787,6 @@ def readme_block(figures: dict[str, Figure], phases: list[Phase], info: RunInfo)
         )
     lines.append(MARK_END)
     return "\n".join(lines)
-
-
-def write_readme(block: str, err: Console) -> None:
-    text = README.read_text(encoding="utf-8")
-    start, end = text.find(MARK_START), text.find(MARK_END)
-    if start < 0 or end < start:
-        err.print(f"[yellow]warning:[/] {README} has no {MARK_START} markers; left unchanged")
-        return
-    README.write_text(text[:start] + block + text[end + len(MARK_END) :], encoding="utf-8")
-    err.print(f"[dim]wrote the figures into {README}[/]")
 
 
 # -- the run ----------------------------------------------------------------------------
@@ -1013,7 +917,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
     render(figures, phases, info, out)
     if args.write_readme:
-        write_readme(readme_block(figures, phases, info), err)
+        write_readme(README, "bench_ingest", readme_block(figures, phases, info), err)
     if args.json:
         print(json.dumps({"figures": figure_rows(figures)}), flush=True)
     return 0

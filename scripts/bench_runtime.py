@@ -93,6 +93,18 @@ if str(REPO) not in sys.path:  # run as a script: the repository's packages firs
 
 import asyncpg  # noqa: E402
 import redis.asyncio as aioredis  # noqa: E402
+from benchlib import (  # noqa: E402 - scripts/ is the script's own directory
+    CLK_TCK,
+    Figure,
+    cells,
+    figure_rows,
+    machine,
+    machine_busy,
+    met,
+    percentile,
+    with_db,
+    write_readme,
+)
 from redis.exceptions import BusyLoadingError, RedisError, ResponseError  # noqa: E402
 
 from runtime.agent_events import ActivationCompleted  # noqa: E402
@@ -457,17 +469,6 @@ class Servers:
     redis_owned: bool
 
 
-def with_db(url: str, db: int) -> str:
-    """``url`` pointed at Redis database ``db``."""
-    from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
-
-    parts = urlsplit(url)
-    query = [(k, v) for k, v in parse_qsl(parts.query) if k != "db"]
-    if parts.scheme == "unix":
-        return urlunsplit(parts._replace(query=urlencode([*query, ("db", str(db))])))
-    return urlunsplit(parts._replace(path=f"/{db}", query=urlencode(query)))
-
-
 @contextlib.contextmanager
 def servers(args: argparse.Namespace, err: Console) -> Iterator[Servers]:
     """REDIS_URL / DATABASE_URL if set, else the embedded durable servers (stopped after,
@@ -517,8 +518,6 @@ def servers(args: argparse.Namespace, err: Console) -> Iterator[Servers]:
 
 # -- measuring -------------------------------------------------------------------------
 
-_CLK_TCK = os.sysconf("SC_CLK_TCK")
-
 
 def proc_cpu(pids: Sequence[int]) -> dict[int, float]:
     """CPU seconds so far of each live process in ``pids``."""
@@ -527,15 +526,8 @@ def proc_cpu(pids: Sequence[int]) -> dict[int, float]:
         with contextlib.suppress(OSError, ValueError, IndexError):
             stat = Path(f"/proc/{pid}/stat").read_text()
             fields = stat[stat.rindex(")") + 2 :].split()
-            out[pid] = (int(fields[11]) + int(fields[12])) / _CLK_TCK
+            out[pid] = (int(fields[11]) + int(fields[12])) / CLK_TCK
     return out
-
-
-def machine_busy() -> float:
-    """CPU seconds the whole machine spent not idle since boot (/proc/stat)."""
-    with open("/proc/stat") as fh:
-        fields = [int(v) for v in fh.readline().split()[1:]]
-    return (sum(fields[:8]) - fields[3] - fields[4]) / _CLK_TCK
 
 
 async def redis_cpu(client: aioredis.Redis) -> float:
@@ -677,13 +669,6 @@ def _take_dump(path: Path) -> list[tuple[str, float]]:
     records = [(str(e), float(t)) for e, t in msgspec.json.decode(path.read_bytes())]
     path.unlink()
     return records
-
-
-def percentile(ordered: Sequence[float], q: float) -> float:
-    """Nearest-rank percentile of sorted ``ordered`` (seconds), in milliseconds."""
-    if not ordered:
-        return math.nan
-    return ordered[max(1, math.ceil(q / 100 * len(ordered))) - 1] * 1000
 
 
 @dataclasses.dataclass
@@ -893,21 +878,6 @@ class Bench:
 # -- figures ---------------------------------------------------------------------------
 
 
-@dataclasses.dataclass
-class Figure:
-    name: str
-    unit: str
-    ceiling_key: str | None = None
-    #: A share of the ceiling to reach (activations/s), or a value to stay below (ms).
-    target: float | None = None
-    runs: list[float] = dataclasses.field(default_factory=list)
-
-    @property
-    def value(self) -> float | None:
-        runs = [r for r in self.runs if not math.isnan(r)]
-        return statistics.median(runs) if runs else None
-
-
 def _procs(n: int) -> str:
     return f"{n} process{'es' if n > 1 else ''}"
 
@@ -949,53 +919,6 @@ def record(figures: dict[str, Figure], phases: list[Phase], repeat: int) -> None
             )  # fmt: skip
             if ceiling is not None:
                 figures[f"overhead_{p.procs}"].runs.append(p.p50_ms - ceiling.p50_ms)
-
-
-def _round(value: float | None, digits: int) -> float | None:
-    return None if value is None or math.isnan(value) else round(value, digits)
-
-
-def figure_rows(figures: dict[str, Figure]) -> list[dict[str, Any]]:
-    """The JSON rows: ratio is value / ceiling for activations/s only."""
-    rows = []
-    for f in figures.values():
-        ceiling = figures[f.ceiling_key].value if f.ceiling_key else None
-        ratio = f.value / ceiling if f.unit == "act/s" and f.value and ceiling else None
-        digits = 1 if f.unit == "act/s" else 2
-        rows.append(
-            {
-                "name": f.name,
-                "value": _round(f.value, digits),
-                "unit": f.unit,
-                "ceiling": _round(ceiling, digits),
-                "ratio": _round(ratio, 3),
-                "target": f.target,
-            }
-        )
-    return rows
-
-
-def met(row: dict[str, Any]) -> bool | None:
-    if row["target"] is None:
-        return None
-    if row["unit"] == "ms":
-        return None if row["value"] is None else row["value"] < row["target"]
-    return None if row["ratio"] is None else row["ratio"] >= row["target"]
-
-
-def cells(row: dict[str, Any]) -> list[str]:
-    """value, ceiling, ratio, target and mark, as text."""
-
-    def num(v: float | None) -> str:
-        return "" if v is None else f"{v:,.0f}" if row["unit"] == "act/s" else f"{v:,.2f}"
-
-    target = ""
-    if row["target"] is not None:
-        target = f"<{row['target']:g} ms" if row["unit"] == "ms" else f"≥{row['target']:.0%}"
-    ok = met(row)
-    mark = "" if row["target"] is None else "?" if ok is None else "✓ pass" if ok else "✗ MISS"
-    ratio = "" if row["ratio"] is None else f"{row['ratio']:.1%}"
-    return [num(row["value"]), num(row["ceiling"]), ratio, target, mark]
 
 
 # -- output ----------------------------------------------------------------------------
@@ -1171,17 +1094,6 @@ def code_digest() -> str:
     return digest.hexdigest()
 
 
-def machine() -> str:
-    cpu, memory = "unknown CPU", "unknown"
-    with contextlib.suppress(OSError, ValueError, IndexError, StopIteration):
-        lines = Path("/proc/cpuinfo").read_text().splitlines()
-        cpu = next(line for line in lines if line.startswith("model name")).split(":", 1)[1]
-        lines = Path("/proc/meminfo").read_text().splitlines()
-        kib = int(next(line for line in lines if line.startswith("MemTotal:")).split()[1])
-        memory = f"{kib / 1024 / 1024:.1f} GiB"
-    return f"{len(os.sched_getaffinity(0))} CPUs ({cpu.strip()}), {memory} RAM"
-
-
 def readme_block(figures: dict[str, Figure], phases: list[Phase], info: RunInfo) -> str:
     errors = sum(bool(p.problems) for p in phases)
     lines = [
@@ -1210,16 +1122,6 @@ def readme_block(figures: dict[str, Figure], phases: list[Phase], info: RunInfo)
         )
     lines.append(MARK_END)
     return "\n".join(lines)
-
-
-def write_readme(block: str, err: Console) -> None:
-    text = README.read_text(encoding="utf-8")
-    start, end = text.find(MARK_START), text.find(MARK_END)
-    if start < 0 or end < start:
-        err.print(f"[yellow]warning:[/] {README} has no {MARK_START} markers; left unchanged")
-        return
-    README.write_text(text[:start] + block + text[end + len(MARK_END) :], encoding="utf-8")
-    err.print(f"[dim]wrote the figures into {README}[/]")
 
 
 # -- the run ---------------------------------------------------------------------------
@@ -1434,7 +1336,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
     render(figures, phases, info, out)
     if args.write_readme:
-        write_readme(readme_block(figures, phases, info), err)
+        write_readme(README, "bench_runtime", readme_block(figures, phases, info), err)
     if args.json:
         print(json.dumps({"figures": figure_rows(figures)}), flush=True)
     return 0

@@ -1,0 +1,131 @@
+"""What the benchmark scripts share: figures and their rows, the README block, the machine.
+
+A figure is a median over runs. Rate figures (any unit but ``ms``) get a
+ratio to their ceiling and a target share of it; ``ms`` figures a target to
+stay below.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import math
+import os
+import statistics
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+
+from rich.console import Console
+
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+@dataclasses.dataclass
+class Figure:
+    name: str
+    unit: str
+    ceiling_key: str | None = None
+    #: A share of the ceiling to reach (rates), or a value to stay below (ms).
+    target: float | None = None
+    runs: list[float] = dataclasses.field(default_factory=list)
+
+    @property
+    def value(self) -> float | None:
+        runs = [r for r in self.runs if not math.isnan(r)]
+        return statistics.median(runs) if runs else None
+
+
+def _round(value: float | None, digits: int) -> float | None:
+    return None if value is None or math.isnan(value) else round(value, digits)
+
+
+def figure_rows(figures: dict[str, Figure]) -> list[dict[str, Any]]:
+    """The ``--json`` rows: ratio is value / ceiling for rates only."""
+    rows = []
+    for f in figures.values():
+        ceiling = figures[f.ceiling_key].value if f.ceiling_key else None
+        rate = f.unit != "ms"
+        ratio = f.value / ceiling if rate and f.value and ceiling else None
+        digits = 1 if rate else 2
+        rows.append(
+            {
+                "name": f.name,
+                "value": _round(f.value, digits),
+                "unit": f.unit,
+                "ceiling": _round(ceiling, digits),
+                "ratio": _round(ratio, 3),
+                "target": f.target,
+            }
+        )
+    return rows
+
+
+def met(row: dict[str, Any]) -> bool | None:
+    if row["target"] is None:
+        return None
+    if row["unit"] == "ms":
+        return None if row["value"] is None else row["value"] < row["target"]
+    return None if row["ratio"] is None else row["ratio"] >= row["target"]
+
+
+def cells(row: dict[str, Any]) -> list[str]:
+    """value, ceiling, ratio, target and mark, as text."""
+
+    def num(v: float | None) -> str:
+        return "" if v is None else f"{v:,.2f}" if row["unit"] == "ms" else f"{v:,.0f}"
+
+    target = ""
+    if row["target"] is not None:
+        target = f"<{row['target']:g} ms" if row["unit"] == "ms" else f"≥{row['target']:.0%}"
+    ok = met(row)
+    mark = "" if row["target"] is None else "?" if ok is None else "✓ pass" if ok else "✗ MISS"
+    ratio = "" if row["ratio"] is None else f"{row['ratio']:.1%}"
+    return [num(row["value"]), num(row["ceiling"]), ratio, target, mark]
+
+
+def percentile(ordered: Sequence[float], q: float) -> float:
+    """Nearest-rank percentile of sorted ``ordered`` (seconds), in milliseconds."""
+    if not ordered:
+        return math.nan
+    return ordered[max(1, math.ceil(q / 100 * len(ordered))) - 1] * 1000
+
+
+def with_db(url: str, db: int) -> str:
+    """``url`` pointed at Redis database ``db`` (the path for redis://, ``?db=`` for unix://)."""
+    parts = urlsplit(url)
+    query = [(k, v) for k, v in parse_qsl(parts.query) if k != "db"]
+    if parts.scheme == "unix":
+        return urlunsplit(parts._replace(query=urlencode([*query, ("db", str(db))])))
+    return urlunsplit(parts._replace(path=f"/{db}", query=urlencode(query)))
+
+
+def machine_busy() -> float:
+    """CPU seconds the whole machine has spent not idle since boot (/proc/stat)."""
+    with open("/proc/stat") as fh:
+        fields = [int(v) for v in fh.readline().split()[1:]]
+    return (sum(fields[:8]) - fields[3] - fields[4]) / CLK_TCK  # less idle and iowait
+
+
+def machine() -> str:
+    cpu, memory = "unknown CPU", "unknown"
+    with contextlib.suppress(OSError, ValueError, IndexError, StopIteration):
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+        cpu = next(line for line in lines if line.startswith("model name")).split(":", 1)[1]
+        lines = Path("/proc/meminfo").read_text().splitlines()
+        kib = int(next(line for line in lines if line.startswith("MemTotal:")).split()[1])
+        memory = f"{kib / 1024 / 1024:.1f} GiB"
+    return f"{len(os.sched_getaffinity(0))} CPUs ({cpu.strip()}), {memory} RAM"
+
+
+def write_readme(readme: Path, name: str, block: str, err: Console) -> None:
+    """Replace what stands between ``<!-- name:start -->`` and ``<!-- name:end -->``."""
+    mark_start, mark_end = f"<!-- {name}:start -->", f"<!-- {name}:end -->"
+    text = readme.read_text(encoding="utf-8")
+    start, end = text.find(mark_start), text.find(mark_end)
+    if start < 0 or end < start:
+        err.print(f"[yellow]warning:[/] {readme} has no {mark_start} markers; left unchanged")
+        return
+    readme.write_text(text[:start] + block + text[end + len(mark_end) :], encoding="utf-8")
+    err.print(f"[dim]wrote the figures into {readme}[/]")
