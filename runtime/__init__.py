@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from runtime.agent_events import ApprovalDecided, ApprovalRequested, TimerFired
-from runtime.agents import Agent, Budget
-from runtime.context import Context
+from runtime.agents.agent import Agent, Budget
+from runtime.agents.context import Context
+from runtime.effects.tools import ToolContext, tool
 from runtime.errors import (
     AgentrtError,
     BudgetExceeded,
@@ -20,7 +20,8 @@ from runtime.errors import (
     StepFailed,
     UnknownEventType,
 )
-from runtime.events import (
+from runtime.events.builtin import ApprovalDecided, ApprovalRequested, TimerFired
+from runtime.events.model import (
     START,
     Event,
     EventRegistry,
@@ -31,10 +32,9 @@ from runtime.events import (
     new_event_id,
     registry,
 )
-from runtime.log import ANY_VERSION, NO_STREAM, AppendResult, EventLog
+from runtime.log.store import ANY_VERSION, NO_STREAM, AppendResult, EventLog
 from runtime.settings import Settings
-from runtime.tools import ToolContext, tool
-from runtime.worker import Worker, WorkerOptions
+from runtime.worker.worker import Worker, WorkerOptions
 
 __all__ = [
     "ANY_VERSION",

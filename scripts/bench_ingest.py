@@ -405,7 +405,7 @@ def durability(client: redis.Redis) -> str:
 @contextlib.contextmanager
 def redis_target(args: argparse.Namespace, err: Console) -> Iterator[RedisTarget]:
     """REDIS_URL (its database ``--redis-db``) if set, else the embedded durable Redis."""
-    from runtime.embedded import EmbeddedServices
+    from runtime.ops.embedded import EmbeddedServices
 
     url, mode, stop = os.environ.get("REDIS_URL"), "REDIS_URL", None
     owned = not url

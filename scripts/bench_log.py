@@ -63,9 +63,7 @@ import structlog
 from rich.console import Console
 from rich.table import Table
 
-from runtime.database import connect, open_runtime_pool, redact
-from runtime.embedded import EmbeddedServices
-from runtime.events import (
+from runtime.events.model import (
     START,
     Event,
     LogPosition,
@@ -75,8 +73,10 @@ from runtime.events import (
     new_event_id,
     utcnow,
 )
-from runtime.log import NO_STREAM, EventLog
-from runtime.migrations import migrate
+from runtime.log.migrations import migrate
+from runtime.log.pool import connect, open_runtime_pool, redact
+from runtime.log.store import NO_STREAM, EventLog
+from runtime.ops.embedded import EmbeddedServices
 from runtime.settings import Settings
 
 REPO = Path(__file__).resolve().parent.parent

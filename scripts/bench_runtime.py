@@ -107,11 +107,11 @@ from benchlib import (  # noqa: E402 - scripts/ is the script's own directory
 )
 from redis.exceptions import BusyLoadingError, RedisError, ResponseError  # noqa: E402
 
-from runtime.agent_events import ActivationCompleted  # noqa: E402
-from runtime.agents import Agent  # noqa: E402
-from runtime.context import Context  # noqa: E402
-from runtime.events import Event, encode_body, event_type_of, new_event_id  # noqa: E402
-from runtime.streams import agent_stream, ingress_stream  # noqa: E402
+from runtime.agents.agent import Agent  # noqa: E402
+from runtime.agents.context import Context  # noqa: E402
+from runtime.events.builtin import ActivationCompleted  # noqa: E402
+from runtime.events.model import Event, encode_body, event_type_of, new_event_id  # noqa: E402
+from runtime.streams.keys import agent_stream, ingress_stream  # noqa: E402
 
 README = REPO / "README.md"
 SCRIPT = str(Path(__file__).resolve())
@@ -392,11 +392,11 @@ class Ceiling:
 
 async def worker_main(spec: WorkerSpec) -> None:
     """One worker process: set up, say "ready", work until SIGTERM; SIGUSR1 dumps records."""
-    from runtime.database import create_pool, open_runtime_pool
-    from runtime.log import EventLog
+    from runtime.log.pool import create_pool, open_runtime_pool
+    from runtime.log.store import EventLog
     from runtime.settings import Settings
-    from runtime.streams import connect_redis
-    from runtime.worker import Worker, WorkerOptions
+    from runtime.streams.keys import connect_redis
+    from runtime.worker.worker import Worker, WorkerOptions
 
     recorder = Recorder(spec)
     stop = asyncio.Event()
@@ -473,7 +473,7 @@ class Servers:
 def servers(args: argparse.Namespace, err: Console) -> Iterator[Servers]:
     """REDIS_URL / DATABASE_URL if set, else the embedded durable servers (stopped after,
     if this run started them and not --keep-server)."""
-    from runtime.embedded import EmbeddedServices
+    from runtime.ops.embedded import EmbeddedServices
 
     redis_url, database_url = os.environ.get("REDIS_URL"), os.environ.get("DATABASE_URL")
     stops = []
@@ -1080,7 +1080,7 @@ def code_digest() -> str:
     """A digest of the runtime modules a worker loads, to notice an edit during the run."""
     import hashlib
 
-    import runtime.worker  # noqa: F401 (loads what a worker process loads)
+    import runtime.worker.worker  # noqa: F401 (loads what a worker process loads)
 
     digest = hashlib.sha256()
     files = {
@@ -1131,8 +1131,8 @@ async def prepare_schemas(
     admin: asyncpg.Connection, settings: Any, schema: str, raw_schema: str
 ) -> tuple[str, str]:
     """Migrate the log's schema, copy its tables for the ceiling; (pool URL, its role)."""
-    from runtime.database import open_runtime_pool, runtime_url
-    from runtime.migrations import migrate
+    from runtime.log.migrations import migrate
+    from runtime.log.pool import open_runtime_pool, runtime_url
 
     await migrate(settings)
     await admin.execute(f'CREATE SCHEMA "{raw_schema}"')
@@ -1158,7 +1158,7 @@ async def prepare_schemas(
 async def run(
     args: argparse.Namespace, srv: Servers, err: Console
 ) -> tuple[dict[str, Figure], list[Phase], RunInfo]:
-    from runtime.database import connect, redact
+    from runtime.log.pool import connect, redact
     from runtime.settings import Settings
 
     tag = secrets.token_hex(4)

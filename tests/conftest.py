@@ -13,10 +13,10 @@ import asyncpg
 import pytest
 import redis.asyncio as aioredis
 
-from runtime.database import open_runtime_pool
-from runtime.embedded import EmbeddedServices
-from runtime.log import EventLog
-from runtime.migrations import migrate
+from runtime.log.migrations import migrate
+from runtime.log.pool import open_runtime_pool
+from runtime.log.store import EventLog
+from runtime.ops.embedded import EmbeddedServices
 from runtime.settings import Settings
 
 

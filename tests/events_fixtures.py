@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from runtime.events import Event
+from runtime.events.model import Event
 
 
 class Noted(Event, tag="test.noted"):

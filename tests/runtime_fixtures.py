@@ -12,12 +12,12 @@ from urllib.parse import urlsplit, urlunsplit
 
 import redis.asyncio as aioredis
 
-from runtime.agents import Agent
-from runtime.events import Event, encode_body, event_type_of
-from runtime.log import EventLog
-from runtime.relay import Relay
-from runtime.streams import ingress_stream
-from runtime.worker import Worker, WorkerOptions
+from runtime.agents.agent import Agent
+from runtime.events.model import Event, encode_body, event_type_of
+from runtime.log.store import EventLog
+from runtime.streams.keys import ingress_stream
+from runtime.worker.relay import Relay
+from runtime.worker.worker import Worker, WorkerOptions
 
 #: The Redis database the worker tests own (flushed per test).
 WORKER_DB = 11

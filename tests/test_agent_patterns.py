@@ -15,8 +15,12 @@ import pytest
 import redis.asyncio as aioredis
 from prometheus_client import REGISTRY
 
-from runtime import approvals
-from runtime.agent_events import (
+from runtime.agents.agent import Agent, Budget
+from runtime.agents.context import Context
+from runtime.effects.breaker import State
+from runtime.effects.retry import RetryPolicy
+from runtime.errors import CircuitOpen
+from runtime.events.builtin import (
     ApprovalDecided,
     ApprovalRequested,
     CircuitTransitioned,
@@ -24,16 +28,12 @@ from runtime.agent_events import (
     StepRecorded,
     TimerFired,
 )
-from runtime.agents import Agent, Budget
-from runtime.breaker import State
-from runtime.context import Context
-from runtime.errors import CircuitOpen
-from runtime.llm import LLM, model_client
-from runtime.log import EventLog
-from runtime.retry import RetryPolicy
+from runtime.llm.calls import LLM, model_client
+from runtime.log import approvals
+from runtime.log.store import EventLog
 from runtime.settings import Settings
-from runtime.streams import DLQ_STREAM
-from runtime.worker import Worker
+from runtime.streams.keys import DLQ_STREAM
+from runtime.worker.worker import Worker
 from tests.apps.orders import OrderAudited, OrderPlaced
 from tests.conftest import Servers
 from tests.runtime_fixtures import (

@@ -11,9 +11,9 @@ import sys
 import asyncpg
 import pytest
 
-from runtime import audit, chain
-from runtime.events import NewEvent, RecordedEvent
-from runtime.log import NO_STREAM, EventLog
+from runtime.events.model import NewEvent, RecordedEvent
+from runtime.log import audit, chain
+from runtime.log.store import NO_STREAM, EventLog
 from runtime.settings import Settings
 from tests.events_fixtures import Noted
 

@@ -13,7 +13,7 @@ from urllib.parse import urlsplit, urlunsplit
 import pytest
 import redis.asyncio as aioredis
 
-from runtime.breaker import (
+from runtime.effects.breaker import (
     BreakerState,
     CircuitBreaker,
     CircuitOpen,
@@ -298,7 +298,7 @@ async def test_two_clients_share_one_breaker(redis_url: str, name: str) -> None:
 TRIP = """
 import asyncio, sys
 import redis.asyncio as aioredis
-from runtime.breaker import CircuitBreaker
+from runtime.effects.breaker import CircuitBreaker
 
 async def main() -> None:
     client = aioredis.Redis.from_url(sys.argv[1])

@@ -14,8 +14,8 @@ import pytest
 import typer
 from typer.testing import CliRunner
 
-from runtime import cli
-from runtime.log import EventLog
+from runtime.cli import app as cli
+from runtime.log.store import EventLog
 from runtime.settings import Settings
 from tests.events_fixtures import Noted
 

@@ -12,10 +12,10 @@ from pathlib import Path
 import pytest
 import redis
 
-from runtime.database import open_runtime_pool
-from runtime.embedded import EmbeddedServices
-from runtime.log import EventLog
-from runtime.migrations import migrate
+from runtime.log.migrations import migrate
+from runtime.log.pool import open_runtime_pool
+from runtime.log.store import EventLog
+from runtime.ops.embedded import EmbeddedServices
 from runtime.settings import Settings
 from tests.events_fixtures import Noted
 

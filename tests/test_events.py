@@ -10,7 +10,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from runtime.errors import EventDecodeError, UnknownEventType
-from runtime.events import (
+from runtime.events.model import (
     Event,
     EventRegistry,
     LogPosition,

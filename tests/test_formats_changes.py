@@ -11,7 +11,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from runtime.events import encode_body, registry
+from runtime.events.model import encode_body, registry
 from webhooks.errors import InvalidPayload, UnsupportedMediaType
 from webhooks.events import RowChanged, WebhookReceived
 from webhooks.formats import Decoded

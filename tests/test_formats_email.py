@@ -21,7 +21,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from runtime.events import encode_body, registry
+from runtime.events.model import encode_body, registry
 from webhooks.errors import InvalidPayload, UnsupportedMediaType
 from webhooks.events import Address, Attachment, EmailReceived
 from webhooks.formats import Decoded

@@ -7,9 +7,9 @@ import uuid
 import asyncpg
 import pytest
 
-from runtime.database import create_pool, with_user
-from runtime.log import EventLog
-from runtime.migrations import migrate, status
+from runtime.log.migrations import migrate, status
+from runtime.log.pool import create_pool, with_user
+from runtime.log.store import EventLog
 from runtime.settings import Settings
 from tests.conftest import Servers, drop_schema, fresh_schema
 from tests.events_fixtures import Noted

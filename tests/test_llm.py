@@ -14,13 +14,16 @@ import pytest
 import redis.asyncio as aioredis
 from structlog.testing import capture_logs
 
-from runtime.agent_events import RunBudgetExceeded, StepRecorded, Usage
-from runtime.agents import Agent, Budget
-from runtime.breaker import CircuitBreaker, Transition
-from runtime.context import Context, Trigger
+from runtime.agents.agent import Agent, Budget
+from runtime.agents.context import Context, Trigger
+from runtime.effects.breaker import CircuitBreaker, Transition
+from runtime.effects.retry import RetryPolicy
+from runtime.effects.steps import Steps, steps_stream
+from runtime.effects.tools import tool
 from runtime.errors import BudgetExceeded, OutputInvalid, StepDivergence, StepFailed
-from runtime.events import Event
-from runtime.llm import (
+from runtime.events.builtin import RunBudgetExceeded, StepRecorded, Usage
+from runtime.events.model import Event
+from runtime.llm.calls import (
     LLM,
     SUMMARY_LABEL,
     KeepRecent,
@@ -34,12 +37,9 @@ from runtime.llm import (
     price_for,
     usage_of,
 )
-from runtime.log import EventLog
-from runtime.offline_model import Fault, OfflineServer
-from runtime.retry import RetryPolicy
+from runtime.llm.offline import Fault, OfflineServer
+from runtime.log.store import EventLog
 from runtime.settings import Settings
-from runtime.steps import Steps, steps_stream
-from runtime.tools import tool
 from tests.conftest import Servers
 
 FAST = RetryPolicy(max_attempts=3, base_delay=0.001, max_delay=0.01, max_retry_after=0.3)

@@ -9,8 +9,8 @@ import asyncpg
 import pytest
 
 from runtime.errors import ConcurrencyConflict, DuplicateEventMismatch, InvalidAppend
-from runtime.events import START, Event, EventRegistry, NewEvent
-from runtime.log import NO_STREAM, EventLog
+from runtime.events.model import START, Event, EventRegistry, NewEvent
+from runtime.log.store import NO_STREAM, EventLog
 from tests.events_fixtures import Noted
 
 

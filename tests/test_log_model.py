@@ -16,11 +16,11 @@ from hypothesis.stateful import (
     run_state_machine_as_test,
 )
 
-from runtime.database import open_runtime_pool
 from runtime.errors import ConcurrencyConflict, DuplicateEventMismatch
-from runtime.events import START, LogPosition, NewEvent
-from runtime.log import ANY_VERSION, EventLog
-from runtime.migrations import migrate
+from runtime.events.model import START, LogPosition, NewEvent
+from runtime.log.migrations import migrate
+from runtime.log.pool import open_runtime_pool
+from runtime.log.store import ANY_VERSION, EventLog
 from runtime.settings import Settings
 from tests.conftest import Servers, drop_schema, fresh_schema
 from tests.events_fixtures import Noted

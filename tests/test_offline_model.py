@@ -14,7 +14,7 @@ import msgspec
 import pytest
 from anthropic.types import MessageParam, TextBlockParam, ToolChoiceParam, ToolParam
 
-from runtime.offline_model import (
+from runtime.llm.offline import (
     OFFLINE_HEADER,
     Fault,
     OfflineModel,

@@ -17,8 +17,7 @@ import pytest
 from hypothesis import example, given
 from hypothesis import strategies as st
 
-from runtime.errors import AgentrtError, ErrorCode
-from runtime.retry import (
+from runtime.effects.retry import (
     AttemptRecord,
     RetriesExhausted,
     Retryable,
@@ -28,6 +27,7 @@ from runtime.retry import (
     retry_after_from_headers,
     run_with_retries,
 )
+from runtime.errors import AgentrtError, ErrorCode
 
 # -- the policy ---------------------------------------------------------------
 

@@ -8,9 +8,9 @@ import random
 from collections.abc import AsyncIterator, Callable
 from uuid import UUID
 
-from runtime.database import open_runtime_pool
-from runtime.events import START, LogPosition, NewEvent
-from runtime.log import EventLog
+from runtime.events.model import START, LogPosition, NewEvent
+from runtime.log.pool import open_runtime_pool
+from runtime.log.store import EventLog
 from runtime.settings import Settings
 from tests.events_fixtures import Counted
 

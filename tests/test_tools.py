@@ -19,10 +19,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from structlog.testing import capture_logs
 
-from runtime.errors import AgentrtError, ErrorCode
-from runtime.offline_model import OfflineServer
-from runtime.retry import classify
-from runtime.tools import (
+from runtime.effects.retry import classify
+from runtime.effects.tools import (
     DEFAULT_TIMEOUT,
     IDEMPOTENCY_NAMESPACE,
     Tool,
@@ -34,6 +32,8 @@ from runtime.tools import (
     UnknownTool,
     tool,
 )
+from runtime.errors import AgentrtError, ErrorCode
+from runtime.llm.offline import OfflineServer
 
 # -- sample types and tools (module level: annotations are resolved lazily) ----------
 

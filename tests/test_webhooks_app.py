@@ -12,8 +12,8 @@ import pytest
 import redis.asyncio as aioredis
 import structlog
 
-from runtime.embedded import EmbeddedRedis
-from runtime.events import registry
+from runtime.events.model import registry
+from runtime.ops.embedded import EmbeddedRedis
 from runtime.settings import Settings
 from tests.conftest import Servers
 from tests.webhook_fixtures import (

@@ -10,13 +10,13 @@ import pytest
 import redis.asyncio as aioredis
 import structlog
 
-from runtime import dlq
-from runtime.agent_events import StepRecorded
-from runtime.agents import Agent
-from runtime.context import Context
-from runtime.log import EventLog
-from runtime.streams import DLQ_STREAM, agent_stream, ingress_stream
-from runtime.worker import Worker, trim_acknowledged
+from runtime.agents.agent import Agent
+from runtime.agents.context import Context
+from runtime.events.builtin import StepRecorded
+from runtime.log.store import EventLog
+from runtime.streams.keys import DLQ_STREAM, agent_stream, ingress_stream
+from runtime.worker import dead_letters as dlq
+from runtime.worker.worker import Worker, trim_acknowledged
 from tests.apps.orders import Auditor, Fulfilment, OrderPlaced, reserve_stock
 from tests.runtime_fixtures import (
     count_type,
@@ -342,8 +342,8 @@ async def test_entries_held_by_a_busy_worker_are_not_stolen(
 async def test_a_relay_that_lost_its_lease_publishes_nothing(
     redis: aioredis.Redis, log: EventLog
 ) -> None:
-    from runtime.events import NewEvent
-    from runtime.relay import LeaseLost, Relay
+    from runtime.events.model import NewEvent
+    from runtime.worker.relay import LeaseLost, Relay
     from tests.apps.orders import StockReserved
 
     run_id = uuid.uuid4()
@@ -366,7 +366,7 @@ async def test_a_relay_that_lost_its_lease_publishes_nothing(
 async def test_workers_wake_the_relay_through_redis(redis: aioredis.Redis, log: EventLog) -> None:
     """With a poll interval far longer than the test, only the worker's wake-up can
     get the fulfilment's output to the auditor in time (appends do not NOTIFY)."""
-    from runtime.relay import Relay
+    from runtime.worker.relay import Relay
 
     agents = [Fulfilment(), Auditor()]
     relay = Relay(log, redis, agents, poll_interval=30)

@@ -25,11 +25,11 @@ from typing import Any
 import msgspec
 import redis.asyncio as aioredis
 
-from runtime.agent_events import StepRecorded
-from runtime.log import EventLog
-from runtime.offline_model import OfflineServer
+from runtime.events.builtin import StepRecorded
+from runtime.llm.offline import OfflineServer
+from runtime.log.store import EventLog
 from runtime.settings import Settings
-from runtime.streams import ingress_stream
+from runtime.streams.keys import ingress_stream
 from tests.apps.orders import OrderPlaced
 from tests.conftest import Servers
 from tests.runtime_fixtures import db_url, inbox_rows, send

@@ -17,7 +17,7 @@ import msgspec
 import redis.asyncio as aioredis
 
 from runtime.settings import Settings
-from runtime.streams import ingress_stream
+from runtime.streams.keys import ingress_stream
 from webhooks import auth
 from webhooks.app import create_app
 from webhooks.config import IngressConfig, SourceConfig, WebhooksConfig, resolve

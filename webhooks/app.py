@@ -27,10 +27,10 @@ from pydantic import BaseModel, Field
 from redis.exceptions import RedisError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from runtime.database import create_pool
-from runtime.process import settle_gc
+from runtime.log.pool import create_pool
+from runtime.ops.process import settle_gc
 from runtime.settings import Settings
-from runtime.streams import KEY_PREFIX, ingress_stream
+from runtime.streams.keys import KEY_PREFIX, ingress_stream
 from webhooks import auth
 from webhooks.config import ResolvedSource, WebhooksConfig
 from webhooks.errors import (
@@ -410,7 +410,7 @@ async def observe_streams(redis: aioredis.Redis, partitions: int, metrics: Metri
 
 def app_from_env() -> FastAPI:
     """The factory ``agentrt serve`` hands uvicorn (one per worker process)."""
-    from runtime.logconfig import configure_logging
+    from runtime.ops.logconfig import configure_logging
     from webhooks.config import load
 
     settings = Settings.from_env()

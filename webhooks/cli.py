@@ -125,7 +125,7 @@ def serve(
     """Run the webhook ingress (uvicorn with uvloop and httptools)."""
     import uvicorn
 
-    from runtime.embedded import EmbeddedServices
+    from runtime.ops.embedded import EmbeddedServices
 
     settings = _settings(ctx)
     path = config or settings.webhooks_config
@@ -157,22 +157,22 @@ def serve(
 
 def demo(ctx: typer.Context) -> None:
     """The quick start: signed webhooks -> ingress -> agents (LLM, tools) -> the log, audited."""
-    from runtime.cli import _open_log, _run, _with_servers
-    from runtime.logconfig import configure_logging
+    from runtime.cli import open_log, run, with_servers
+    from runtime.ops.logconfig import configure_logging
     from webhooks.demo import run_demo
 
-    settings = _with_servers(ctx.obj, redis=True)
+    settings = with_servers(ctx.obj, redis=True)
     if "AGENTRT_LOG_LEVEL" not in os.environ:
         configure_logging("warning", json=settings.log_json)  # the demo prints what matters
 
     async def go() -> bool:
-        log = await _open_log(settings)
+        log = await open_log(settings)
         try:
             return await run_demo(settings, log, Console(highlight=False, soft_wrap=True))
         finally:
             await log.pool.close()
 
-    if not _run(go()):
+    if not run(go()):
         raise typer.Exit(1)
     Console().print(
         "\nnext: `agentrt log tail` follows the log, `agentrt worker --app webhooks.demo_agents` "

@@ -21,15 +21,15 @@ import uvicorn
 from rich.console import Console
 from rich.markup import escape
 
-from runtime import audit as audit_mod
-from runtime.agent_events import ActivationCompleted, StepRecorded
-from runtime.database import connect
-from runtime.llm import LLM, model_client
-from runtime.log import EventLog
-from runtime.relay import Relay
+from runtime.events.builtin import ActivationCompleted, StepRecorded
+from runtime.llm.calls import LLM, model_client
+from runtime.log import audit as audit_mod
+from runtime.log.pool import connect
+from runtime.log.store import EventLog
 from runtime.settings import Settings
-from runtime.streams import connect_redis
-from runtime.worker import Worker, WorkerOptions
+from runtime.streams.keys import connect_redis
+from runtime.worker.relay import Relay
+from runtime.worker.worker import Worker, WorkerOptions
 from webhooks.app import create_app
 from webhooks.auth import decode_secret, sign
 from webhooks.config import WebhooksConfig, resolve

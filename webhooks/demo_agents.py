@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import msgspec
 
-from runtime.agents import Agent, Budget
-from runtime.context import Context
-from runtime.events import Event
-from runtime.tools import ToolContext, tool
+from runtime.agents.agent import Agent, Budget
+from runtime.agents.context import Context
+from runtime.effects.tools import ToolContext, tool
+from runtime.events.model import Event
 from webhooks.events import EmailReceived
 
 

@@ -7,7 +7,7 @@ from typing import Any
 
 import msgspec
 
-from runtime.events import Event
+from runtime.events.model import Event
 
 
 class Address(msgspec.Struct, frozen=True):

@@ -9,8 +9,8 @@ from datetime import UTC, datetime
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
-from runtime.events import encode_body, event_type_of
-from runtime.streams import dedupe_key, ingress_stream, partition_of
+from runtime.events.model import encode_body, event_type_of
+from runtime.streams.keys import dedupe_key, ingress_stream, partition_of
 from webhooks.config import IngressConfig
 from webhooks.errors import Unavailable
 from webhooks.formats import Decoded

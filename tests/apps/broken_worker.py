@@ -12,12 +12,12 @@ import asyncio
 import signal
 from typing import Any
 
-from runtime.database import open_runtime_pool
-from runtime.llm import LLM, model_client
-from runtime.log import EventLog
+from runtime.llm.calls import LLM, model_client
+from runtime.log.pool import open_runtime_pool
+from runtime.log.store import EventLog
 from runtime.settings import Settings
-from runtime.streams import connect_redis
-from runtime.worker import Worker, WorkerOptions, _Group
+from runtime.streams.keys import connect_redis
+from runtime.worker.worker import Worker, WorkerOptions, _Group
 from tests.apps.crash import agents
 
 

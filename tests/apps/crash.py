@@ -6,9 +6,9 @@ import asyncio
 import os
 import time
 
-from runtime.agents import Agent
-from runtime.context import Context
-from runtime.tools import ToolContext, tool
+from runtime.agents.agent import Agent
+from runtime.agents.context import Context
+from runtime.effects.tools import ToolContext, tool
 from tests.apps.orders import OrderPlaced, StockReserved
 
 

@@ -10,10 +10,10 @@ from __future__ import annotations
 import asyncio
 import os
 
-from runtime.agents import Agent
-from runtime.context import Context
-from runtime.events import Event
-from runtime.tools import ToolContext, tool
+from runtime.agents.agent import Agent
+from runtime.agents.context import Context
+from runtime.effects.tools import ToolContext, tool
+from runtime.events.model import Event
 
 
 class OrderPlaced(Event, tag="orders.placed"):

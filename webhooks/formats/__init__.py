@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable
 
-from runtime.events import Event
+from runtime.events.model import Event
 
 
 @dataclasses.dataclass(frozen=True)

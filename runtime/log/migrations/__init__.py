@@ -10,8 +10,8 @@ from importlib import resources
 import asyncpg
 import structlog
 
-from runtime.database import connect, redact
 from runtime.errors import MigrationError
+from runtime.log.pool import connect, redact
 from runtime.settings import Settings
 
 log = structlog.get_logger(__name__)

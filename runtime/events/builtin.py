@@ -8,8 +8,8 @@ from uuid import UUID
 
 import msgspec
 
-from runtime.events import Event
-from runtime.retry import AttemptRecord
+from runtime.effects.retry import AttemptRecord
+from runtime.events.model import Event
 
 
 class StepError(msgspec.Struct, frozen=True, kw_only=True):

@@ -8,7 +8,7 @@ from uuid import UUID
 
 import asyncpg
 
-from runtime import chain
+from runtime.log import chain
 
 
 @dataclasses.dataclass(frozen=True)

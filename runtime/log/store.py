@@ -13,13 +13,12 @@ import asyncpg
 import msgspec
 import structlog
 
-from runtime import chain
 from runtime.errors import (
     ConcurrencyConflict,
     DuplicateEventMismatch,
     InvalidAppend,
 )
-from runtime.events import (
+from runtime.events.model import (
     START,
     Event,
     EventRegistry,
@@ -28,9 +27,8 @@ from runtime.events import (
     RecordedEvent,
     event_type_of,
 )
-from runtime.events import (
-    registry as default_registry,
-)
+from runtime.events.model import registry as default_registry
+from runtime.log import chain
 
 log = structlog.get_logger(__name__)
 

@@ -16,16 +16,16 @@ import structlog
 from redis.exceptions import RedisError
 from structlog.typing import FilteringBoundLogger
 
-from runtime.agent_events import ApprovalRequested, CircuitTransitioned, StepError, TimerScheduled
-from runtime.agents import Agent
-from runtime.breaker import CircuitBreaker, Transition
+from runtime.agents.agent import Agent
+from runtime.effects.breaker import CircuitBreaker, Transition
+from runtime.effects.steps import StepOutput, Steps, raise_if_failed
+from runtime.effects.tools import Tool, ToolContext
 from runtime.errors import AgentrtError, UnknownTool
-from runtime.events import Event, NewEvent, RecordedEvent, new_event_id
-from runtime.steps import StepOutput, Steps, raise_if_failed
-from runtime.tools import Tool, ToolContext
+from runtime.events.builtin import ApprovalRequested, CircuitTransitioned, StepError, TimerScheduled
+from runtime.events.model import Event, NewEvent, RecordedEvent, new_event_id
 
 if TYPE_CHECKING:
-    from runtime.llm import LLM, LLMResult
+    from runtime.llm.calls import LLM, LLMResult
 
 #: uuid5 namespace of activation ids.
 ACTIVATION_NAMESPACE = uuid.UUID("6f1c3a52-5d0e-4c55-9a7e-2f4b8f0f6a11")

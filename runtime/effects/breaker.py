@@ -46,7 +46,7 @@ import structlog
 from redis.exceptions import RedisError
 
 from runtime.errors import CircuitOpen
-from runtime.streams import KEY_PREFIX
+from runtime.streams.keys import KEY_PREFIX
 
 __all__ = [
     "BreakerState",

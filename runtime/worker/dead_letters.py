@@ -8,10 +8,10 @@ from uuid import UUID
 import msgspec
 import redis.asyncio as aioredis
 
-from runtime.agent_events import DeadLetterRedriven
-from runtime.events import NewEvent
-from runtime.log import EventLog
-from runtime.streams import DLQ_STREAM, agent_stream
+from runtime.events.builtin import DeadLetterRedriven
+from runtime.events.model import NewEvent
+from runtime.log.store import EventLog
+from runtime.streams.keys import DLQ_STREAM, agent_stream
 
 
 class DeadLetter(msgspec.Struct, frozen=True, kw_only=True):

@@ -15,15 +15,16 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from runtime import dlq as dlq_mod
-from runtime.agents import Agent, load_app
+from runtime.agents.agent import Agent, load_app
+from runtime.cli.helpers import err, fail, open_log, out, run, with_servers
 from runtime.errors import AppLoadError
-from runtime.log import EventLog
-from runtime.process import settle_gc
-from runtime.relay import Relay
+from runtime.log.store import EventLog
+from runtime.ops.process import settle_gc
 from runtime.settings import Settings
-from runtime.streams import connect_redis
-from runtime.worker import Worker, WorkerOptions
+from runtime.streams.keys import connect_redis
+from runtime.worker import dead_letters as dlq_mod
+from runtime.worker.relay import Relay
+from runtime.worker.worker import Worker, WorkerOptions
 
 dlq_app = typer.Typer(help="Inspect and re-drive dead-lettered events.", no_args_is_help=True)
 
@@ -38,15 +39,13 @@ AppOption = Annotated[
 
 
 def _agents(target: str) -> list[Agent]:
-    from runtime.cli import _fail
-
     # Like uvicorn and celery: the current directory is importable.
     if os.getcwd() not in sys.path and "" not in sys.path:
         sys.path.insert(0, os.getcwd())
     try:
         return load_app(target)
     except AppLoadError as exc:
-        return _fail(exc)  # type: ignore[no-any-return]
+        fail(exc)
 
 
 def _stop_on_signals(stop: asyncio.Event) -> None:
@@ -58,9 +57,7 @@ def _stop_on_signals(stop: asyncio.Event) -> None:
 
 @contextlib.asynccontextmanager
 async def _opened(settings: Settings) -> AsyncIterator[tuple[EventLog, Any]]:
-    from runtime.cli import _open_log
-
-    lg = await _open_log(settings)
+    lg = await open_log(settings)
     redis = await connect_redis(settings.require_redis_url())
     try:
         yield lg, redis
@@ -70,8 +67,6 @@ async def _opened(settings: Settings) -> AsyncIterator[tuple[EventLog, Any]]:
 
 
 def register(app: typer.Typer) -> None:
-    from runtime.cli import _run, _with_servers, err, out
-
     @app.command("worker")
     def worker(
         ctx: typer.Context,
@@ -97,7 +92,7 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Run agents: consumer groups, durable steps, one transaction per activation."""
         agents = _agents(app_target)
-        settings = _with_servers(ctx.obj, redis=True)
+        settings = with_servers(ctx.obj, redis=True)
         try:
             options = WorkerOptions(
                 concurrency=concurrency,
@@ -115,7 +110,7 @@ def register(app: typer.Typer) -> None:
             start_http_server(metrics_port)
 
         async def go() -> None:
-            from runtime.llm import LLM, model_client
+            from runtime.llm.calls import LLM, model_client
 
             stop = asyncio.Event()
             _stop_on_signals(stop)
@@ -142,13 +137,13 @@ def register(app: typer.Typer) -> None:
                 stop.set()
                 await asyncio.gather(*tasks)
 
-        _run(go())
+        run(go())
 
     @app.command("relay")
     def relay_cmd(ctx: typer.Context, app_target: AppOption) -> None:
         """Publish emitted events from the log to the streams of their subscribers."""
         agents = _agents(app_target)
-        settings = _with_servers(ctx.obj, redis=True)
+        settings = with_servers(ctx.obj, redis=True)
 
         async def go() -> None:
             stop = asyncio.Event()
@@ -156,7 +151,7 @@ def register(app: typer.Typer) -> None:
             async with _opened(settings) as (lg, redis):
                 await Relay(lg, redis, agents, poll_interval=settings.poll_interval).serve(stop)
 
-        _run(go())
+        run(go())
 
     @dlq_app.command("list")
     def dlq_list(
@@ -166,7 +161,7 @@ def register(app: typer.Typer) -> None:
         as_json: Annotated[bool, typer.Option("--json", help="One JSON object per line")] = False,
     ) -> None:
         """Dead letters, oldest first."""
-        settings = _with_servers(ctx.obj, redis=True, postgres=False)
+        settings = with_servers(ctx.obj, redis=True, postgres=False)
 
         async def go() -> list[dlq_mod.DeadLetter]:
             redis = await connect_redis(settings.require_redis_url())
@@ -175,7 +170,7 @@ def register(app: typer.Typer) -> None:
             finally:
                 await redis.aclose()
 
-        letters = _run(go())
+        letters = run(go())
         if as_json:
             import msgspec
 
@@ -200,7 +195,7 @@ def register(app: typer.Typer) -> None:
         """One dead letter in full (JSON)."""
         import msgspec
 
-        settings = _with_servers(ctx.obj, redis=True, postgres=False)
+        settings = with_servers(ctx.obj, redis=True, postgres=False)
 
         async def go() -> dlq_mod.DeadLetter:
             redis = await connect_redis(settings.require_redis_url())
@@ -210,7 +205,7 @@ def register(app: typer.Typer) -> None:
                 await redis.aclose()
 
         try:
-            letter = _run(go())
+            letter = run(go())
         except dlq_mod.NotFound as exc:
             err.print(f"[bold red]error[/] {escape(str(exc))}")
             raise typer.Exit(1) from None
@@ -226,7 +221,7 @@ def register(app: typer.Typer) -> None:
         """Send dead letters back to their agents, as fresh activations."""
         if not ids and not all_:
             raise typer.BadParameter("give dead-letter ids, or --all")
-        settings = _with_servers(ctx.obj, redis=True)
+        settings = with_servers(ctx.obj, redis=True)
 
         async def go() -> list[tuple[str, str]]:
             async with _opened(settings) as (lg, redis):
@@ -237,7 +232,7 @@ def register(app: typer.Typer) -> None:
                 return [(i, await dlq_mod.redrive(redis, lg, i)) for i in targets]
 
         try:
-            moved = _run(go())
+            moved = run(go())
         except dlq_mod.NotFound as exc:
             err.print(f"[bold red]error[/] {escape(str(exc))}")
             raise typer.Exit(1) from None
@@ -256,14 +251,12 @@ def register(app: typer.Typer) -> None:
         """Answer an approval request (no id: list the open ones)."""
         import uuid
 
-        from runtime import approvals
+        from runtime.log import approvals
 
-        settings = _with_servers(ctx.obj, redis=False)
+        settings = with_servers(ctx.obj, redis=False)
 
         async def go() -> None:
-            from runtime.cli import _open_log
-
-            lg = await _open_log(settings)
+            lg = await open_log(settings)
             try:
                 if approval_id is None:
                     waiting = await approvals.pending_approvals(lg)
@@ -282,7 +275,7 @@ def register(app: typer.Typer) -> None:
                 await lg.pool.close()
 
         try:
-            _run(go())
+            run(go())
         except (approvals.ApprovalNotFound, approvals.AlreadyDecided) as exc:
             err.print(f"[bold red]error[/] {escape(str(exc))}")
             raise typer.Exit(1) from None

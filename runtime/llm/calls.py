@@ -31,9 +31,10 @@ import msgspec
 import structlog
 from typing_extensions import TypeVar
 
-from runtime import metrics
-from runtime.agent_events import RunBudgetExceeded, StepError, StepRecorded, Usage
-from runtime.agents import Budget
+from runtime.agents.agent import Budget
+from runtime.effects.retry import AttemptRecord, RetryPolicy, run_with_retries
+from runtime.effects.steps import StepOutput, raise_if_failed
+from runtime.effects.tools import Tool
 from runtime.errors import (
     BudgetExceeded,
     OutputInvalid,
@@ -42,14 +43,13 @@ from runtime.errors import (
     StepFailed,
     ToolInputError,
 )
-from runtime.offline_model import OfflineServer, estimate_tokens
-from runtime.retry import AttemptRecord, RetryPolicy, run_with_retries
+from runtime.events.builtin import RunBudgetExceeded, StepError, StepRecorded, Usage
+from runtime.llm.offline import OfflineServer, estimate_tokens
+from runtime.ops import metrics
 from runtime.settings import Settings
-from runtime.steps import StepOutput, raise_if_failed
-from runtime.tools import Tool
 
 if TYPE_CHECKING:
-    from runtime.context import Context
+    from runtime.agents.context import Context
 
 __all__ = [
     "CACHE_READ_FACTOR",

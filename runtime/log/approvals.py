@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from uuid import UUID
 
-from runtime.agent_events import ApprovalDecided, ApprovalRequested
-from runtime.events import NewEvent
-from runtime.log import EventLog
+from runtime.events.builtin import ApprovalDecided, ApprovalRequested
+from runtime.events.model import NewEvent
+from runtime.log.store import EventLog
 
 
 class ApprovalNotFound(LookupError):

@@ -39,11 +39,10 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from runtime import metrics
-from runtime.agent_events import ActivationCompleted, ActivationDeadLettered
-from runtime.agents import Agent
-from runtime.breaker import CircuitBreaker, Transition
-from runtime.context import Context, Trigger, activation_id_for, transition_event
+from runtime.agents.agent import Agent
+from runtime.agents.context import Context, Trigger, activation_id_for, transition_event
+from runtime.effects.breaker import CircuitBreaker, Transition
+from runtime.effects.steps import Steps, steps_stream
 from runtime.errors import (
     AgentrtError,
     BudgetExceeded,
@@ -55,13 +54,14 @@ from runtime.errors import (
     StepFailed,
     UnknownEventType,
 )
-from runtime.events import Event, LogPosition, NewEvent, RecordedEvent
-from runtime.log import ANY_VERSION, NO_STREAM, EventLog
-from runtime.steps import Steps, steps_stream
-from runtime.streams import DLQ_STREAM, agent_stream, ingress_stream, log_wake_channel
+from runtime.events.builtin import ActivationCompleted, ActivationDeadLettered
+from runtime.events.model import Event, LogPosition, NewEvent, RecordedEvent
+from runtime.log.store import ANY_VERSION, NO_STREAM, EventLog
+from runtime.ops import metrics
+from runtime.streams.keys import DLQ_STREAM, agent_stream, ingress_stream, log_wake_channel
 
 if TYPE_CHECKING:
-    from runtime.llm import LLM
+    from runtime.llm.calls import LLM
 
 log = structlog.get_logger(__name__)
 

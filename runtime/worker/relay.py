@@ -32,12 +32,12 @@ import redis.asyncio as aioredis
 import structlog
 from redis.exceptions import RedisError, WatchError
 
-from runtime import metrics
-from runtime.agent_events import BOOKKEEPING, TimerFired, TimerScheduled
-from runtime.agents import Agent, subscribers
-from runtime.events import START, LogPosition, NewEvent, RecordedEvent, encode_body
-from runtime.log import EventLog
-from runtime.streams import KEY_PREFIX, agent_stream, log_wake_channel
+from runtime.agents.agent import Agent, subscribers
+from runtime.events.builtin import BOOKKEEPING, TimerFired, TimerScheduled
+from runtime.events.model import START, LogPosition, NewEvent, RecordedEvent, encode_body
+from runtime.log.store import EventLog
+from runtime.ops import metrics
+from runtime.streams.keys import KEY_PREFIX, agent_stream, log_wake_channel
 
 log = structlog.get_logger(__name__)
 

@@ -13,11 +13,11 @@ import asyncpg
 import msgspec
 import structlog
 
-from runtime.agent_events import StepError, StepRecorded, Usage
+from runtime.effects.retry import AttemptRecord
 from runtime.errors import ConcurrencyConflict, StepDivergence, StepFailed
-from runtime.events import NewEvent
-from runtime.log import EventLog
-from runtime.retry import AttemptRecord
+from runtime.events.builtin import StepError, StepRecorded, Usage
+from runtime.events.model import NewEvent
+from runtime.log.store import EventLog
 
 log = structlog.get_logger(__name__)
 

@@ -10,13 +10,13 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import msgspec
 
+from runtime.effects.tools import Tool
 from runtime.errors import AppLoadError
-from runtime.events import Event, RecordedEvent
-from runtime.events import registry as default_registry
-from runtime.tools import Tool
+from runtime.events.model import Event, RecordedEvent
+from runtime.events.model import registry as default_registry
 
 if TYPE_CHECKING:
-    from runtime.context import Context
+    from runtime.agents.context import Context
 
 _NAME = re.compile(r"^[a-z][a-z0-9_-]{0,62}$")
 
