@@ -1,40 +1,59 @@
-"""agentrt's core: events, the PostgreSQL event log, agents and their workers, settings."""
+"""agentrt's public API: what an application imports (``from runtime import Agent, ...``).
+
+Names load lazily (PEP 562), so ``import runtime.events`` pulls in neither the
+model SDK nor the database and Redis drivers; ``from runtime import Worker``
+loads what a worker needs.
+"""
 
 from __future__ import annotations
 
-from runtime.agents.agent import Agent, Budget
-from runtime.agents.context import Context
-from runtime.effects.tools import ToolContext, tool
-from runtime.errors import (
-    AgentrtError,
-    BudgetExceeded,
-    CircuitOpen,
-    ConcurrencyConflict,
-    DuplicateEventMismatch,
-    ErrorCode,
-    EventDecodeError,
-    InvalidAppend,
-    ServiceUnavailable,
-    SettingsError,
-    StepDivergence,
-    StepFailed,
-    UnknownEventType,
-)
-from runtime.events.builtin import ApprovalDecided, ApprovalRequested, TimerFired
-from runtime.events.model import (
-    START,
-    Event,
-    EventRegistry,
-    LogPosition,
-    NewEvent,
-    RecordedEvent,
-    UnknownEvent,
-    new_event_id,
-    registry,
-)
-from runtime.log.store import ANY_VERSION, NO_STREAM, AppendResult, EventLog
-from runtime.settings import Settings
-from runtime.worker.worker import Worker, WorkerOptions
+import importlib
+from typing import TYPE_CHECKING, Any
+
+#: Public name -> the module that defines it.
+_EXPORTS: dict[str, str] = {
+    # agents: what users write against
+    "Agent": "runtime.agents.agent",
+    "Context": "runtime.agents.context",
+    "Budget": "runtime.effects.budget",
+    "ToolContext": "runtime.effects.tools",
+    "tool": "runtime.effects.tools",
+    # events and the log
+    "START": "runtime.events.model",
+    "Event": "runtime.events.model",
+    "EventRegistry": "runtime.events.model",
+    "LogPosition": "runtime.events.model",
+    "NewEvent": "runtime.events.model",
+    "RecordedEvent": "runtime.events.model",
+    "UnknownEvent": "runtime.events.model",
+    "new_event_id": "runtime.events.model",
+    "registry": "runtime.events.model",
+    "ApprovalDecided": "runtime.events.builtin",
+    "ApprovalRequested": "runtime.events.builtin",
+    "TimerFired": "runtime.events.builtin",
+    "ANY_VERSION": "runtime.log.store",
+    "NO_STREAM": "runtime.log.store",
+    "AppendResult": "runtime.log.store",
+    "EventLog": "runtime.log.store",
+    # running agents
+    "Worker": "runtime.worker.worker",
+    "WorkerOptions": "runtime.worker.worker",
+    "Settings": "runtime.settings",
+    # errors
+    "AgentrtError": "runtime.errors",
+    "BudgetExceeded": "runtime.errors",
+    "CircuitOpen": "runtime.errors",
+    "ConcurrencyConflict": "runtime.errors",
+    "DuplicateEventMismatch": "runtime.errors",
+    "ErrorCode": "runtime.errors",
+    "EventDecodeError": "runtime.errors",
+    "InvalidAppend": "runtime.errors",
+    "ServiceUnavailable": "runtime.errors",
+    "SettingsError": "runtime.errors",
+    "StepDivergence": "runtime.errors",
+    "StepFailed": "runtime.errors",
+    "UnknownEventType": "runtime.errors",
+}
 
 __all__ = [
     "ANY_VERSION",
@@ -75,3 +94,53 @@ __all__ = [
     "registry",
     "tool",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'runtime' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value  # once loaded, a plain attribute
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_EXPORTS})
+
+
+if TYPE_CHECKING:
+    from runtime.agents.agent import Agent
+    from runtime.agents.context import Context
+    from runtime.effects.budget import Budget
+    from runtime.effects.tools import ToolContext, tool
+    from runtime.errors import (
+        AgentrtError,
+        BudgetExceeded,
+        CircuitOpen,
+        ConcurrencyConflict,
+        DuplicateEventMismatch,
+        ErrorCode,
+        EventDecodeError,
+        InvalidAppend,
+        ServiceUnavailable,
+        SettingsError,
+        StepDivergence,
+        StepFailed,
+        UnknownEventType,
+    )
+    from runtime.events.builtin import ApprovalDecided, ApprovalRequested, TimerFired
+    from runtime.events.model import (
+        START,
+        Event,
+        EventRegistry,
+        LogPosition,
+        NewEvent,
+        RecordedEvent,
+        UnknownEvent,
+        new_event_id,
+        registry,
+    )
+    from runtime.log.store import ANY_VERSION, NO_STREAM, AppendResult, EventLog
+    from runtime.settings import Settings
+    from runtime.worker.worker import Worker, WorkerOptions

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 from uuid import UUID
 
 if TYPE_CHECKING:
-    from runtime.effects.retry import AttemptRecord
+    from runtime.events.values import AttemptRecord
 
 
 class ErrorCode(enum.StrEnum):

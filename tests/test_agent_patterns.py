@@ -15,9 +15,10 @@ import pytest
 import redis.asyncio as aioredis
 from prometheus_client import REGISTRY
 
-from runtime.agents.agent import Agent, Budget
+from runtime.agents.agent import Agent
 from runtime.agents.context import Context
 from runtime.effects.breaker import State
+from runtime.effects.budget import Budget
 from runtime.effects.retry import RetryPolicy
 from runtime.errors import CircuitOpen
 from runtime.events.builtin import (

@@ -14,15 +14,18 @@ import pytest
 import redis.asyncio as aioredis
 from structlog.testing import capture_logs
 
-from runtime.agents.agent import Agent, Budget
+from runtime.agents.agent import Agent
 from runtime.agents.context import Context, Trigger
 from runtime.effects.breaker import CircuitBreaker, Transition
+from runtime.effects.budget import Budget
 from runtime.effects.retry import RetryPolicy
-from runtime.effects.steps import Steps, steps_stream
+from runtime.effects.steps import Steps
 from runtime.effects.tools import tool
 from runtime.errors import BudgetExceeded, OutputInvalid, StepDivergence, StepFailed
-from runtime.events.builtin import RunBudgetExceeded, StepRecorded, Usage
+from runtime.events.builtin import RunBudgetExceeded, StepRecorded
+from runtime.events.ids import activation_stream
 from runtime.events.model import Event
+from runtime.events.values import Usage
 from runtime.llm.calls import (
     LLM,
     SUMMARY_LABEL,
@@ -187,7 +190,7 @@ class Harness:
         )
 
     async def recorded(self, ctx: Context) -> list[StepRecorded]:
-        events = await self.log.read_stream(steps_stream(ctx.activation_id))
+        events = await self.log.read_stream(activation_stream(ctx.activation_id))
         return [e.body for e in events if isinstance(e.body, StepRecorded)]
 
 

@@ -18,7 +18,6 @@ from hypothesis import example, given
 from hypothesis import strategies as st
 
 from runtime.effects.retry import (
-    AttemptRecord,
     RetriesExhausted,
     Retryable,
     RetryPolicy,
@@ -28,6 +27,7 @@ from runtime.effects.retry import (
     run_with_retries,
 )
 from runtime.errors import AgentrtError, ErrorCode
+from runtime.events.values import AttemptRecord
 
 # -- the policy ---------------------------------------------------------------
 

@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import msgspec
 
-from runtime.agents.agent import Agent, Budget
+from runtime.agents.agent import Agent
 from runtime.agents.context import Context
+from runtime.effects.budget import Budget
 from runtime.effects.tools import ToolContext, tool
 from runtime.events.model import Event
 from webhooks.events import EmailReceived

@@ -21,8 +21,9 @@ from runtime.effects.breaker import CircuitBreaker, Transition
 from runtime.effects.steps import StepOutput, Steps, raise_if_failed
 from runtime.effects.tools import Tool, ToolContext
 from runtime.errors import AgentrtError, UnknownTool
-from runtime.events.builtin import ApprovalRequested, CircuitTransitioned, StepError, TimerScheduled
+from runtime.events.builtin import ApprovalRequested, CircuitTransitioned, TimerScheduled
 from runtime.events.model import Event, NewEvent, RecordedEvent, new_event_id
+from runtime.events.values import StepError
 
 if TYPE_CHECKING:
     from runtime.llm.calls import LLM, LLMResult

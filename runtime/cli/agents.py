@@ -15,7 +15,8 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from runtime.agents.agent import Agent, load_app
+from runtime.agents.agent import Agent
+from runtime.agents.loading import load_app
 from runtime.cli.helpers import err, fail, open_log, out, run, with_servers
 from runtime.errors import AppLoadError
 from runtime.log.store import EventLog

@@ -10,6 +10,7 @@ import msgspec
 import typer
 
 from runtime.cli.helpers import open_log, out, run, with_servers
+from runtime.events.ids import run_stream
 from runtime.events.model import START, LogPosition, RecordedEvent, UnknownEvent
 from runtime.log.store import EventLog
 
@@ -55,7 +56,7 @@ def print_event(e: RecordedEvent, *, as_json: bool) -> None:
     body = _body(e)
     if isinstance(body, dict):
         body.pop("type", None)
-    run = f" run={e.run_id}" if e.run_id and e.stream_id != f"run-{e.run_id}" else ""
+    run = f" run={e.run_id}" if e.run_id and e.stream_id != run_stream(e.run_id) else ""
     out.print(
         f"[dim]{e.recorded_at:%Y-%m-%d %H:%M:%S.%f}[/] [cyan]#{e.position}[/] "
         f"[bold]{e.event_type}[/] v{e.schema_version} {e.stream_id}@{e.stream_version}{run}"

@@ -27,12 +27,13 @@ import re
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Generic, Literal, TypeVar
+from typing import Generic, TypeVar
 
 import anthropic
 import msgspec
 
 from runtime.errors import RetriesExhausted
+from runtime.events.values import AttemptRecord, Reason
 
 __all__ = [
     "AttemptRecord",
@@ -49,8 +50,6 @@ __all__ = [
 
 T = TypeVar("T")
 
-Reason = Literal["rate_limited", "overloaded", "server_error", "timeout", "connection"]
-"""Why an attempt may be retried; stable strings, safe to store in the log."""
 
 # The error ``type`` in an Anthropic error body. An error that arrives inside a
 # streamed response carries the stream's HTTP status (200), so its body is the
@@ -226,25 +225,6 @@ def _classify_status(exc: anthropic.APIStatusError) -> Retryable | None:
     if reason is None:
         return None
     return Retryable(reason, retry_after_from_headers(headers))
-
-
-class AttemptRecord(msgspec.Struct, frozen=True, kw_only=True):
-    """One failed attempt, as the log should record it."""
-
-    attempt: int
-    """1 for the first call."""
-    reason: Reason | None
-    """None when the error is not retryable."""
-    error_type: str
-    error: str
-    delay: float | None
-    """Seconds slept before the next attempt; None when none follows."""
-    retry_after: float | None = None
-    """The server's hint, before the policy capped it."""
-
-    @property
-    def will_retry(self) -> bool:
-        return self.delay is not None
 
 
 @dataclass(frozen=True, slots=True)

@@ -13,10 +13,11 @@ import asyncpg
 import msgspec
 import structlog
 
-from runtime.effects.retry import AttemptRecord
 from runtime.errors import ConcurrencyConflict, StepDivergence, StepFailed
-from runtime.events.builtin import StepError, StepRecorded, Usage
+from runtime.events.builtin import StepRecorded
+from runtime.events.ids import activation_stream
 from runtime.events.model import NewEvent
+from runtime.events.values import AttemptRecord, StepError, Usage
 from runtime.log.store import EventLog
 
 log = structlog.get_logger(__name__)
@@ -24,11 +25,6 @@ log = structlog.get_logger(__name__)
 _canonical = msgspec.json.Encoder(order="sorted")
 #: Tries to record a step's result when the connection drops meanwhile.
 _APPEND_ATTEMPTS = 5
-
-
-def steps_stream(activation_id: UUID) -> str:
-    """The stream holding an activation's steps, one per version."""
-    return f"act-{activation_id}"
 
 
 def request_hash(kind: str, name: str, request: Any) -> str:
@@ -85,7 +81,7 @@ class Steps:
         self.run_id = run_id
         self.agent = agent
         self.trigger_id = trigger_id
-        self.stream = steps_stream(activation_id)
+        self.stream = activation_stream(activation_id)
         self.recorded: dict[int, StepRecorded] = dict(recorded or {})
         #: Steps taken by this attempt so far (recorded or executed).
         self.count = 0

@@ -8,38 +8,8 @@ from uuid import UUID
 
 import msgspec
 
-from runtime.effects.retry import AttemptRecord
 from runtime.events.model import Event
-
-
-class StepError(msgspec.Struct, frozen=True, kw_only=True):
-    """A step's final error, as recorded: a retry or replay raises it again."""
-
-    type: str
-    message: str
-    code: str | None = None
-
-
-class Usage(msgspec.Struct, frozen=True, kw_only=True):
-    """Tokens one model response used, and what they cost by the settings' price table."""
-
-    model: str
-    input_tokens: int = 0
-    output_tokens: int = 0
-    cache_creation_input_tokens: int = 0
-    cache_read_input_tokens: int = 0
-    cost_usd: float = 0.0
-    #: True when the offline model answered (its tokens are estimates, its cost 0).
-    offline: bool = False
-
-    @property
-    def tokens(self) -> int:
-        return (
-            self.input_tokens
-            + self.output_tokens
-            + self.cache_creation_input_tokens
-            + self.cache_read_input_tokens
-        )
+from runtime.events.values import AttemptRecord, StepError, Usage
 
 
 class StepRecorded(Event, tag="step.recorded"):

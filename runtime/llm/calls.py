@@ -24,16 +24,17 @@ import re
 import time
 from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
-from typing import TYPE_CHECKING, Any, Generic, Protocol, cast
+from typing import Any, Generic, Protocol, cast
+from uuid import UUID
 
 import anthropic
 import msgspec
 import structlog
 from typing_extensions import TypeVar
 
-from runtime.agents.agent import Budget
-from runtime.effects.retry import AttemptRecord, RetryPolicy, run_with_retries
-from runtime.effects.steps import StepOutput, raise_if_failed
+from runtime.effects.budget import Budget
+from runtime.effects.retry import RetryPolicy, run_with_retries
+from runtime.effects.steps import StepOutput, Steps, raise_if_failed
 from runtime.effects.tools import Tool
 from runtime.errors import (
     BudgetExceeded,
@@ -43,13 +44,11 @@ from runtime.errors import (
     StepFailed,
     ToolInputError,
 )
-from runtime.events.builtin import RunBudgetExceeded, StepError, StepRecorded, Usage
+from runtime.events.builtin import RunBudgetExceeded, StepRecorded
+from runtime.events.values import AttemptRecord, StepError, Usage
 from runtime.llm.offline import OfflineServer, estimate_tokens
 from runtime.ops import metrics
 from runtime.settings import Settings
-
-if TYPE_CHECKING:
-    from runtime.agents.context import Context
 
 __all__ = [
     "CACHE_READ_FACTOR",
@@ -82,6 +81,43 @@ CACHE_READ_FACTOR = 0.1
 
 _encoder = msgspec.json.Encoder()
 _DATED = re.compile(r"-\d{8}$")
+
+
+# -- what a call needs from its caller ---------------------------------------------
+
+
+class AgentProfile(Protocol):
+    """The calling agent's defaults: an :class:`runtime.Agent` is one."""
+
+    @property
+    def name(self) -> str: ...
+    @property
+    def system(self) -> str: ...
+    @property
+    def tier(self) -> str: ...
+    @property
+    def tools(self) -> Sequence[Tool[..., Any]]: ...
+    @property
+    def budget(self) -> Budget | None: ...
+
+
+class Caller(Protocol):
+    """What a model call needs from the activation making it: a handler's ``ctx`` is one.
+
+    The model layer sits below the agent API: it knows the steps and the
+    budget of the caller, not the caller's class.
+    """
+
+    @property
+    def agent(self) -> AgentProfile: ...
+    @property
+    def steps(self) -> Steps: ...
+    @property
+    def activation_id(self) -> UUID: ...
+    async def run_spend(self) -> tuple[int, float]: ...
+    async def tool_step(
+        self, t: Tool[..., Any], request: Any, *, wait_for_circuit: float | None = None
+    ) -> Any: ...
 
 
 # -- the client ------------------------------------------------------------------
@@ -268,7 +304,7 @@ def _json_text(text: str) -> str:
 class ContextPolicy(Protocol):
     """Shortens a conversation before a model call; the result must still be a valid request."""
 
-    async def apply(self, messages: list[JSON], *, llm: LLM, ctx: Context) -> list[JSON]: ...
+    async def apply(self, messages: list[JSON], *, llm: LLM, ctx: Caller) -> list[JSON]: ...
 
 
 def _cuts(messages: Sequence[Mapping[str, Any]]) -> list[int]:
@@ -286,7 +322,7 @@ class KeepRecent:
 
     max_tokens: int
 
-    async def apply(self, messages: list[JSON], *, llm: LLM, ctx: Context) -> list[JSON]:
+    async def apply(self, messages: list[JSON], *, llm: LLM, ctx: Caller) -> list[JSON]:
         if message_tokens(messages) <= self.max_tokens:
             return messages
         cuts = _cuts(messages)
@@ -321,7 +357,7 @@ class Summarize:
     tier: str = "fast"
     summary_tokens: int = 512
 
-    async def apply(self, messages: list[JSON], *, llm: LLM, ctx: Context) -> list[JSON]:
+    async def apply(self, messages: list[JSON], *, llm: LLM, ctx: Caller) -> list[JSON]:
         if message_tokens(messages) <= self.max_tokens:
             return messages
         cuts = _cuts(messages)
@@ -386,7 +422,7 @@ class LLM:
 
     async def call(
         self,
-        ctx: Context,
+        ctx: Caller,
         prompt: str | list[JSON] | None = None,
         /,
         *,
@@ -479,7 +515,7 @@ class LLM:
             return self._result(ctx, first, message, convo, value)
         return self._result(ctx, first, message, convo, None)
 
-    async def step(self, ctx: Context, request: JSON) -> StepRecorded:
+    async def step(self, ctx: Caller, request: JSON) -> StepRecorded:
         """One model call as a durable step: from the log, or budget-checked and made now."""
         steps = ctx.steps
         await steps.ensure_loaded()
@@ -542,7 +578,7 @@ class LLM:
             result=message.model_dump(mode="json"), attempts=outcome.attempts, usage=usage
         )
 
-    async def _check_budget(self, ctx: Context, request: JSON) -> None:
+    async def _check_budget(self, ctx: Caller, request: JSON) -> None:
         budget = ctx.agent.budget or Budget(
             tokens=self.settings.run_budget_tokens, usd=self.settings.run_budget_usd
         )
@@ -579,7 +615,7 @@ class LLM:
             raise BudgetExceeded(event)
 
     async def _tool_result(
-        self, ctx: Context, by_name: Mapping[str, Tool[..., Any]], block: JSON
+        self, ctx: Caller, by_name: Mapping[str, Tool[..., Any]], block: JSON
     ) -> JSON:
         """Run one ``tool_use`` block; its ``tool_result`` (``is_error``: the model reflects)."""
         answer: JSON = {"type": "tool_result", "tool_use_id": block["id"]}
@@ -600,7 +636,7 @@ class LLM:
         return {**answer, "content": _json(msgspec.to_builtins(value, str_keys=True))}
 
     def _result(
-        self, ctx: Context, first: int, message: JSON, convo: list[JSON], value: Any
+        self, ctx: Caller, first: int, message: JSON, convo: list[JSON], value: Any
     ) -> LLMResult[Any]:
         taken = tuple(range(first, ctx.steps.count + 1))
         usages = [

@@ -9,6 +9,7 @@ import msgspec
 import redis.asyncio as aioredis
 
 from runtime.events.builtin import DeadLetterRedriven
+from runtime.events.ids import run_stream
 from runtime.events.model import NewEvent
 from runtime.log.store import EventLog
 from runtime.streams.keys import DLQ_STREAM, agent_stream
@@ -113,7 +114,7 @@ async def redrive(redis: aioredis.Redis, log: EventLog, dead_letter_id: str) -> 
         event_id = UUID(letter.event_id)
         run_id = UUID(letter.run_id) if letter.run_id else event_id
         await log.append(
-            f"run-{run_id}",
+            run_stream(run_id),
             [
                 NewEvent(
                     body=DeadLetterRedriven(

@@ -32,8 +32,10 @@ import redis.asyncio as aioredis
 import structlog
 from redis.exceptions import RedisError, WatchError
 
-from runtime.agents.agent import Agent, subscribers
+from runtime.agents.agent import Agent
+from runtime.agents.loading import subscribers
 from runtime.events.builtin import BOOKKEEPING, TimerFired, TimerScheduled
+from runtime.events.ids import run_stream, timers_stream
 from runtime.events.model import START, LogPosition, NewEvent, RecordedEvent, encode_body
 from runtime.log.store import EventLog
 from runtime.ops import metrics
@@ -266,7 +268,7 @@ class Relay:
                 due_at=timer.due_at,
                 payload=timer.payload,
             )
-            stream = f"run-{timer.run_id}" if timer.run_id else f"timers-{timer.agent}"
+            stream = run_stream(timer.run_id) if timer.run_id else timers_stream(timer.agent)
             await self.log.append(
                 stream,
                 [

@@ -42,7 +42,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from runtime.agents.agent import Agent
 from runtime.agents.context import Context, Trigger, activation_id_for, transition_event
 from runtime.effects.breaker import CircuitBreaker, Transition
-from runtime.effects.steps import Steps, steps_stream
+from runtime.effects.steps import Steps
 from runtime.errors import (
     AgentrtError,
     BudgetExceeded,
@@ -55,6 +55,7 @@ from runtime.errors import (
     UnknownEventType,
 )
 from runtime.events.builtin import ActivationCompleted, ActivationDeadLettered
+from runtime.events.ids import activation_stream, circuit_stream, dead_letters_stream, run_stream
 from runtime.events.model import Event, LogPosition, NewEvent, RecordedEvent
 from runtime.log.store import ANY_VERSION, NO_STREAM, EventLog
 from runtime.ops import metrics
@@ -180,10 +181,6 @@ def _raw_reply(response: Any, **options: Any) -> Any:
     return response
 
 
-def run_stream(run_id: UUID) -> str:
-    return f"run-{run_id}"
-
-
 def parse_id(entry_id: str) -> tuple[int, int]:
     ms, _, seq = entry_id.partition("-")
     return int(ms), int(seq or 0)
@@ -305,7 +302,7 @@ class Worker:
             to_state=transition.to_state.value,
         )
         await self.log.append(
-            f"circuit-{transition.name}",
+            circuit_stream(transition.name),
             [NewEvent(body=transition_event(transition), run_id=run_id, producer="breaker")],
         )
 
@@ -522,7 +519,7 @@ class Worker:
     async def _activate(self, g: _Group, d: Delivery, fields: dict[Any, Any], claimed: bool) -> str:
         agent = g.agent
         aid = activation_id_for(agent.name, d.event_id, d.generation)
-        steps_stream_id = steps_stream(aid)
+        steps_stream_id = activation_stream(aid)
         # A first delivery goes straight to the handler: a duplicate of a
         # committed activation is caught by the inbox row at commit (its steps
         # come back from the log, so nothing is called twice), which saves a
@@ -822,7 +819,7 @@ class Worker:
             causation_id=d.event_id if d is not None else None,
             producer=agent,
         )
-        target = run_stream(d.run_id) if d is not None else f"dead-letters-{agent}"
+        target = run_stream(d.run_id) if d is not None else dead_letters_stream(agent)
         await self.log.append(target, [new])
         dlq_fields: dict[Any, Any] = dict(fields)
         dlq_fields.update(
