@@ -47,7 +47,6 @@ import dataclasses
 import datetime as dt
 import gc
 import json
-import logging
 import os
 import random
 import secrets
@@ -59,7 +58,17 @@ from pathlib import Path
 from typing import Any
 
 import asyncpg
-import structlog
+from benchlib import (
+    Figure,
+    cells,
+    drop_schemas,
+    figure_rows,
+    machine,
+    met,
+    quiet_logging,
+    readme_table,
+    write_readme,
+)
 from rich.console import Console
 from rich.table import Table
 
@@ -206,20 +215,6 @@ class Workload:
 # -- figures --------------------------------------------------------------------------
 
 
-@dataclasses.dataclass
-class Figure:
-    key: str
-    name: str
-    unit: str
-    ceiling_key: str | None = None
-    target: float | None = None
-    runs: list[float] = dataclasses.field(default_factory=list)
-
-    @property
-    def value(self) -> float | None:
-        return statistics.median(self.runs) if self.runs else None
-
-
 @dataclasses.dataclass(frozen=True)
 class Sizes:
     single: int
@@ -254,41 +249,18 @@ QUICK = Sizes(
 
 
 def new_figures() -> dict[str, Figure]:
-    figures = [
-        Figure("raw_insert", "raw INSERT, 1 row per tx (ceiling)", "rows/s"),
-        Figure("raw_copy", "raw COPY, 1000 rows per tx (ceiling)", "rows/s"),
-        Figure("raw_select", "raw SELECT, keyset pages of 1000 (ceiling)", "rows/s"),
-        Figure("append_1", "EventLog.append, batch 1", "events/s", "raw_insert", TARGET),
-        Figure("append_100", "EventLog.append, batch 100", "events/s", "raw_copy", None),
-        Figure("append_1000", "EventLog.append, batch 1000", "events/s", "raw_copy", TARGET),
-        Figure(
-            "read_all",
-            "EventLog.read_all + decode, pages of 1000",
-            "events/s",
-            "raw_select",
-            TARGET,
+    f = Figure
+    return {
+        "raw_insert": f("raw INSERT, 1 row per tx (ceiling)", "rows/s"),
+        "raw_copy": f("raw COPY, 1000 rows per tx (ceiling)", "rows/s"),
+        "raw_select": f("raw SELECT, keyset pages of 1000 (ceiling)", "rows/s"),
+        "append_1": f("EventLog.append, batch 1", "events/s", "raw_insert", TARGET),
+        "append_100": f("EventLog.append, batch 100", "events/s", "raw_copy"),
+        "append_1000": f("EventLog.append, batch 1000", "events/s", "raw_copy", TARGET),
+        "read_all": f(
+            "EventLog.read_all + decode, pages of 1000", "events/s", "raw_select", TARGET
         ),
-    ]
-    return {f.key: f for f in figures}
-
-
-def figure_rows(figures: dict[str, Figure]) -> list[dict[str, Any]]:
-    out: list[dict[str, Any]] = []
-    for f in figures.values():
-        value = f.value
-        ceiling = figures[f.ceiling_key].value if f.ceiling_key else None
-        ratio = value / ceiling if value is not None and ceiling else None
-        out.append(
-            {
-                "name": f.name,
-                "value": None if value is None else round(value, 1),
-                "unit": f.unit,
-                "ceiling": None if ceiling is None else round(ceiling, 1),
-                "ratio": None if ratio is None else round(ratio, 3),
-                "target": f.target,
-            }
-        )
-    return out
+    }
 
 
 # -- the servers ----------------------------------------------------------------------
@@ -614,27 +586,20 @@ async def run(
             await raw.close()
         if pool is not None:
             await pool.close()
-        for schema in (raw_schema, log_schema):
-            try:
-                await admin.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
-            except asyncpg.PostgresError as exc:
-                err.print(f"[yellow]warning:[/] could not drop schema {schema}: {exc}")
+        await drop_schemas(admin, (raw_schema, log_schema), err)
         await admin.close()
 
 
 # -- output ---------------------------------------------------------------------------
 
 
-def _num(value: float | None) -> str:
-    return "—" if value is None else f"{value:,.0f}"
-
-
-def _mark(row: dict[str, Any]) -> str:
-    if row["target"] is None:
-        return "info" if row["ceiling"] is not None else ""
-    if row["ratio"] is None:
-        return "?"
-    return "✓ pass" if row["ratio"] >= row["target"] else "✗ MISS"
+def dashed(row: dict[str, Any]) -> list[str]:
+    """``cells`` for the terminal: a dash where there is nothing, ``info`` for a ratio
+    without a target."""
+    *numbers, mark = cells(row)
+    if not mark and row["ceiling"] is not None:
+        mark = "info"
+    return [cell or "—" for cell in numbers] + [mark]
 
 
 def render(figures: dict[str, Figure], info: RunInfo, out: Console) -> None:
@@ -655,111 +620,51 @@ def render(figures: dict[str, Figure], info: RunInfo, out: Console) -> None:
         f"({info.seconds:.0f}s measuring)[/]"
     )
     table = Table(show_lines=False)
-    for col, justify in (
-        ("figure", "left"),
-        ("value", "right"),
-        ("unit", "left"),
-        ("ceiling", "right"),
-        ("ratio", "right"),
-        ("target", "right"),
-        ("", "left"),
-        ("runs", "right"),
-    ):
-        table.add_column(col, justify=justify)  # type: ignore[arg-type]
+    for col in ("figure", "value", "unit", "ceiling", "ratio", "target", "", "runs"):
+        table.add_column(col, justify="left" if col in ("figure", "unit", "") else "right")
     for row, f in zip(rows, figures.values(), strict=True):
+        value, ceiling, ratio, target, mark = dashed(row)
         runs = ", ".join(f"{v:,.0f}" for v in f.runs) if len(f.runs) > 1 else ""
-        mark = _mark(row)
         style = "red" if "MISS" in mark else ("green" if "pass" in mark else "")
         table.add_row(
             row["name"],
-            _num(row["value"]),
+            value,
             row["unit"],
-            _num(row["ceiling"]),
-            "—" if row["ratio"] is None else f"{row['ratio']:.1%}",
-            "—" if row["target"] is None else f"≥{row['target']:.0%}",
+            ceiling,
+            ratio,
+            target,
             f"[{style}]{mark}[/]" if style else mark,
             runs,
         )
     out.print(table)
-    missed = [
-        r
-        for r in rows
-        if r["target"] is not None and (r["ratio"] is None or r["ratio"] < r["target"])
-    ]
+    missed = [r for r in rows if r["target"] is not None and not met(r)]
     if missed:
         out.print("[bold red]targets missed:[/]")
         for r in missed:
-            ratio = "n/a" if r["ratio"] is None else f"{r['ratio']:.1%}"
+            value, ceiling, ratio, target, _ = dashed(r)
             out.print(
-                f"  [red]✗[/] {r['name']}: {_num(r['value'])} {r['unit']} is {ratio} of "
-                f"its ceiling {_num(r['ceiling'])}, target ≥{r['target']:.0%}"
+                f"  [red]✗[/] {r['name']}: {value} {r['unit']} is "
+                f"{'n/a' if r['ratio'] is None else ratio} of its ceiling {ceiling}, "
+                f"target {target}"
             )
     else:
         out.print("[bold green]all targets met[/]")
 
 
-def machine() -> dict[str, str]:
-    cpu = "unknown"
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    memory = "unknown"
-    with contextlib.suppress(OSError, ValueError, IndexError):
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemTotal:"):
-                memory = f"{int(line.split()[1]) / 1024 / 1024:.1f} GiB"
-                break
-    try:
-        nproc = len(os.sched_getaffinity(0))
-    except AttributeError:
-        nproc = os.cpu_count() or 0
-    return {"nproc": str(nproc), "cpu": cpu, "memory": memory}
-
-
 def readme_block(figures: dict[str, Figure], info: RunInfo) -> str:
-    m = machine()
     mode = "DATABASE_URL" if info.mode == "DATABASE_URL" else "embedded"
     lines = [
         MARK_START,
         f"Measured with `scripts/bench_log.py` on {dt.date.today().isoformat()}: "
-        f"{m['nproc']} CPUs ({m['cpu']}), {m['memory']} RAM, PostgreSQL {info.version} "
+        f"{machine()}, PostgreSQL {info.version} "
         f"({mode}, {info.durability}, NOTIFY {'on' if info.notify else 'off'}), "
         f"median of {info.repeat} run(s). Ceilings are raw asyncpg on a copy of the `events` "
         f"table without triggers or the append function; bodies are {info.body_bytes} of JSON.",
         "",
-        "| figure | value | unit | ceiling | ratio | target | |",
-        "| --- | ---: | --- | ---: | ---: | ---: | --- |",
+        *readme_table(figures),
+        MARK_END,
     ]
-    for row in figure_rows(figures):
-        ratio = "" if row["ratio"] is None else f"{row['ratio']:.1%}"
-        target = "" if row["target"] is None else f"≥{row['target']:.0%}"
-        ceiling = "" if row["ceiling"] is None else _num(row["ceiling"])
-        lines.append(
-            f"| {row['name']} | {_num(row['value'])} | {row['unit']} | {ceiling} | "
-            f"{ratio} | {target} | {_mark(row) if row['target'] is not None else ''} |"
-        )
-    lines.append(MARK_END)
     return "\n".join(lines)
-
-
-def write_readme(figures: dict[str, Figure], info: RunInfo, err: Console) -> None:
-    try:
-        text = README.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        err.print(f"[yellow]warning:[/] {README} not found; not written")
-        return
-    start, end = text.find(MARK_START), text.find(MARK_END)
-    if start < 0 or end < 0 or end < start:
-        err.print(
-            f"[yellow]warning:[/] {README} has no {MARK_START} ... {MARK_END} markers; "
-            "left unchanged"
-        )
-        return
-    new = text[:start] + readme_block(figures, info) + text[end + len(MARK_END) :]
-    README.write_text(new, encoding="utf-8")
-    err.print(f"[dim]wrote the figures into {README}[/]")
 
 
 # -- main -----------------------------------------------------------------------------
@@ -807,15 +712,6 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def quiet_logging() -> None:
-    """Runtime log lines go to stderr, warnings and up only (stdout is for figures)."""
-    structlog.configure(
-        wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING),
-        logger_factory=structlog.PrintLoggerFactory(sys.stderr),
-    )
-    logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     quiet_logging()
@@ -828,7 +724,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         figures, info = asyncio.run(run(args, srv, err))
     render(figures, info, out)
     if args.write_readme:
-        write_readme(figures, info, err)
+        write_readme(README, "bench_log", readme_block(figures, info), err)
     if args.json:
         print(json.dumps({"figures": figure_rows(figures)}), flush=True)
     return 0

@@ -1,4 +1,5 @@
-"""What the benchmark scripts share: figures and their rows, the README block, the machine.
+"""What the benchmark scripts share: figures and their rows, the README block, the machine,
+quiet logging, dropping scratch schemas.
 
 A figure is a median over runs. Rate figures (any unit but ``ms``) get a
 ratio to their ceiling and a target share of it; ``ms`` figures a target to
@@ -9,14 +10,17 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import logging
 import math
 import os
 import statistics
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
+import structlog
 from rich.console import Console
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
@@ -85,6 +89,20 @@ def cells(row: dict[str, Any]) -> list[str]:
     return [num(row["value"]), num(row["ceiling"]), ratio, target, mark]
 
 
+def readme_table(figures: dict[str, Figure]) -> list[str]:
+    """The figures as the lines of a Markdown table (the README block's)."""
+    lines = [
+        "| figure | value | unit | ceiling | ratio | target | |",
+        "| --- | ---: | --- | ---: | ---: | ---: | --- |",
+    ]
+    for row in figure_rows(figures):
+        value, ceiling, ratio, target, mark = cells(row)
+        lines.append(
+            f"| {row['name']} | {value} | {row['unit']} | {ceiling} | {ratio} | {target} | {mark} |"
+        )
+    return lines
+
+
 def percentile(ordered: Sequence[float], q: float) -> float:
     """Nearest-rank percentile of sorted ``ordered`` (seconds), in milliseconds."""
     if not ordered:
@@ -122,10 +140,35 @@ def machine() -> str:
 def write_readme(readme: Path, name: str, block: str, err: Console) -> None:
     """Replace what stands between ``<!-- name:start -->`` and ``<!-- name:end -->``."""
     mark_start, mark_end = f"<!-- {name}:start -->", f"<!-- {name}:end -->"
-    text = readme.read_text(encoding="utf-8")
+    try:
+        text = readme.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        err.print(f"[yellow]warning:[/] {readme} not found; not written")
+        return
     start, end = text.find(mark_start), text.find(mark_end)
     if start < 0 or end < start:
         err.print(f"[yellow]warning:[/] {readme} has no {mark_start} markers; left unchanged")
         return
     readme.write_text(text[:start] + block + text[end + len(mark_end) :], encoding="utf-8")
     err.print(f"[dim]wrote the figures into {readme}[/]")
+
+
+def quiet_logging() -> None:
+    """Runtime log lines go to stderr, warnings and up only (stdout is for figures)."""
+    structlog.configure(
+        wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING),
+        logger_factory=structlog.PrintLoggerFactory(sys.stderr),
+    )
+    logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
+
+
+async def drop_schemas(admin: Any, schemas: Sequence[str], err: Console) -> None:
+    """``DROP SCHEMA ... CASCADE`` each of ``schemas`` on asyncpg connection ``admin``;
+    a failure is a warning."""
+    import asyncpg
+
+    for schema in schemas:
+        try:
+            await admin.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
+        except asyncpg.PostgresError as exc:
+            err.print(f"[yellow]warning:[/] could not drop schema {schema}: {exc}")
