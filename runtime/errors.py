@@ -33,12 +33,21 @@ class ErrorCode(enum.StrEnum):
     OUTPUT_INVALID = "output_invalid"
     INVALID_DELIVERY = "invalid_delivery"
     APP_LOAD = "app_load_failed"
+    BUDGET_EXCEEDED = "budget_exceeded"
+    DEAD_LETTER_NOT_FOUND = "dead_letter_not_found"
+    APPROVAL_NOT_FOUND = "approval_not_found"
+    APPROVAL_DECIDED = "approval_already_decided"
+    LEASE_LOST = "lease_lost"
 
 
 class AgentrtError(Exception):
-    """Base of agentrt's errors; ``code`` is stable and safe to show to users."""
+    """Base of agentrt's errors; ``code`` is stable and safe to show to users.
 
-    code: ErrorCode
+    The runtime's codes are :class:`ErrorCode` members; a package's own errors
+    (``webhooks/errors.py``) derive from this class with codes of their own.
+    """
+
+    code: str
 
     def __init__(self, message: str) -> None:
         super().__init__(message)
@@ -288,13 +297,58 @@ class AppLoadError(AgentrtError):
         self.target = target
 
 
-class BudgetExceeded(Exception):
+class DeadLetterNotFound(AgentrtError):
+    """No dead letter has this id (it was redriven, or never existed)."""
+
+    code = ErrorCode.DEAD_LETTER_NOT_FOUND
+
+    def __init__(self, dead_letter_id: str, stream: str) -> None:
+        super().__init__(f"no dead letter {dead_letter_id!r} in {stream}")
+        self.dead_letter_id = dead_letter_id
+
+
+class ApprovalNotFound(AgentrtError):
+    """No ``approval.requested`` has this approval id."""
+
+    code = ErrorCode.APPROVAL_NOT_FOUND
+
+    def __init__(self, approval_id: UUID) -> None:
+        super().__init__(f"no approval.requested with approval_id {approval_id}")
+        self.approval_id = approval_id
+
+
+class AlreadyDecided(AgentrtError):
+    """The approval has a decision already; the first one stands."""
+
+    code = ErrorCode.APPROVAL_DECIDED
+
+    def __init__(self, approval_id: UUID, *, approved: bool, by: str | None) -> None:
+        verdict = "approved" if approved else "denied"
+        who = f" by {by}" if by else ""
+        super().__init__(f"approval {approval_id} was already {verdict}{who}")
+        self.approval_id = approval_id
+        self.approved = approved
+        self.by = by
+
+
+class LeaseLost(AgentrtError):
+    """Another relay took over (this one stalled past its lease); it stops publishing."""
+
+    code = ErrorCode.LEASE_LOST
+
+
+class BudgetExceeded(BaseException):
     """A model call would take the run past its budget: the run stops instead of calling.
 
     Raised out of the handler; the worker commits ``run.budget_exceeded`` and
-    the inbox marker, so the event counts as handled.
+    the inbox marker, so the event counts as handled. A ``BaseException``, like
+    ``asyncio.CancelledError``: a handler's ``except Exception:`` cannot swallow
+    the stop and go on spending.
     """
+
+    code = ErrorCode.BUDGET_EXCEEDED
 
     def __init__(self, event: object) -> None:
         super().__init__(str(event))
+        self.message = str(event)
         self.event = event

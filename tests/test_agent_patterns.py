@@ -20,7 +20,7 @@ from runtime.agents.context import Context
 from runtime.effects.breaker import State
 from runtime.effects.budget import Budget
 from runtime.effects.retry import RetryPolicy
-from runtime.errors import CircuitOpen
+from runtime.errors import AlreadyDecided, ApprovalNotFound, BudgetExceeded, CircuitOpen
 from runtime.events.builtin import (
     ApprovalDecided,
     ApprovalRequested,
@@ -115,6 +115,37 @@ async def test_budget_exceeded_stops_the_run_without_calling(
     assert [r[2] for r in await inbox_rows(log)] == ["budget_exceeded"]
 
 
+class Swallower(Frugal):
+    """Catches everything around its model call and carries on with a fallback."""
+
+    name = "swallower"
+
+    async def handle(self, event: OrderPlaced, ctx: Context) -> None:
+        try:
+            answer = (await ctx.llm(f"Order {event.order_id}")).text
+        except Exception:  # what a handler should not do, and cannot do to a budget stop
+            answer = "fallback"
+        ctx.emit(OrderAudited(order_id=event.order_id, seen_by=answer))
+
+
+async def test_a_budget_stop_cannot_be_swallowed_by_except_exception(
+    redis: aioredis.Redis, log: EventLog, llm: LLM
+) -> None:
+    event_id = await send(redis, OrderPlaced(order_id="b2", sku="SKU-2"))
+    async with running([Swallower()], redis, log, relay=False, llm=llm):
+        await wait_for(lambda: _has(log, "run.budget_exceeded"), what="the budget event")
+    types = [e.event_type for e in await log.read_stream(f"run-{event_id}")]
+    assert types == ["orders.placed", "run.budget_exceeded", "activation.completed"]
+    assert await count_type(log, "orders.audited") == 0  # the fallback never ran
+    assert [r[2] for r in await inbox_rows(log)] == ["budget_exceeded"]
+
+
+def test_budget_exceeded_is_not_an_exception() -> None:
+    """The property the test above relies on, stated directly."""
+    assert not issubclass(BudgetExceeded, Exception)
+    assert issubclass(BudgetExceeded, BaseException)
+
+
 class Reminder(Agent):
     """Sets a durable timer, and acts when it fires."""
 
@@ -171,13 +202,13 @@ async def test_a_run_waits_for_approval_then_goes_on(redis: aioredis.Redis, log:
         [(approval_id, run_id, request)] = await approvals.pending_approvals(log)
         assert run_id == event_id and request.subject == "ship 3 x SKU-4?"
         await approvals.decide(log, approval_id, approved=True, by="ada")
-        with pytest.raises(approvals.AlreadyDecided, match="already approved by ada"):
+        with pytest.raises(AlreadyDecided, match="already approved by ada"):
             await approvals.decide(log, approval_id, approved=False, by="bob")
         await wait_for(lambda: _has(log, "orders.audited"), what="the run going on")
     [audited] = [e.body for e in await log.read_all() if isinstance(e.body, OrderAudited)]
     assert audited.seen_by == "approved by ada"
     assert await approvals.pending_approvals(log) == []
-    with pytest.raises(approvals.ApprovalNotFound):
+    with pytest.raises(ApprovalNotFound):
         await approvals.decide(log, uuid.uuid4(), approved=True)
 
 

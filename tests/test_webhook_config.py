@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 
 from tests.webhook_fixtures import SAMPLES
-from webhooks.config import ConfigError, load
+from webhooks.config import load
+from webhooks.errors import ConfigError
 
 
 def test_shipped_sample_configs_load(monkeypatch: pytest.MonkeyPatch) -> None:

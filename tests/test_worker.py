@@ -12,6 +12,7 @@ import structlog
 
 from runtime.agents.agent import Agent
 from runtime.agents.context import Context
+from runtime.errors import DeadLetterNotFound
 from runtime.events.builtin import StepRecorded
 from runtime.log.store import EventLog
 from runtime.streams.keys import DLQ_STREAM, agent_stream, ingress_stream
@@ -194,7 +195,7 @@ async def test_dead_letter_after_max_deliveries_then_redrive(
     types = [e.event_type for e in await log.read_stream(f"run-{bad}")]
     assert "dead_letter.redriven" in types
     assert types.count("activation.completed") == 1
-    with pytest.raises(dlq.NotFound):
+    with pytest.raises(DeadLetterNotFound):
         await dlq.get_dead_letter(redis, letter.id)
 
 

@@ -14,7 +14,8 @@ from rich.console import Console
 
 from runtime.settings import Settings
 from webhooks import auth
-from webhooks.config import ConfigError, ResolvedSource, load
+from webhooks.config import ResolvedSource, load
+from webhooks.errors import ConfigError
 
 out = Console(highlight=False)
 err = Console(stderr=True, highlight=False)

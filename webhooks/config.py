@@ -10,14 +10,11 @@ from typing import Literal
 import msgspec
 
 from webhooks.auth import decode_secret
+from webhooks.errors import ConfigError
 
 Format = Literal["postmark", "mailgun", "sendgrid", "mime", "debezium", "supabase", "generic"]
 Auth = Literal["standard", "mailgun", "basic", "none"]
 _NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
-
-
-class ConfigError(Exception):
-    """The sources file is missing, unreadable or wrong; the message names where."""
 
 
 class SourceConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):

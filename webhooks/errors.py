@@ -1,9 +1,20 @@
-"""Ingress errors: each an HTTP status and a stable code, rendered as JSON."""
+"""The ingress's errors: each an HTTP status and a stable code, rendered as JSON; and the
+sources file's. All derive from :class:`runtime.errors.AgentrtError`."""
 
 from __future__ import annotations
 
+from runtime.errors import AgentrtError
 
-class IngressError(Exception):
+
+class ConfigError(AgentrtError):
+    """The sources file is missing, unreadable or wrong; the message names where."""
+
+    code = "webhooks_config_invalid"
+
+
+class IngressError(AgentrtError):
+    """A request the ingress refuses: ``status`` is its HTTP status, ``code`` its stable code."""
+
     status: int = 400
     code: str = "bad_request"
 
@@ -16,7 +27,6 @@ class IngressError(Exception):
         retry_after: int | None = None,
     ) -> None:
         super().__init__(message)
-        self.message = message
         if code is not None:
             self.code = code
         self.field = field

@@ -208,7 +208,7 @@ class Context:
             raise
         except Exception as exc:  # the tool's failure is its step's recorded result
             await self._bookkeeping(breaker.record_failure(permit))
-            code = exc.code.value if isinstance(exc, AgentrtError) else None
+            code = str(exc.code) if isinstance(exc, AgentrtError) else None
             return StepOutput(error=StepError(type=type(exc).__name__, message=str(exc), code=code))
         await self._bookkeeping(breaker.record_success(permit))
         return StepOutput(result=result.data)

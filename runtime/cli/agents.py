@@ -205,11 +205,7 @@ def register(app: typer.Typer) -> None:
             finally:
                 await redis.aclose()
 
-        try:
-            letter = run(go())
-        except dlq_mod.NotFound as exc:
-            err.print(f"[bold red]error[/] {escape(str(exc))}")
-            raise typer.Exit(1) from None
+        letter = run(go())
         print(msgspec.json.format(msgspec.json.encode(letter), indent=2).decode())
 
     @dlq_app.command("redrive")
@@ -232,11 +228,7 @@ def register(app: typer.Typer) -> None:
                     targets = [x.id for x in letters]
                 return [(i, await dlq_mod.redrive(redis, lg, i)) for i in targets]
 
-        try:
-            moved = run(go())
-        except dlq_mod.NotFound as exc:
-            err.print(f"[bold red]error[/] {escape(str(exc))}")
-            raise typer.Exit(1) from None
+        moved = run(go())
         for old, new in moved:
             out.print(f"redrove {old} -> {new}")
         out.print(f"{len(moved)} dead letter(s) redriven")
@@ -275,10 +267,6 @@ def register(app: typer.Typer) -> None:
             finally:
                 await lg.pool.close()
 
-        try:
-            run(go())
-        except (approvals.ApprovalNotFound, approvals.AlreadyDecided) as exc:
-            err.print(f"[bold red]error[/] {escape(str(exc))}")
-            raise typer.Exit(1) from None
+        run(go())
 
     app.add_typer(dlq_app, name="dlq")

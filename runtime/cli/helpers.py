@@ -31,7 +31,7 @@ err = Console(stderr=True, highlight=False)
 
 def fail(exc: AgentrtError) -> NoReturn:
     """Print the error with its code and exit: 2 for bad settings, 1 otherwise."""
-    err.print(f"[bold red]error[/] {escape(f'[{exc.code.value}]')} {escape(exc.message)}")
+    err.print(f"[bold red]error[/] {escape(f'[{exc.code}]')} {escape(exc.message)}")
     raise typer.Exit(2 if isinstance(exc, SettingsError) else 1)
 
 

@@ -559,7 +559,7 @@ class LLM:
         try:
             outcome = await run_with_retries(create, self.policy, on_attempt=on_attempt)
         except RetriesExhausted as exc:
-            error = StepError(type="RetriesExhausted", message=str(exc), code=exc.code.value)
+            error = StepError(type="RetriesExhausted", message=str(exc), code=str(exc.code))
             return StepOutput(error=error, attempts=exc.attempts)
         except anthropic.APIError as exc:  # not retryable (400, 401, ...): the call's answer
             status = getattr(exc, "status_code", None)

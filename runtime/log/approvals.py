@@ -4,23 +4,10 @@ from __future__ import annotations
 
 from uuid import UUID
 
+from runtime.errors import AlreadyDecided, ApprovalNotFound
 from runtime.events.builtin import ApprovalDecided, ApprovalRequested
 from runtime.events.model import NewEvent
 from runtime.log.store import EventLog
-
-
-class ApprovalNotFound(LookupError):
-    pass
-
-
-class AlreadyDecided(Exception):
-    """The approval has a decision already; the first one stands."""
-
-    def __init__(self, decision: ApprovalDecided) -> None:
-        verdict = "approved" if decision.approved else "denied"
-        by = f" by {decision.by}" if decision.by else ""
-        super().__init__(f"approval {decision.approval_id} was already {verdict}{by}")
-        self.decision = decision
 
 
 async def pending_approvals(log: EventLog) -> list[tuple[UUID, UUID | None, ApprovalRequested]]:
@@ -55,7 +42,7 @@ async def decide(
         str(approval_id),
     )
     if row is None:
-        raise ApprovalNotFound(f"no approval.requested with approval_id {approval_id}")
+        raise ApprovalNotFound(approval_id)
     request_id, run_id, stream = row
     decided = NewEvent(
         body=ApprovalDecided(approval_id=approval_id, approved=approved, by=by, comment=comment),
@@ -69,5 +56,5 @@ async def decide(
     if not result.inserted:
         first = (await log.read_stream(stream, result.stream_version, limit=1))[0].body
         assert isinstance(first, ApprovalDecided)
-        raise AlreadyDecided(first)
+        raise AlreadyDecided(first.approval_id, approved=first.approved, by=first.by)
     return decided.event_id

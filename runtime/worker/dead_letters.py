@@ -8,6 +8,7 @@ from uuid import UUID
 import msgspec
 import redis.asyncio as aioredis
 
+from runtime.errors import DeadLetterNotFound
 from runtime.events.builtin import DeadLetterRedriven
 from runtime.events.ids import run_stream
 from runtime.events.model import NewEvent
@@ -30,10 +31,6 @@ class DeadLetter(msgspec.Struct, frozen=True, kw_only=True):
     generation: int
     #: The original entry's fields (bodies as text).
     fields: dict[str, str]
-
-
-class NotFound(LookupError):
-    pass
 
 
 def _text(v: Any) -> str:
@@ -83,10 +80,10 @@ async def list_dead_letters(
 
 
 async def _entry(redis: aioredis.Redis, dead_letter_id: str) -> dict[Any, Any]:
-    """The dead letter's raw fields (bytes as stored), or :class:`NotFound`."""
+    """The dead letter's raw fields (bytes as stored); raises DeadLetterNotFound."""
     page = await redis.xrange(DLQ_STREAM, min=dead_letter_id, max=dead_letter_id, count=1)
     if not page:
-        raise NotFound(f"no dead letter {dead_letter_id!r} in {DLQ_STREAM}")
+        raise DeadLetterNotFound(dead_letter_id, DLQ_STREAM)
     return page[0][1] or {}
 
 

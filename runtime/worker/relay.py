@@ -34,6 +34,7 @@ from redis.exceptions import RedisError, WatchError
 
 from runtime.agents.agent import Agent
 from runtime.agents.loading import subscribers
+from runtime.errors import LeaseLost
 from runtime.events.builtin import BOOKKEEPING, TimerFired, TimerScheduled
 from runtime.events.ids import run_stream, timers_stream
 from runtime.events.model import START, LogPosition, NewEvent, RecordedEvent, encode_body
@@ -53,11 +54,6 @@ if redis.call('GET', KEYS[1]) == ARGV[1] then
 end
 return 0
 """
-
-
-class LeaseLost(Exception):
-    # A control-flow signal, not an error.
-    """Another relay took over (this one stalled past its lease)."""
 
 
 class _Timer(msgspec.Struct, frozen=True):

@@ -794,7 +794,7 @@ class Worker:
     ) -> None:
         """Record the error in the log, move the entry to the DLQ stream, acknowledge it."""
         agent = g.agent.name
-        code = exc.code.value if isinstance(exc, AgentrtError) else None
+        code = str(exc.code) if isinstance(exc, AgentrtError) else None
         trigger_id = (
             d.event_id if d is not None else uuid.uuid5(_DLQ_NAMESPACE, f"{stream}/{entry_id}")
         )
