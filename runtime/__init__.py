@@ -31,13 +31,26 @@ _EXPORTS: dict[str, str] = {
     "ApprovalDecided": "runtime.events.builtin",
     "ApprovalRequested": "runtime.events.builtin",
     "TimerFired": "runtime.events.builtin",
+    "ActivationCompleted": "runtime.events.builtin",
+    "StepRecorded": "runtime.events.builtin",
     "ANY_VERSION": "runtime.log.store",
     "NO_STREAM": "runtime.log.store",
     "AppendResult": "runtime.log.store",
     "EventLog": "runtime.log.store",
+    "LogQueries": "runtime.log.queries",
+    "connect_database": "runtime.log.pool:connect",
+    "open_runtime_pool": "runtime.log.pool",
+    "audit_seal": "runtime.log.audit:seal",
+    "audit_verify": "runtime.log.audit:verify",
+    # the model layer
+    "LLM": "runtime.llm.calls",
+    "LLMResult": "runtime.llm.calls",
+    "model_client": "runtime.llm.calls",
     # running agents
+    "Relay": "runtime.worker.relay",
+    "connect_redis": "runtime.streams.keys",
     "Worker": "runtime.worker.worker",
-    "WorkerOptions": "runtime.worker.worker",
+    "WorkerOptions": "runtime.worker.options",
     "Settings": "runtime.settings",
     # errors
     "AgentrtError": "runtime.errors",
@@ -57,8 +70,10 @@ _EXPORTS: dict[str, str] = {
 
 __all__ = [
     "ANY_VERSION",
+    "LLM",
     "NO_STREAM",
     "START",
+    "ActivationCompleted",
     "Agent",
     "AgentrtError",
     "AppendResult",
@@ -76,21 +91,31 @@ __all__ = [
     "EventLog",
     "EventRegistry",
     "InvalidAppend",
+    "LLMResult",
     "LogPosition",
+    "LogQueries",
     "NewEvent",
     "RecordedEvent",
+    "Relay",
     "ServiceUnavailable",
     "Settings",
     "SettingsError",
     "StepDivergence",
     "StepFailed",
+    "StepRecorded",
     "TimerFired",
     "ToolContext",
     "UnknownEvent",
     "UnknownEventType",
     "Worker",
     "WorkerOptions",
+    "audit_seal",
+    "audit_verify",
+    "connect_database",
+    "connect_redis",
+    "model_client",
     "new_event_id",
+    "open_runtime_pool",
     "registry",
     "tool",
 ]
@@ -100,7 +125,8 @@ def __getattr__(name: str) -> Any:
     module = _EXPORTS.get(name)
     if module is None:
         raise AttributeError(f"module 'runtime' has no attribute {name!r}")
-    value = getattr(importlib.import_module(module), name)
+    module, _, attr = module.partition(":")
+    value = getattr(importlib.import_module(module), attr or name)
     globals()[name] = value  # once loaded, a plain attribute
     return value
 
@@ -129,7 +155,13 @@ if TYPE_CHECKING:
         StepFailed,
         UnknownEventType,
     )
-    from runtime.events.builtin import ApprovalDecided, ApprovalRequested, TimerFired
+    from runtime.events.builtin import (
+        ActivationCompleted,
+        ApprovalDecided,
+        ApprovalRequested,
+        StepRecorded,
+        TimerFired,
+    )
     from runtime.events.model import (
         START,
         Event,
@@ -141,6 +173,15 @@ if TYPE_CHECKING:
         new_event_id,
         registry,
     )
+    from runtime.llm.calls import LLM, LLMResult, model_client
+    from runtime.log.audit import seal as audit_seal
+    from runtime.log.audit import verify as audit_verify
+    from runtime.log.pool import connect as connect_database
+    from runtime.log.pool import open_runtime_pool
+    from runtime.log.queries import LogQueries
     from runtime.log.store import ANY_VERSION, NO_STREAM, AppendResult, EventLog
     from runtime.settings import Settings
-    from runtime.worker.worker import Worker, WorkerOptions
+    from runtime.streams.keys import connect_redis
+    from runtime.worker.options import WorkerOptions
+    from runtime.worker.relay import Relay
+    from runtime.worker.worker import Worker

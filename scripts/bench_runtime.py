@@ -396,7 +396,8 @@ async def worker_main(spec: WorkerSpec) -> None:
     from runtime.log.store import EventLog
     from runtime.settings import Settings
     from runtime.streams.keys import connect_redis
-    from runtime.worker.worker import Worker, WorkerOptions
+    from runtime.worker.options import WorkerOptions
+    from runtime.worker.worker import Worker
 
     recorder = Recorder(spec)
     stop = asyncio.Event()

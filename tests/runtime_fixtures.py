@@ -16,8 +16,9 @@ from runtime.agents.agent import Agent
 from runtime.events.model import Event, encode_body, event_type_of
 from runtime.log.store import EventLog
 from runtime.streams.keys import ingress_stream
+from runtime.worker.options import WorkerOptions
 from runtime.worker.relay import Relay
-from runtime.worker.worker import Worker, WorkerOptions
+from runtime.worker.worker import Worker
 
 #: The Redis database the worker tests own (flushed per test).
 WORKER_DB = 11

@@ -17,7 +17,8 @@ from runtime.events.builtin import StepRecorded
 from runtime.log.store import EventLog
 from runtime.streams.keys import DLQ_STREAM, agent_stream, ingress_stream
 from runtime.worker import dead_letters as dlq
-from runtime.worker.worker import Worker, trim_acknowledged
+from runtime.worker.groups import trim_acknowledged
+from runtime.worker.worker import Worker
 from tests.apps.orders import Auditor, Fulfilment, OrderPlaced, reserve_stock
 from tests.runtime_fixtures import (
     count_type,

@@ -160,7 +160,7 @@ def demo(ctx: typer.Context) -> None:
     """The quick start: signed webhooks -> ingress -> agents (LLM, tools) -> the log, audited."""
     from runtime.cli import open_log, run, with_servers
     from runtime.ops.logconfig import configure_logging
-    from webhooks.demo import run_demo
+    from webhooks.demo.pipeline import run_demo
 
     settings = with_servers(ctx.obj, redis=True)
     if "AGENTRT_LOG_LEVEL" not in os.environ:
@@ -176,7 +176,7 @@ def demo(ctx: typer.Context) -> None:
     if not run(go()):
         raise typer.Exit(1)
     Console().print(
-        "\nnext: `agentrt log tail` follows the log, `agentrt worker --app webhooks.demo_agents` "
+        "\nnext: `agentrt log tail` follows the log, `agentrt worker --app webhooks.demo.agents` "
         "runs these agents, `agentrt services down` stops the servers."
     )
 

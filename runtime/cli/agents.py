@@ -24,8 +24,9 @@ from runtime.ops.process import settle_gc
 from runtime.settings import Settings
 from runtime.streams.keys import connect_redis
 from runtime.worker import dead_letters as dlq_mod
+from runtime.worker.options import WorkerOptions
 from runtime.worker.relay import Relay
-from runtime.worker.worker import Worker, WorkerOptions
+from runtime.worker.worker import Worker
 
 dlq_app = typer.Typer(help="Inspect and re-drive dead-lettered events.", no_args_is_help=True)
 

@@ -60,11 +60,15 @@ class Steps:
     first worker is still alive) meet at the log's unique (stream, version)
     index: the loser takes the winner's result, so every later step sees one
     history.
+
+    With ``log=None`` the steps are only those given as ``recorded`` (replay,
+    fork, time travel: no SQL); a step beyond them is executed and kept here,
+    not written, and its number listed in ``executed``.
     """
 
     def __init__(
         self,
-        log: EventLog,
+        log: EventLog | None,
         *,
         activation_id: UUID,
         run_id: UUID,
@@ -76,7 +80,7 @@ class Steps:
         """``lazy``: read the recorded steps from the log only when the first step is taken
         (an activation that takes none then costs no read)."""
         self._log = log
-        self._loaded = not lazy
+        self._loaded = not lazy or log is None
         self.activation_id = activation_id
         self.run_id = run_id
         self.agent = agent
@@ -87,6 +91,8 @@ class Steps:
         self.count = 0
         #: How many of them were answered from the log.
         self.reused = 0
+        #: Numbers of the steps this attempt executed (called, not answered from the record).
+        self.executed: list[int] = []
 
     @classmethod
     async def load(
@@ -99,11 +105,12 @@ class Steps:
 
     async def ensure_loaded(self) -> None:
         """Read the steps earlier attempts recorded (once)."""
-        if self._loaded:
+        if self._loaded or self._log is None:
             return
+        event_log = self._log
         after = 1
         while True:
-            page = await self._log.read_stream(self.stream, after, limit=1000)
+            page = await event_log.read_stream(self.stream, after, limit=1000)
             for ev in page:
                 if isinstance(ev.body, StepRecorded):
                     self.recorded.setdefault(ev.stream_version, ev.body)
@@ -152,10 +159,13 @@ class Steps:
             event = NewEvent(
                 body=body, run_id=self.run_id, causation_id=self.trigger_id, producer=self.agent
             )
+            self.executed.append(n)
             try:
-                await self._append(event, n)
+                if self._log is not None:
+                    await self._append(event, n)
             except ConcurrencyConflict:
                 # Another worker recorded this step first: its result is the one.
+                assert self._log is not None
                 page = await self._log.read_stream(self.stream, n, limit=1)
                 if not page or not isinstance(page[0].body, StepRecorded):
                     raise
@@ -172,6 +182,7 @@ class Steps:
         """Append the step's record, retrying a dropped connection: the result may have
         cost money or had effects, and ``expected_version`` makes a repeat safe (the
         same event id re-appended is a no-op; another worker's step is a conflict)."""
+        assert self._log is not None
         delay = 0.05
         for attempt in range(1, _APPEND_ATTEMPTS + 1):
             try:

@@ -1,19 +1,31 @@
-"""The dead-letter stream: list, show and redrive entries whose activations kept failing."""
+"""The dead-letter stream: entries whose activations kept failing; listing, showing and
+redriving them."""
 
 from __future__ import annotations
 
+import uuid
+from datetime import UTC, datetime
 from typing import Any
 from uuid import UUID
 
 import msgspec
 import redis.asyncio as aioredis
+import structlog
 
-from runtime.errors import DeadLetterNotFound
-from runtime.events.builtin import DeadLetterRedriven
-from runtime.events.ids import run_stream
+from runtime.agents.context import activation_id_for
+from runtime.errors import AgentrtError, DeadLetterNotFound
+from runtime.events.builtin import ActivationDeadLettered, DeadLetterRedriven
+from runtime.events.ids import dead_letters_stream, run_stream
 from runtime.events.model import NewEvent
 from runtime.log.store import EventLog
+from runtime.ops import metrics
 from runtime.streams.keys import DLQ_STREAM, agent_stream
+from runtime.worker.delivery import Delivery
+
+log = structlog.get_logger(__name__)
+
+#: uuid5 namespace of the log events the worker writes about dead letters.
+_DLQ_NAMESPACE = uuid.UUID("0b7d2d6e-8f0a-4c2e-9a51-3c1f3e9f2a77")
 
 
 class DeadLetter(msgspec.Struct, frozen=True, kw_only=True):
@@ -132,3 +144,65 @@ async def redrive(redis: aioredis.Redis, log: EventLog, dead_letter_id: str) -> 
         pipe.xdel(DLQ_STREAM, dead_letter_id)
         new_id, _ = await pipe.execute()
     return _text(new_id)
+
+
+async def dead_letter(
+    lg: EventLog,
+    redis: aioredis.Redis,
+    agent: str,
+    stream: str,
+    entry_id: str,
+    fields: dict[Any, Any],
+    d: Delivery | None,
+    exc: BaseException,
+    deliveries: int,
+) -> None:
+    """Record the error in the log, move the entry to the DLQ stream, acknowledge it.
+
+    ``d`` is None for an entry that never decoded into an event (poison): its
+    record goes to the agent's ``dead-letters-<agent>`` stream.
+    """
+    code = str(exc.code) if isinstance(exc, AgentrtError) else None
+    trigger_id = d.event_id if d is not None else uuid.uuid5(_DLQ_NAMESPACE, f"{stream}/{entry_id}")
+    aid = activation_id_for(agent, trigger_id, d.generation if d else 0)
+    event = ActivationDeadLettered(
+        agent=agent,
+        activation_id=aid,
+        trigger_id=trigger_id,
+        trigger_type=d.type if d is not None else "",
+        stream=stream,
+        entry_id=entry_id,
+        deliveries=deliveries,
+        error_type=type(exc).__name__,
+        error=str(exc),
+        error_code=code,
+    )
+    # A deterministic id: a crash before the XACK repeats this append as a no-op.
+    new = NewEvent(
+        body=event,
+        event_id=uuid.uuid5(_DLQ_NAMESPACE, f"{agent}/{stream}/{entry_id}"),
+        run_id=d.run_id if d is not None else None,
+        causation_id=d.event_id if d is not None else None,
+        producer=agent,
+    )
+    target = run_stream(d.run_id) if d is not None else dead_letters_stream(agent)
+    await lg.append(target, [new])
+    dlq_fields: dict[Any, Any] = dict(fields)
+    dlq_fields.update(
+        {
+            "dlq_agent": agent,
+            "dlq_stream": stream,
+            "dlq_entry_id": entry_id,
+            "dlq_deliveries": str(deliveries),
+            "dlq_error_type": type(exc).__name__,
+            "dlq_error": str(exc)[:4000],
+            "dlq_at": datetime.now(UTC).isoformat(),
+        }
+    )
+    async with redis.pipeline(transaction=True) as pipe:
+        pipe.xadd(DLQ_STREAM, dlq_fields)
+        pipe.xack(stream, agent, entry_id)
+        await pipe.execute()
+    metrics.DEAD_LETTERS.labels(agent).inc()
+    metrics.ACTIVATIONS.labels(agent, "dead_lettered").inc()
+    log.error("activation.dead_lettered", deliveries=deliveries, error=str(exc))

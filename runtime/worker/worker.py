@@ -21,7 +21,6 @@ import asyncio
 import contextlib
 import dataclasses
 import os
-import random
 import socket
 import time
 import typing
@@ -32,7 +31,6 @@ from typing import TYPE_CHECKING, Any
 from uuid import UUID
 
 import asyncpg
-import msgspec
 import redis.asyncio as aioredis
 import structlog
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -40,150 +38,38 @@ from redis.exceptions import RedisError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from runtime.agents.agent import Agent
-from runtime.agents.context import Context, Trigger, activation_id_for, transition_event
+from runtime.agents.context import Trigger, activation_id_for, transition_event
 from runtime.effects.breaker import CircuitBreaker, Transition
 from runtime.effects.steps import Steps
 from runtime.errors import (
     AgentrtError,
-    BudgetExceeded,
-    ConcurrencyConflict,
-    DuplicateEventMismatch,
     EventDecodeError,
     InvalidDelivery,
     StepDivergence,
     StepFailed,
     UnknownEventType,
 )
-from runtime.events.builtin import ActivationCompleted, ActivationDeadLettered
-from runtime.events.ids import activation_stream, circuit_stream, dead_letters_stream, run_stream
-from runtime.events.model import Event, LogPosition, NewEvent, RecordedEvent
-from runtime.log.store import ANY_VERSION, NO_STREAM, EventLog
+from runtime.events.ids import activation_stream, circuit_stream
+from runtime.events.model import Event, NewEvent, RecordedEvent
+from runtime.log.queries import LogQueries
+from runtime.log.store import EventLog
 from runtime.ops import metrics
-from runtime.streams.keys import DLQ_STREAM, agent_stream, ingress_stream, log_wake_channel
+from runtime.streams.keys import agent_stream, ingress_stream, log_wake_channel
+from runtime.worker.activation import activate
+from runtime.worker.commit import commit_activation
+from runtime.worker.dead_letters import dead_letter
+from runtime.worker.delivery import Delivery, parse_delivery, text
+from runtime.worker.groups import RENEW_LEASES, report_lag, trim_acknowledged
+from runtime.worker.options import WorkerOptions
 
 if TYPE_CHECKING:
     from runtime.llm.calls import LLM
 
 log = structlog.get_logger(__name__)
 
-#: uuid5 namespace of the log events the worker writes about dead letters.
-_DLQ_NAMESPACE = uuid.UUID("0b7d2d6e-8f0a-4c2e-9a51-3c1f3e9f2a77")
-#: How often a lost race on the run stream is retried before the activation fails.
-_COMMIT_ATTEMPTS = 12
-
-# KEYS: stream. ARGV: group, consumer, entry ids. Reset the idle time of the
-# entries this consumer still owns (XCLAIM JUSTID does not count a delivery);
-# never take back one that another consumer reclaimed. Returns those lost.
-_RENEW = """
-local lost = {}
-for i = 3, #ARGV do
-    local p = redis.call('XPENDING', KEYS[1], ARGV[1], ARGV[i], ARGV[i], 1)
-    if p[1] then
-        if p[1][2] == ARGV[2] then
-            redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[2], 0, ARGV[i], 'JUSTID')
-        else
-            table.insert(lost, ARGV[i])
-        end
-    end
-end
-return lost
-"""
-
-
-@dataclasses.dataclass(frozen=True, kw_only=True)
-class WorkerOptions:
-    """How a worker reads, retries and gives up."""
-
-    #: Activations in flight at once in this process (all agents together).
-    concurrency: int = 16
-    #: Entries asked for per XREADGROUP.
-    batch: int = 32
-    #: How long an XREADGROUP blocks; also how soon a stop request is noticed.
-    block_ms: int = 1000
-    #: An entry pending this long on a consumer that stopped renewing it is reclaimed.
-    claim_idle: float = 60.0
-    #: Deliveries of one entry (first read and reclaims) before it is dead-lettered.
-    max_deliveries: int = 5
-    #: On stop, how long in-flight activations may take to finish.
-    drain_timeout: float = 30.0
-    #: Seconds between trims of the streams below what every group acknowledged.
-    trim_interval: float = 30.0
-    #: Ingress partitions (``agentrt:in:{p0}`` ..), as the webhooks config sets them.
-    partitions: int = 8
-    #: This process's consumer name (default: host-pid-random).
-    consumer: str | None = None
-
-    def __post_init__(self) -> None:
-        if self.concurrency < 1 or self.batch < 1 or self.max_deliveries < 1:
-            raise ValueError("concurrency, batch and max_deliveries must be at least 1")
-        if self.claim_idle <= 0 or self.block_ms < 1:
-            raise ValueError("claim_idle and block_ms must be positive")
-
-
-class Delivery(msgspec.Struct, frozen=True, kw_only=True):
-    """A stream entry as an event: written by the ingress, the relay, timers or a redrive."""
-
-    stream: str
-    entry_id: str
-    event_id: UUID
-    type: str
-    schema_version: int
-    body: bytes
-    run_id: UUID
-    causation_id: UUID | None = None
-    producer: str | None = None
-    recorded_at: datetime | None = None
-    #: Where the event sits in the log, for events relayed from it (None: ingress).
-    position: LogPosition | None = None
-    #: Bumped by each redrive: a fresh activation (fresh steps) for the same event.
-    generation: int = 0
-
-    @property
-    def in_log(self) -> bool:
-        return self.position is not None
-
-
-def _text(value: Any) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)
-
-
-def parse_delivery(stream: str, entry_id: str, fields: dict[Any, Any]) -> Delivery:
-    """The entry's event, or :class:`InvalidDelivery` naming what is wrong with it."""
-    f = {_text(k): v for k, v in fields.items()}
-    try:
-        event_id = UUID(_text(f["event_id"]))
-        run_raw = f.get("run_id")
-        cause = f.get("causation_id")
-        at = f.get("recorded_at") or f.get("received_at")
-        body = f["body"]
-        return Delivery(
-            stream=stream,
-            entry_id=entry_id,
-            event_id=event_id,
-            type=_text(f["type"]),
-            schema_version=int(_text(f.get("schema_version", b"1"))),
-            body=body if isinstance(body, bytes) else str(body).encode(),
-            run_id=UUID(_text(run_raw)) if run_raw else event_id,
-            causation_id=UUID(_text(cause)) if cause else None,
-            producer=_text(f["producer"]) if f.get("producer") else (
-                f"ingress:{_text(f['source'])}" if f.get("source") else None),
-            recorded_at=datetime.fromisoformat(_text(at)) if at else None,
-            position=LogPosition.parse(_text(f["position"])) if f.get("position") else None,
-            generation=int(_text(f.get("generation", b"0"))),
-        )  # fmt: skip
-    except KeyError as exc:
-        raise InvalidDelivery(stream, entry_id, f"field {exc.args[0]!r} is missing") from None
-    except ValueError as exc:
-        raise InvalidDelivery(stream, entry_id, str(exc)) from None
-
 
 def _raw_reply(response: Any, **options: Any) -> Any:
     return response
-
-
-def parse_id(entry_id: str) -> tuple[int, int]:
-    ms, _, seq = entry_id.partition("-")
-    return int(ms), int(seq or 0)
 
 
 @dataclasses.dataclass(eq=False)
@@ -240,26 +126,8 @@ class Worker:
         self._room.set()
         #: (group name, stream, entry id) -> task, from the read on: leases and draining.
         self._inflight: dict[tuple[str, str, str], asyncio.Task[None]] = {}
-        q = f'"{log.schema}"'
-        self._sql_start = (
-            f"SELECT EXISTS (SELECT 1 FROM {q}.inbox WHERE consumer = $1 AND event_id = $2), "
-            f"EXISTS (SELECT 1 FROM {q}.events WHERE event_id = $2), "
-            f"EXISTS (SELECT 1 FROM {q}.events WHERE stream_id = $3)"
-        )
-        self._sql_spend = (
-            "SELECT coalesce(sum(coalesce((data->'usage'->>'input_tokens')::bigint, 0) "
-            "+ coalesce((data->'usage'->>'output_tokens')::bigint, 0) "
-            "+ coalesce((data->'usage'->>'cache_creation_input_tokens')::bigint, 0) "
-            "+ coalesce((data->'usage'->>'cache_read_input_tokens')::bigint, 0)), 0), "
-            "coalesce(sum((data->'usage'->>'cost_usd')::float8), 0) "
-            f"FROM {q}.events WHERE run_id = $1 AND event_type = 'step.recorded' "
-            "AND stream_id <> $2"
-        )
-        self._sql_done = (
-            f"SELECT EXISTS (SELECT 1 FROM {q}.inbox WHERE consumer = $1 AND event_id = $2)"
-        )
-        self._sql_has_event = f"SELECT EXISTS (SELECT 1 FROM {q}.events WHERE event_id = $1)"
-        self._renew = redis.register_script(_RENEW)
+        self.queries = LogQueries(log)
+        self._renew = redis.register_script(RENEW_LEASES)
         #: (stream, group) -> entry ids committed and waiting for the next XACK.
         self._acks: dict[tuple[str, str], list[str]] = {}
         self._ack_wake = asyncio.Event()
@@ -435,9 +303,9 @@ class Worker:
                 continue
             backoff = 0.1
             for stream_key, entries in typing.cast(list[Any], reply or []):
-                stream = _text(stream_key)
+                stream = text(stream_key)
                 for entry_id, fields in entries:
-                    self._spawn(g, stream, _text(entry_id), fields, claimed=False)
+                    self._spawn(g, stream, text(entry_id), fields, claimed=False)
 
     def _spawn(
         self, g: _Group, stream: str, entry_id: str, fields: dict[Any, Any], *, claimed: bool
@@ -526,10 +394,9 @@ class Worker:
         # round trip on every activation. A redelivery looks first.
         trigger_in_log, has_steps = d.in_log, False
         if claimed:
-            done, trigger_in_log, has_steps = await self.log.pool.fetchrow(
-                self._sql_start, agent.name, d.event_id, steps_stream_id
-            )
-            if done:
+            state = await self.queries.activation_state(agent.name, d.event_id, steps_stream_id)
+            trigger_in_log, has_steps = state.trigger_in_log, state.has_steps
+            if state.handled:
                 await self._ack(g, d.stream, d.entry_id)
                 log.info("activation.duplicate")
                 return "duplicate"
@@ -569,49 +436,18 @@ class Worker:
         )
 
         async def spend() -> tuple[int, float]:
-            tokens, usd = await self.log.pool.fetchrow(self._sql_spend, d.run_id, steps_stream_id)
-            return int(tokens), float(usd)
+            return await self.queries.run_spend(d.run_id, excluding_stream=steps_stream_id)
 
-        ctx = Context(
-            agent=agent,
-            trigger=trigger,
+        result = await activate(
+            agent,
+            trigger,
             activation_id=aid,
             steps=steps,
             services=self,
             history=history,
             spent=spend,
         )
-        started = time.perf_counter()
-        outcome = "completed"
-        extra: list[Event] = []
-        try:
-            await agent.handle(body, ctx)
-            steps.check_complete()
-        except BudgetExceeded as stop:
-            # The run stops here: what the handler emitted so far is dropped
-            # (an activation commits whole or not at all), the reason is kept.
-            log.warning("run.budget_exceeded", detail=str(stop))
-            outcome = "budget_exceeded"
-            ctx.emitted.clear()
-            if isinstance(stop.event, Event):
-                extra.append(stop.event)
-        completed = ActivationCompleted(
-            agent=agent.name,
-            activation_id=aid,
-            trigger_id=d.event_id,
-            trigger_type=d.type,
-            steps=steps.count,
-            emitted=[e.event_id for e in ctx.emitted],
-            duration_ms=round((time.perf_counter() - started) * 1000, 3),
-            outcome=outcome,
-        )
-        outputs = [
-            *ctx.emitted,
-            *(
-                NewEvent(body=e, run_id=d.run_id, causation_id=d.event_id, producer=agent.name)
-                for e in [*extra, completed]
-            ),
-        ]
+        outcome, outputs = result.outcome, result.outputs
         trigger_event = None if d.in_log else self._trigger_event(d, body)
         # The commit and the ack run to the end even if the worker is told to
         # stop meanwhile: half of them is what the inbox exists to repair.
@@ -621,7 +457,7 @@ class Worker:
             log.info("activation.duplicate", reason="another consumer committed it first")
             return "duplicate"
         log.info("activation.completed", outcome=outcome, steps=steps.count,
-                 reused_steps=steps.reused, emitted=len(ctx.emitted))  # fmt: skip
+                 reused_steps=steps.reused, emitted=len(result.emitted))  # fmt: skip
         return outcome
 
     async def _history(self, d: Delivery) -> list[RecordedEvent]:
@@ -668,42 +504,9 @@ class Worker:
         trigger_in_log: bool,
         outcome: str,
     ) -> bool:
-        """The activation's one transaction; False if its inbox row was there already.
-
-        One statement (so one round trip, atomic without BEGIN/COMMIT): the
-        trigger if the log lacks it, the outputs, and the inbox row. A lost
-        race (another activation of the run appended first, or wrote the
-        trigger) rolls it back whole; it is tried again.
-        """
-        marker = (agent, d.event_id, aid, outcome, d.run_id)
-        for attempt in range(1, _COMMIT_ATTEMPTS + 1):
-            events = list(outputs)
-            expected = ANY_VERSION
-            if trigger is not None and not trigger_in_log:
-                events.insert(0, trigger)
-                if d.run_id == d.event_id and attempt == 1:
-                    # Most likely the run's first event, its stream new: the
-                    # chain is computed here and the rows go straight in (no
-                    # function). If the stream exists after all (a redrive,
-                    # another agent), the retry appends at any version.
-                    expected = NO_STREAM
-            try:
-                await self.log.append_marked(run_stream(d.run_id), events, marker, expected)
-                return True
-            except asyncpg.UniqueViolationError as exc:
-                if exc.constraint_name == "inbox_pkey":
-                    return False
-                lost: Exception = exc
-            except (ConcurrencyConflict, DuplicateEventMismatch) as exc:
-                lost = exc
-            if attempt == _COMMIT_ATTEMPTS:
-                raise lost
-            if attempt > 1:
-                await asyncio.sleep(random.uniform(0, 0.002 * 2**attempt))
-            if trigger is not None:
-                trigger_in_log = bool(await self.log.pool.fetchval(self._sql_has_event,
-                                                                   d.event_id))  # fmt: skip
-        raise AssertionError("unreachable")
+        """The activation's one transaction (:func:`commit_activation`); False for a duplicate."""
+        return await commit_activation(self.log, self.queries, agent, d, aid, outputs, trigger,
+                                       trigger_in_log, outcome)  # fmt: skip
 
     @staticmethod
     def _trigger_event(d: Delivery, body: Event) -> NewEvent:
@@ -759,7 +562,7 @@ class Worker:
     # -- failure ------------------------------------------------------------------
 
     async def _failed(self, g: _Group, d: Delivery, fields: dict[Any, Any], exc: Exception) -> None:
-        if await self.log.pool.fetchval(self._sql_done, g.agent.name, d.event_id):
+        if await self.queries.handled(g.agent.name, d.event_id):
             # A duplicate of an activation that committed: its rerun failing
             # changes nothing.
             await self._ack(g, d.stream, d.entry_id)
@@ -792,54 +595,8 @@ class Worker:
         exc: BaseException,
         deliveries: int,
     ) -> None:
-        """Record the error in the log, move the entry to the DLQ stream, acknowledge it."""
-        agent = g.agent.name
-        code = str(exc.code) if isinstance(exc, AgentrtError) else None
-        trigger_id = (
-            d.event_id if d is not None else uuid.uuid5(_DLQ_NAMESPACE, f"{stream}/{entry_id}")
-        )
-        aid = activation_id_for(agent, trigger_id, d.generation if d else 0)
-        event = ActivationDeadLettered(
-            agent=agent,
-            activation_id=aid,
-            trigger_id=trigger_id,
-            trigger_type=d.type if d is not None else "",
-            stream=stream,
-            entry_id=entry_id,
-            deliveries=deliveries,
-            error_type=type(exc).__name__,
-            error=str(exc),
-            error_code=code,
-        )
-        # A deterministic id: a crash before the XACK repeats this append as a no-op.
-        new = NewEvent(
-            body=event,
-            event_id=uuid.uuid5(_DLQ_NAMESPACE, f"{agent}/{stream}/{entry_id}"),
-            run_id=d.run_id if d is not None else None,
-            causation_id=d.event_id if d is not None else None,
-            producer=agent,
-        )
-        target = run_stream(d.run_id) if d is not None else dead_letters_stream(agent)
-        await self.log.append(target, [new])
-        dlq_fields: dict[Any, Any] = dict(fields)
-        dlq_fields.update(
-            {
-                "dlq_agent": agent,
-                "dlq_stream": stream,
-                "dlq_entry_id": entry_id,
-                "dlq_deliveries": str(deliveries),
-                "dlq_error_type": type(exc).__name__,
-                "dlq_error": str(exc)[:4000],
-                "dlq_at": datetime.now(UTC).isoformat(),
-            }
-        )
-        async with self.redis.pipeline(transaction=True) as pipe:
-            pipe.xadd(DLQ_STREAM, dlq_fields)
-            pipe.xack(stream, agent, entry_id)
-            await pipe.execute()
-        metrics.DEAD_LETTERS.labels(agent).inc()
-        metrics.ACTIVATIONS.labels(agent, "dead_lettered").inc()
-        log.error("activation.dead_lettered", deliveries=deliveries, error=str(exc))
+        await dead_letter(self.log, self.redis, g.agent.name, stream, entry_id, fields, d, exc,
+                          deliveries)  # fmt: skip
 
     # -- background ---------------------------------------------------------------
 
@@ -873,7 +630,7 @@ class Worker:
             for entry in entries:
                 if entry is None or entry[1] is None:
                     continue
-                entry_id, raw_fields = _text(entry[0]), entry[1]
+                entry_id, raw_fields = text(entry[0]), entry[1]
                 got.append(entry_id)
                 fields = dict(zip(raw_fields[::2], raw_fields[1::2], strict=True))
                 claimed += 1
@@ -882,10 +639,10 @@ class Worker:
             # in reply[2]. Redis 6.2 returns each as a bare nil and leaves it
             # pending on us, for ever: find those and acknowledge them.
             if len(got) < len(entries):
-                await self._ack_deleted(g, stream, _text(start), set(got))
+                await self._ack_deleted(g, stream, text(start), set(got))
             if len(reply) > 2 and reply[2]:
                 log.warning("worker.claimed_deleted_entries", stream=stream, ids=len(reply[2]))
-            if _text(cursor) == "0-0":
+            if text(cursor) == "0-0":
                 return claimed
 
     async def _ack_deleted(self, g: _Group, stream: str, start: str, got: set[str]) -> None:
@@ -893,7 +650,7 @@ class Worker:
             stream, g.agent.name, start, "+", self.options.batch * 4, consumername=self.consumer
         )
         for row in rows:
-            entry_id = _text(row["message_id"])
+            entry_id = text(row["message_id"])
             if entry_id in got or (g.agent.name, stream, entry_id) in self._inflight:
                 continue
             if not await self.redis.xrange(stream, entry_id, entry_id):
@@ -919,7 +676,7 @@ class Worker:
                     # Another consumer reclaimed it (we stalled past claim_idle).
                     # Both may finish it: the inbox lets one commit, and the
                     # log keeps one result per step.
-                    log.warning("worker.lease_lost", stream=stream, entry_id=_text(entry_id))
+                    log.warning("worker.lease_lost", stream=stream, entry_id=text(entry_id))
 
     async def _trim_loop(self) -> None:
         streams = sorted({s for g in self.groups for s in g.streams})
@@ -927,44 +684,6 @@ class Worker:
             for stream in streams:
                 try:
                     await trim_acknowledged(self.redis, stream)
-                    await self._report_lag(stream)
+                    await report_lag(self.redis, stream)
                 except (RedisError, OSError) as exc:
                     log.warning("worker.trim_failed", stream=stream, error=str(exc))
-
-    async def _report_lag(self, stream: str) -> None:
-        length = await self.redis.xlen(stream)
-        for info in await self.redis.xinfo_groups(stream):
-            name = _text(info["name"])
-            lag = info.get("lag")
-            undelivered = int(lag) if lag is not None else None
-            pending = int(info.get("pending", 0))
-            if undelivered is None:  # Redis 6.2: no lag field; bound it by the length
-                undelivered = length
-            metrics.CONSUMER_LAG.labels(name, stream).set(pending + undelivered)
-
-
-async def trim_acknowledged(redis: aioredis.Redis, stream: str) -> int:
-    """XTRIM ``stream`` below the oldest entry some group still needs; entries removed.
-
-    For each group that is the first pending entry, or (none pending) the one
-    after its last delivered; the stream keeps everything from the lowest of
-    those. A stream without groups is left alone.
-    """
-    groups = await redis.xinfo_groups(stream)
-    if not groups:
-        return 0
-    keep: tuple[int, int] | None = None
-    for info in groups:
-        name = _text(info["name"])
-        summary = await redis.xpending(stream, name)
-        if summary and int(summary["pending"]):
-            bound = parse_id(_text(summary["min"]))
-        else:
-            ms, seq = parse_id(_text(info["last-delivered-id"]))
-            bound = (ms, seq + 1)
-        keep = bound if keep is None or bound < keep else keep
-    assert keep is not None
-    if keep <= (0, 1):
-        return 0
-    removed = await redis.xtrim(stream, minid=f"{keep[0]}-{keep[1]}", approximate=False)
-    return int(removed)

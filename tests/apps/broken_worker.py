@@ -17,7 +17,8 @@ from runtime.log.pool import open_runtime_pool
 from runtime.log.store import EventLog
 from runtime.settings import Settings
 from runtime.streams.keys import connect_redis
-from runtime.worker.worker import Worker, WorkerOptions, _Group
+from runtime.worker.options import WorkerOptions
+from runtime.worker.worker import Worker, _Group
 from tests.apps.crash import agents
 
 

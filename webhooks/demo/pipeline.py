@@ -1,7 +1,7 @@
 """``agentrt demo``: the whole pipeline on one machine, from signed webhooks to an audited log.
 
 It starts the ingress (in this process, on a free port), a worker running
-:mod:`webhooks.demo_agents` with the relay, posts signed Postmark inbound
+:mod:`webhooks.demo.agents` with the relay, posts signed Postmark inbound
 webhooks (plus a redelivery and a forged one), waits for the runs to finish,
 prints each run as the log holds it, and seals and verifies the log.
 """
@@ -21,19 +21,26 @@ import uvicorn
 from rich.console import Console
 from rich.markup import escape
 
-from runtime.events.builtin import ActivationCompleted, StepRecorded
-from runtime.llm.calls import LLM, model_client
-from runtime.log import audit as audit_mod
-from runtime.log.pool import connect
-from runtime.log.store import EventLog
-from runtime.settings import Settings
-from runtime.streams.keys import connect_redis
-from runtime.worker.relay import Relay
-from runtime.worker.worker import Worker, WorkerOptions
+from runtime import (
+    LLM,
+    ActivationCompleted,
+    EventLog,
+    LogQueries,
+    Relay,
+    Settings,
+    StepRecorded,
+    Worker,
+    WorkerOptions,
+    audit_seal,
+    audit_verify,
+    connect_database,
+    connect_redis,
+    model_client,
+)
 from webhooks.app import create_app
 from webhooks.auth import decode_secret, sign
 from webhooks.config import WebhooksConfig, resolve
-from webhooks.demo_agents import agents
+from webhooks.demo.agents import agents
 from webhooks.events import EmailReceived
 
 #: For this local demo only.
@@ -161,13 +168,11 @@ async def _post(port: int, out: Console) -> list[UUID]:
 
 async def _wait(log: EventLog, run_ids: list[UUID], out: Console) -> bool:
     """Until triage and responder completed for every run (30 s at most)."""
-    q = f'"{log.schema}"'
+    queries = LogQueries(log)
     deadline = time.monotonic() + 30
     with out.status("agents at work..."):
         while time.monotonic() < deadline:
-            done = await log.pool.fetchval(
-                f"SELECT count(*) FROM {q}.inbox WHERE run_id = ANY($1::uuid[])", run_ids
-            )
+            done = await queries.activations_handled(run_ids)
             if done >= 2 * len(run_ids):
                 return True
             await asyncio.sleep(0.1)
@@ -206,16 +211,8 @@ def _short(value: Any, limit: int = 70) -> str:
 
 
 async def _summary(log: EventLog, run_ids: list[UUID], out: Console, *, offline: bool) -> None:
-    q = f'"{log.schema}"'
-    row = await log.pool.fetchrow(
-        f"SELECT count(*) FILTER (WHERE event_type = 'step.recorded'), "
-        "coalesce(sum((data->'usage'->>'input_tokens')::int "
-        "+ (data->'usage'->>'output_tokens')::int), 0), "
-        "count(*) FILTER (WHERE event_type = 'activation.completed') "
-        f"FROM {q}.events WHERE run_id = ANY($1::uuid[])",
-        run_ids,
-    )
-    steps, tokens, activations = row
+    summary = await LogQueries(log).run_summary(run_ids)
+    steps, tokens, activations = summary.steps, summary.tokens, summary.activations
     mark = " (offline model: estimated tokens, cost 0)" if offline else ""
     out.print(f"\n{len(run_ids)} runs, {activations} activations, {steps} durable steps, "
               f"{tokens} tokens{mark}")  # fmt: skip
@@ -223,10 +220,10 @@ async def _summary(log: EventLog, run_ids: list[UUID], out: Console, *, offline:
 
 async def _audit(settings: Settings, log: EventLog, out: Console) -> bool:
     async with log.pool.acquire() as conn:
-        sealed = await audit_mod.seal(conn, settings.db_schema)
-    owner = await connect(settings.require_database_url())
+        sealed = await audit_seal(conn, settings.db_schema)
+    owner = await connect_database(settings.require_database_url())
     try:
-        report = await audit_mod.verify(owner, settings.db_schema)
+        report = await audit_verify(owner, settings.db_schema)
     finally:
         await owner.close()
     if sealed:

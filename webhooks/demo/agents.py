@@ -1,6 +1,6 @@
 """The demo's agents: email triage with a model, a CRM tool, and a drafted reply.
 
-Run them on your own with ``agentrt worker --app webhooks.demo_agents``;
+Run them on your own with ``agentrt worker --app webhooks.demo.agents``;
 ``agentrt demo`` runs them against signed webhooks end to end.
 """
 
@@ -8,11 +8,7 @@ from __future__ import annotations
 
 import msgspec
 
-from runtime.agents.agent import Agent
-from runtime.agents.context import Context
-from runtime.effects.budget import Budget
-from runtime.effects.tools import ToolContext, tool
-from runtime.events.model import Event
+from runtime import Agent, Budget, Context, Event, ToolContext, tool
 from webhooks.events import EmailReceived
 
 
