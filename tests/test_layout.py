@@ -13,8 +13,7 @@ HEAVY = ("anthropic", "asyncpg", "redis", "fastapi", "uvicorn", "prometheus_clie
 
 def _loaded_after(code: str) -> list[str]:
     probe = (
-        f"{code}\nimport json, sys\n"
-        f"print(json.dumps([m for m in {HEAVY!r} if m in sys.modules]))"
+        f"{code}\nimport json, sys\nprint(json.dumps([m for m in {HEAVY!r} if m in sys.modules]))"
     )
     result = subprocess.run(
         [sys.executable, "-c", probe], capture_output=True, text=True, timeout=60, check=True
