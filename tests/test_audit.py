@@ -227,11 +227,11 @@ async def test_a_writer_chain_that_does_not_start_at_the_head_is_ignored(
 ) -> None:
     """The database links the chain itself unless the writer's starts at the real head."""
     await log.append("s-w", [Noted(text="first")], NO_STREAM)
-    args = list(log._encode("s-w", [Noted(text="second")], 1))
-    args[12] = bytes(32)  # claims the stream is new: a wrong head
-    args[13] = [bytes(32), hashlib.sha256(b"forged").digest()]
+    batch = log._encode("s-w", [Noted(text="second")], 1)
+    batch.prev = bytes(32)  # claims the stream is new: a wrong head
+    batch.links = [bytes(32), hashlib.sha256(b"forged").digest()]
     async with log.pool.acquire() as conn:
-        await conn.fetchrow(log._sql_append, *args)
+        await conn.fetchrow(log._sql_append, *batch.args())
     # A second, independent log has no cached head: the database links it.
     other = EventLog(log.pool, schema=log.schema)
     await other.append("s-w", [Noted(text="third")], 2)

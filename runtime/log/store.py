@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 from collections import OrderedDict
 from collections.abc import AsyncGenerator, AsyncIterator, Sequence
 from typing import Any
@@ -81,6 +82,46 @@ def _lost_race(
 ) -> ConcurrencyConflict:
     """Another writer committed the same version, or the same events, first."""
     return ConcurrencyConflict(stream_id, expected, None)
+
+
+@dataclasses.dataclass(slots=True)
+class _Batch:
+    """A batch encoded for the log: a list per column (None: a column of NULLs), each
+    event's content hash, and, when this log knows the stream's head, the chain links
+    (``links[i]`` is event i's previous hash, ``links[i + 1]`` its own)."""
+
+    stream_id: str
+    expected: int | None
+    ids: list[Any]
+    types: list[str]
+    versions: list[int]
+    runs: list[Any] | None
+    causes: list[Any] | None
+    producers: list[Any] | None
+    recorded: list[Any]
+    traces: list[Any] | None
+    datas: list[str]
+    contents: list[bytes]
+    prev: bytes | None
+    links: list[bytes] | None
+
+    def args(self) -> tuple[Any, ...]:
+        """The parameters of the ``append_events`` function, in its order."""
+        return (self.stream_id, self.expected, self.ids, self.types, self.versions, self.runs,
+                self.causes, self.producers, self.recorded, self.traces, self.datas,
+                self.contents, self.prev, self.links)  # fmt: skip
+
+    def row(self, i: int, version: int, prev_hash: bytes, hash_: bytes) -> tuple[Any, ...]:
+        """Event ``i`` as a row of ``events`` (the columns of ``_COPY_COLUMNS``)."""
+        return (
+            self.ids[i], self.stream_id, version, self.types[i], self.versions[i],
+            self.runs[i] if self.runs is not None else None,
+            self.causes[i] if self.causes is not None else None,
+            self.producers[i] if self.producers is not None else None,
+            self.recorded[i],
+            self.traces[i] if self.traces is not None else None,
+            self.datas[i], prev_hash, hash_,
+        )  # fmt: skip
 
 
 class AppendResult(msgspec.Struct, frozen=True):
@@ -206,10 +247,10 @@ class EventLog:
             raise InvalidAppend(f"stream id must be 1..200 characters, got {stream_id!r}")
         if expected_version is not None and expected_version < 0:
             raise InvalidAppend(f"expected_version must be >= 0, got {expected_version}")
-        args = self._encode(stream_id, events, expected_version)
+        batch = self._encode(stream_id, events, expected_version)
         if conn is not None:
             try:
-                return await self._append_once(conn, stream_id, expected_version, args)
+                return await self._append_once(conn, stream_id, expected_version, batch)
             except asyncpg.UniqueViolationError as exc:
                 # The caller's transaction is aborted: its owner retries it.
                 raise _lost_race(exc, stream_id, expected_version) from exc
@@ -221,13 +262,13 @@ class EventLog:
         async with self._pool.acquire() as c:
             for _ in range(attempts):
                 try:
-                    return await self._append_once(c, stream_id, expected_version, args)
+                    return await self._append_once(c, stream_id, expected_version, batch)
                 except asyncpg.UniqueViolationError:
                     # Another writer got there first: with these very events (a
                     # re-append, or a concurrent writer of the same batch), or
                     # with the same versions. Which one, the log itself says.
                     try:
-                        row = await c.fetchrow(self._sql_existing, args[2])
+                        row = await c.fetchrow(self._sql_existing, batch.ids)
                     except asyncpg.PostgresError as lookup:
                         self._raise_typed(lookup, stream_id, expected_version)
                         raise
@@ -255,11 +296,11 @@ class EventLog:
         """
         if not events:
             raise InvalidAppend(f"append to {stream_id!r}: no events given")
-        args = self._encode(stream_id, events, expected_version)
-        links = args[13]
-        if links is None or len(args[2]) >= COPY_THRESHOLD:
+        batch = self._encode(stream_id, events, expected_version)
+        links = batch.links
+        if links is None or batch.expected is None or len(batch.ids) >= COPY_THRESHOLD:
             try:
-                row = await self._pool.fetchrow(self._sql_append_marked, *args, *marker)
+                row = await self._pool.fetchrow(self._sql_append_marked, *batch.args(), *marker)
             except asyncpg.PostgresError as exc:
                 self._raise_typed(exc, stream_id, expected_version)
                 raise
@@ -267,24 +308,16 @@ class EventLog:
         # The head is known (a new stream, or this log's last append to it): the
         # chain was computed here and the rows go straight in, as in
         # _insert_known_head; a writer that moved the head meets the unique index.
-        (_, expected, ids, types, versions, runs, causes, producers, recorded, traces, datas,
-         _, _, _) = args  # fmt: skip
-        n = len(ids)
+        expected = batch.expected
+        n = len(batch.ids)
         # Scalars for a few rows (an activation's usual batch): asyncpg encodes
         # them faster than the unnest arrays, which pay a type check per element.
         params: list[Any] = []
         for i in range(n):
-            params += (
-                ids[i], stream_id, expected + i + 1, types[i], versions[i],
-                runs[i] if runs is not None else None,
-                causes[i] if causes is not None else None,
-                producers[i] if producers is not None else None,
-                recorded[i], traces[i] if traces is not None else None, datas[i],
-                links[i], links[i + 1],
-            )  # fmt: skip
+            params += batch.row(i, expected + i + 1, links[i], links[i + 1])
         rows = await self._pool.fetch(self._marked_values(n), *params, *marker)
         rows.sort(key=lambda r: r[2])
-        version = expected + len(ids)
+        version = expected + n
         self._remember_head(stream_id, version, links[-1])
         return AppendResult(stream_id, version, [LogPosition(r[0], r[1]) for r in rows], True)
 
@@ -312,25 +345,28 @@ class EventLog:
         conn: asyncpg.Connection,
         stream_id: str,
         expected_version: int | None,
-        args: tuple[Any, ...],
+        batch: _Batch,
     ) -> AppendResult:
-        if len(args[2]) >= COPY_THRESHOLD:
-            return await self._append_copy(conn, stream_id, expected_version, args)
-        links = args[13]
-        if links is not None:
-            return await self._insert_known_head(conn, stream_id, args)
+        if len(batch.ids) >= COPY_THRESHOLD:
+            return await self._append_copy(conn, stream_id, expected_version, batch)
+        if batch.links is not None:
+            return await self._insert_known_head(conn, stream_id, batch)
         try:
-            row = await conn.fetchrow(self._sql_append, *args)
+            row = await conn.fetchrow(self._sql_append, *batch.args())
         except asyncpg.PostgresError as exc:
             self._raise_typed(exc, stream_id, expected_version)
             raise
         return self._result(stream_id, row)
 
     async def _insert_known_head(
-        self, conn: asyncpg.Connection, stream_id: str, args: tuple[Any, ...]
+        self, conn: asyncpg.Connection, stream_id: str, b: _Batch
     ) -> AppendResult:
-        (_, expected, ids, types, versions, runs, causes, producers, recorded, traces, datas,
-         _, _, links) = args  # fmt: skip
+        expected, links = b.expected, b.links
+        assert expected is not None and links is not None
+        ids, types, versions, runs, causes, producers, recorded, traces, datas = (
+            b.ids, b.types, b.versions, b.runs, b.causes, b.producers, b.recorded, b.traces,
+            b.datas,
+        )  # fmt: skip
         if len(ids) == 1:
             rows = [await conn.fetchrow(
                 self._sql_insert_one, ids[0], stream_id, expected + 1, types[0], versions[0],
@@ -352,7 +388,7 @@ class EventLog:
         conn: asyncpg.Connection,
         stream_id: str,
         expected: int | None,
-        args: tuple[Any, ...],
+        batch: _Batch,
     ) -> AppendResult:
         """A large batch: check the head, COPY the rows, read their positions back.
 
@@ -363,8 +399,7 @@ class EventLog:
         versions and the COPY meets the unique (stream_id, stream_version)
         index; and COPY itself is all or nothing.
         """
-        (_, _, ids, types, versions, runs, causes, producers, recorded, traces, datas,
-         contents, _, _) = args  # fmt: skip
+        ids, contents = batch.ids, batch.contents
         n = len(ids)
         head = await conn.fetchrow(self._sql_head_row, stream_id)
         version, h = (head[0], head[1]) if head is not None else (0, chain.GENESIS)
@@ -383,15 +418,7 @@ class EventLog:
         for i in range(n):
             v += 1
             prev, h = h, link(h, v, contents[i], stream_id)
-            records.append((
-                ids[i], stream_id, v, types[i], versions[i],
-                runs[i] if runs is not None else None,
-                causes[i] if causes is not None else None,
-                producers[i] if producers is not None else None,
-                recorded[i],
-                traces[i] if traces is not None else None,
-                datas[i], prev, h,
-            ))  # fmt: skip
+            records.append(batch.row(i, v, prev, h))
         await conn.copy_records_to_table(
             "events", schema_name=self.schema, columns=_COPY_COLUMNS, records=records
         )
@@ -426,7 +453,7 @@ class EventLog:
 
     def _encode(
         self, stream_id: str, events: Sequence[NewEvent | Event], expected: int | None
-    ) -> tuple[Any, ...]:
+    ) -> _Batch:
         n = len(events)
         ids: list[Any] = []
         types: list[str] = []
@@ -474,9 +501,9 @@ class EventLog:
         prev, links = (
             (None, None) if n >= COPY_THRESHOLD else self._chain(stream_id, expected, contents)
         )
-        return (stream_id, expected, ids, types, versions, _nulls(runs),
-                _nulls(causes), _nulls(producers), recorded, _nulls(traces), datas,
-                contents, prev, links)  # fmt: skip
+        return _Batch(stream_id, expected, ids, types, versions, _nulls(runs), _nulls(causes),
+                      _nulls(producers), recorded, _nulls(traces), datas, contents, prev,
+                      links)  # fmt: skip
 
     def _chain(
         self, stream_id: str, expected: int | None, contents: list[bytes]
