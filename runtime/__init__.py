@@ -45,7 +45,7 @@ _EXPORTS: dict[str, str] = {
     # the model layer
     "LLM": "runtime.llm.calls",
     "LLMResult": "runtime.llm.calls",
-    "model_client": "runtime.llm.calls",
+    "model_client": "runtime.llm.client",
     # running agents
     "Relay": "runtime.worker.relay",
     "connect_redis": "runtime.streams.keys",
@@ -173,7 +173,8 @@ if TYPE_CHECKING:
         new_event_id,
         registry,
     )
-    from runtime.llm.calls import LLM, LLMResult, model_client
+    from runtime.llm.calls import LLM, LLMResult
+    from runtime.llm.client import model_client
     from runtime.log.audit import seal as audit_seal
     from runtime.log.audit import verify as audit_verify
     from runtime.log.pool import connect as connect_database

@@ -29,7 +29,8 @@ from runtime.events.builtin import (
     StepRecorded,
     TimerFired,
 )
-from runtime.llm.calls import LLM, model_client
+from runtime.llm.calls import LLM
+from runtime.llm.client import model_client
 from runtime.log import approvals
 from runtime.log.store import EventLog
 from runtime.settings import Settings

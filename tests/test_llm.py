@@ -26,21 +26,11 @@ from runtime.events.builtin import RunBudgetExceeded, StepRecorded
 from runtime.events.ids import activation_stream
 from runtime.events.model import Event
 from runtime.events.values import Usage
-from runtime.llm.calls import (
-    LLM,
-    SUMMARY_LABEL,
-    KeepRecent,
-    LLMResult,
-    Summarize,
-    cost_usd,
-    message_tokens,
-    model_client,
-    model_for,
-    output_schema,
-    price_for,
-    usage_of,
-)
+from runtime.llm.calls import LLM, SUMMARY_LABEL, KeepRecent, LLMResult, Summarize, output_schema
+from runtime.llm.client import model_client, model_for
 from runtime.llm.offline import Fault, OfflineServer
+from runtime.llm.prices import cost_usd, price_for, usage_of
+from runtime.llm.tokens import message_tokens
 from runtime.log.store import EventLog
 from runtime.settings import Settings
 from tests.conftest import Servers

@@ -112,7 +112,8 @@ def register(app: typer.Typer) -> None:
             start_http_server(metrics_port)
 
         async def go() -> None:
-            from runtime.llm.calls import LLM, model_client
+            from runtime.llm.calls import LLM
+            from runtime.llm.client import model_client
 
             stop = asyncio.Event()
             _stop_on_signals(stop)

@@ -18,12 +18,9 @@ conversation grows past a limit.
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
-import re
 import time
-from collections.abc import AsyncIterator, Mapping, Sequence
-from contextlib import asynccontextmanager
+from collections.abc import Mapping, Sequence
 from typing import Any, Generic, Protocol, cast
 from uuid import UUID
 
@@ -40,34 +37,24 @@ from runtime.errors import (
     BudgetExceeded,
     OutputInvalid,
     RetriesExhausted,
-    SettingsError,
     StepFailed,
     ToolInputError,
 )
 from runtime.events.builtin import RunBudgetExceeded, StepRecorded
 from runtime.events.values import AttemptRecord, StepError, Usage
-from runtime.llm.offline import OfflineServer, estimate_tokens
+from runtime.llm.client import model_for
+from runtime.llm.prices import cost_usd, usage_of
+from runtime.llm.tokens import estimate_request_tokens, message_tokens
 from runtime.ops import metrics
 from runtime.settings import Settings
 
 __all__ = [
-    "CACHE_READ_FACTOR",
-    "CACHE_WRITE_FACTOR",
     "LLM",
     "ContextPolicy",
     "KeepRecent",
     "LLMResult",
-    "ModelClient",
     "Summarize",
-    "cost_usd",
-    "estimate_request_tokens",
-    "message_tokens",
-    "model_client",
-    "model_for",
-    "open_client",
     "output_schema",
-    "price_for",
-    "usage_of",
 ]
 
 log = structlog.get_logger(__name__)
@@ -75,12 +62,7 @@ log = structlog.get_logger(__name__)
 JSON = dict[str, Any]
 T = TypeVar("T", default=Any)
 
-#: Anthropic bills cache writes at 1.25x and cache reads at 0.1x the input price.
-CACHE_WRITE_FACTOR = 1.25
-CACHE_READ_FACTOR = 0.1
-
 _encoder = msgspec.json.Encoder()
-_DATED = re.compile(r"-\d{8}$")
 
 
 # -- what a call needs from its caller ---------------------------------------------
@@ -118,128 +100,6 @@ class Caller(Protocol):
     async def tool_step(
         self, t: Tool[..., Any], request: Any, *, wait_for_circuit: float | None = None
     ) -> Any: ...
-
-
-# -- the client ------------------------------------------------------------------
-
-
-@dataclasses.dataclass(eq=False)
-class ModelClient:
-    """The SDK client a worker owns, and the offline server behind it when there is no key."""
-
-    client: anthropic.AsyncAnthropic
-    offline: bool
-    server: OfflineServer | None = None
-    _closed: bool = dataclasses.field(default=False, init=False)
-
-    async def aclose(self) -> None:
-        """Close the client, then stop the offline server; a second call does nothing."""
-        if self._closed:
-            return
-        self._closed = True
-        try:
-            await self.client.close()
-        finally:
-            if self.server is not None:
-                await asyncio.to_thread(self.server.stop)
-
-
-async def open_client(settings: Settings) -> ModelClient:
-    """The production client with ``ANTHROPIC_API_KEY``, else one aimed at a local offline model."""
-    if settings.anthropic_api_key:
-        client = anthropic.AsyncAnthropic(
-            api_key=settings.anthropic_api_key, max_retries=0, timeout=settings.llm_timeout
-        )
-        log.info("llm.client", mode="anthropic", base_url=str(client.base_url))
-        return ModelClient(client, offline=False)
-    server = OfflineServer()
-    await asyncio.to_thread(server.start)
-    client = anthropic.AsyncAnthropic(
-        api_key="offline", base_url=server.base_url, max_retries=0, timeout=settings.llm_timeout
-    )
-    log.warning(
-        "llm.client",
-        mode="offline",
-        base_url=server.base_url,
-        note="no ANTHROPIC_API_KEY: answers come from the deterministic offline model",
-    )
-    return ModelClient(client, offline=True, server=server)
-
-
-@asynccontextmanager
-async def model_client(settings: Settings) -> AsyncIterator[ModelClient]:
-    """``async with model_client(settings) as mc: LLM(mc.client, settings, offline=mc.offline)``."""
-    mc = await open_client(settings)
-    try:
-        yield mc
-    finally:
-        await mc.aclose()
-
-
-# -- tiers, prices, usage ----------------------------------------------------------
-
-
-def model_for(settings: Settings, tier: str) -> str:
-    """The model id of a tier (``fast``, ``smart``, ...)."""
-    try:
-        return settings.models[tier]
-    except KeyError:
-        raise SettingsError(
-            "AGENTRT_MODELS", f"no model for tier {tier!r} (tiers: {sorted(settings.models)})"
-        ) from None
-
-
-def price_for(settings: Settings, model: str) -> tuple[float, float] | None:
-    """(input, output) USD per million tokens; a dated id (``claude-haiku-4-5-20251001``) too."""
-    return settings.prices.get(_DATED.sub("", model)) or settings.prices.get(model)
-
-
-def cost_usd(
-    settings: Settings,
-    model: str,
-    input_tokens: int,
-    output_tokens: int,
-    cache_creation_input_tokens: int = 0,
-    cache_read_input_tokens: int = 0,
-) -> float:
-    """What the tokens cost by the settings' price table (0 for a model it does not list)."""
-    price = price_for(settings, model)
-    if price is None:
-        log.warning("llm.no_price", model=model, key="AGENTRT_PRICES")
-        return 0.0
-    inp, out = price
-    total = (
-        input_tokens * inp
-        + output_tokens * out
-        + cache_creation_input_tokens * inp * CACHE_WRITE_FACTOR
-        + cache_read_input_tokens * inp * CACHE_READ_FACTOR
-    )
-    return round(total / 1_000_000, 10)
-
-
-def usage_of(settings: Settings, model: str, usage: Any, *, offline: bool) -> Usage:
-    """A response's ``usage`` (SDK object or dict) as recorded: offline usage costs nothing."""
-    raw = usage if isinstance(usage, Mapping) else usage.model_dump()
-    counts = {
-        k: int(raw.get(k) or 0)
-        for k in (
-            "input_tokens",
-            "output_tokens",
-            "cache_creation_input_tokens",
-            "cache_read_input_tokens",
-        )
-    }
-    cost = 0.0 if offline else cost_usd(settings, model, **counts)
-    return Usage(model=model, cost_usd=cost, offline=offline, **counts)
-
-
-def estimate_request_tokens(request: Mapping[str, Any]) -> int:
-    """Input tokens of a request, estimated as one per four characters of its JSON."""
-    return estimate_tokens(_encoder.encode(request).decode())
-
-
-def message_tokens(messages: Sequence[Mapping[str, Any]]) -> int:
-    return estimate_tokens(_encoder.encode(messages).decode())
 
 
 def output_schema(t: Any) -> JSON:

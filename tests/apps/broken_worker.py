@@ -12,7 +12,8 @@ import asyncio
 import signal
 from typing import Any
 
-from runtime.llm.calls import LLM, model_client
+from runtime.llm.calls import LLM
+from runtime.llm.client import model_client
 from runtime.log.pool import open_runtime_pool
 from runtime.log.store import EventLog
 from runtime.settings import Settings
