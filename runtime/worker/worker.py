@@ -350,7 +350,9 @@ class Worker:
             delivery = parse_delivery(stream, entry_id, fields)
         except InvalidDelivery as exc:
             log.error("activation.invalid_delivery", agent=agent, error=str(exc))
-            await self._dead_letter(g, stream, entry_id, fields, None, exc, 1)
+            await dead_letter(
+                self.log, self.redis, g.agent.name, stream, entry_id, fields, None, exc, 1
+            )
             return
         if delivery.type not in g.types:
             await self._ack(g, stream, entry_id)
@@ -406,7 +408,17 @@ class Worker:
                     f"delivered {deliveries} times without completing "
                     "(its workers died or timed out while handling it)"
                 )
-                await self._dead_letter(g, d.stream, d.entry_id, fields, d, error, deliveries)
+                await dead_letter(
+                    self.log,
+                    self.redis,
+                    g.agent.name,
+                    d.stream,
+                    d.entry_id,
+                    fields,
+                    d,
+                    error,
+                    deliveries,
+                )
                 return "dead_lettered"
         try:
             body = self.log.registry.decode(d.type, d.schema_version, d.body, strict=True)
@@ -582,21 +594,10 @@ class Worker:
         )
         metrics.ACTIVATIONS.labels(g.agent.name, "failed").inc()
         if final:
-            await self._dead_letter(g, d.stream, d.entry_id, fields, d, exc, deliveries)
+            await dead_letter(
+                self.log, self.redis, g.agent.name, d.stream, d.entry_id, fields, d, exc, deliveries
+            )
         # Otherwise it stays pending: reclaimed after claim_idle, tried again.
-
-    async def _dead_letter(
-        self,
-        g: _Group,
-        stream: str,
-        entry_id: str,
-        fields: dict[Any, Any],
-        d: Delivery | None,
-        exc: BaseException,
-        deliveries: int,
-    ) -> None:
-        await dead_letter(self.log, self.redis, g.agent.name, stream, entry_id, fields, d, exc,
-                          deliveries)  # fmt: skip
 
     # -- background ---------------------------------------------------------------
 
