@@ -4,8 +4,10 @@ COPY pyproject.toml README.md ./
 COPY runtime ./runtime
 COPY projections ./projections
 COPY webhooks ./webhooks
+# Without the `embedded` extra: servers come from REDIS_URL / DATABASE_URL (the
+# embedded Valkey and PostgreSQL are for laptops and tests; without the URLs a
+# command fails naming them and the extra).
 RUN pip install --no-cache-dir .
-# Servers come from REDIS_URL / DATABASE_URL; the embedded ones are for laptops and tests.
 USER nobody
 ENTRYPOINT []
 CMD ["agentrt", "--help"]

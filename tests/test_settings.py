@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from runtime.errors import SettingsError
-from runtime.settings import Settings
+from runtime.settings import Settings, redact_url
 
 
 def test_defaults_mean_embedded_servers() -> None:
@@ -89,7 +89,7 @@ def test_nothing_connects_at_import_time() -> None:
         "import importlib, pkgutil, runtime, projections, webhooks\n"
         "for pkg in (runtime, projections, webhooks):\n"
         "    for m in pkgutil.walk_packages(pkg.__path__, pkg.__name__ + '.'):\n"
-        "        if m.name != 'runtime.__main__':\n"
+        "        if m.name.rpartition('.')[2] != '__main__':  # programs, run not imported\n"
         "            importlib.import_module(m.name)\n"
         "print('imported')"
     )
@@ -164,3 +164,87 @@ def test_bad_llm_settings_name_their_key(key: str, value: str, problem: str) -> 
         Settings.from_env({key: value})
     assert info.value.key == key
     assert problem in str(info.value)
+
+
+SECRETS = {
+    "ANTHROPIC_API_KEY": "sk-ant-api03-secretkey",
+    "AGENTRT_APP_PASSWORD": "app-role-secret",
+    "REDIS_URL": "redis://default:redis-secret@cache.internal:6379/0",
+    "DATABASE_URL": "postgresql://owner:db-secret@db.internal:5432/agentrt",
+    "AGENTRT_RUNTIME_DATABASE_URL": (
+        "postgresql://agentrt_app@db.internal/agentrt?sslmode=require&password=query-secret"
+    ),
+}
+SECRET_VALUES = (
+    "sk-ant-api03-secretkey",
+    "app-role-secret",
+    "redis-secret",
+    "db-secret",
+    "query-secret",
+)
+
+
+def _shown(s: Settings) -> dict[str, str]:
+    """Every way a Settings object reaches a terminal or a log line."""
+    import rich.pretty
+    import structlog
+
+    event = {"event": "settings.loaded", "settings": s}
+    return {
+        "repr": repr(s),
+        "str": str(s),
+        "format": f"{s} {s!r}",
+        "rich": rich.pretty.pretty_repr(s),
+        "structlog json": structlog.processors.JSONRenderer()(None, "info", dict(event)),
+        "structlog console": str(
+            structlog.dev.ConsoleRenderer(colors=False)(None, "info", dict(event))
+        ),
+        "exception": repr(RuntimeError(s)),
+    }
+
+
+def test_secrets_never_appear_in_repr_str_or_log_lines() -> None:
+    s = Settings.from_env(SECRETS)
+    assert s.anthropic_api_key == "sk-ant-api03-secretkey"  # the values are there to use
+    assert s.database_url == SECRETS["DATABASE_URL"]
+    for how, text in _shown(s).items():
+        for secret in SECRET_VALUES:
+            assert secret not in text, f"{how} shows {secret!r}: {text}"
+        # What is not secret stays readable: hosts, users, which secrets are set.
+        assert "cache.internal" in text, how
+        assert "owner:***@db.internal" in text, how
+        assert "password=***" in text, how
+        assert "anthropic_api_key='***'" in text, how
+        assert "app_password='***'" in text, how
+
+
+def test_unset_secrets_show_as_none() -> None:
+    text = repr(Settings.from_env({}))
+    assert "anthropic_api_key=None" in text
+    assert "redis_url=None" in text
+    assert "***" not in text
+
+
+def test_secrets_given_as_flags_are_hidden_too() -> None:
+    s = Settings.from_env(
+        {}, database_url="postgresql://u:flag-secret@h/x", app_password="flag-app-secret"
+    )
+    assert "flag-secret" not in repr(s)
+    assert "flag-app-secret" not in str(s)
+
+
+@pytest.mark.parametrize(
+    ("url", "shown"),
+    [
+        ("redis://:pw@h:6379/0", "redis://:***@h:6379/0"),
+        ("rediss://user:pw@h/1", "rediss://user:***@h/1"),
+        ("unix://:pw@/run/redis.sock?db=2", "unix://:***@/run/redis.sock?db=2"),
+        ("postgresql://u:p@ss@h/db", "postgresql://u:***@h/db"),  # an unescaped @ in it
+        ("postgresql://u:p%40ss@h1:5432,h2:5433/db", "postgresql://u:***@h1:5432,h2:5433/db"),
+        ("postgresql://u@h/db?sslpassword=k&Password=p", "postgresql://u@h/db?sslpassword=***&Password=***"),
+        ("postgresql://u@h/db?sslmode=require", "postgresql://u@h/db?sslmode=require"),
+        ("redis://h:6379/0", "redis://h:6379/0"),
+    ],
+)  # fmt: skip
+def test_redact_url(url: str, shown: str) -> None:
+    assert redact_url(url) == shown

