@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
-import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
@@ -18,13 +17,8 @@ from runtime.log.pool import open_runtime_pool
 from runtime.log.store import EventLog
 from runtime.ops.embedded import EmbeddedServices
 from runtime.settings import Settings
-
-
-class Servers:
-    def __init__(self, redis_url: str, database_url: str, embedded: bool) -> None:
-        self.redis_url = redis_url
-        self.database_url = database_url
-        self.embedded = embedded
+from tests.support.runtime import db_url
+from tests.support.servers import Servers, drop_schema, fresh_schema
 
 
 @pytest.fixture(scope="session")
@@ -50,10 +44,6 @@ def servers() -> Iterator[Servers]:
             shutil.rmtree(state, ignore_errors=True)
 
 
-def fresh_schema() -> str:
-    return "t_" + uuid.uuid4().hex[:12]
-
-
 @pytest.fixture
 async def settings(servers: Servers) -> AsyncIterator[Settings]:
     """Settings for a migrated schema of this test's own; dropped afterwards."""
@@ -64,14 +54,6 @@ async def settings(servers: Servers) -> AsyncIterator[Settings]:
     await migrate(s)
     yield s
     await drop_schema(servers.database_url, schema)
-
-
-async def drop_schema(database_url: str, schema: str) -> None:
-    conn = await asyncpg.connect(database_url)
-    try:
-        await conn.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
-    finally:
-        await conn.close()
 
 
 @pytest.fixture
@@ -97,8 +79,6 @@ async def admin(servers: Servers) -> AsyncIterator[asyncpg.Connection]:
 @pytest.fixture
 async def redis(servers: Servers) -> AsyncIterator[aioredis.Redis]:
     """A client on the Redis database the worker tests own, flushed before and after."""
-    from tests.runtime_fixtures import db_url
-
     client = aioredis.Redis.from_url(db_url(servers.redis_url))
     await client.flushdb()
     yield client

@@ -7,7 +7,6 @@ import sys
 import uuid
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
-from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
 import pytest
@@ -23,10 +22,10 @@ from runtime.effects.breaker import (
     breaker_key,
 )
 from runtime.errors import AgentrtError, ErrorCode
-from tests.conftest import Servers
+from tests.support import REPO
+from tests.support.servers import Servers
 
 TEST_DB = 8  # the Redis database these tests own (and flush)
-ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture
@@ -323,7 +322,7 @@ async def test_another_process_trips_the_breaker_for_us(
         TRIP,
         redis_url,
         name,
-        cwd=ROOT,
+        cwd=REPO,
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
     )

@@ -1,7 +1,7 @@
 """A deliberately broken worker for the kill -9 test: it acknowledges entries on receipt.
 
-``python -m tests.apps.broken_worker`` takes the same settings from the
-environment as ``agentrt worker`` and runs ``tests.apps.crash`` with a Worker
+``python -m tests.support.apps.broken_worker`` takes the same settings from the
+environment as ``agentrt worker`` and runs ``tests.support.apps.crash`` with a Worker
 whose only change is the bug: XACK before the activation commits. The crash
 test must catch it (events acknowledged, then lost with the killed process).
 """
@@ -20,7 +20,7 @@ from runtime.settings import Settings
 from runtime.streams.keys import connect_redis
 from runtime.worker.options import WorkerOptions
 from runtime.worker.worker import Worker, _Group
-from tests.apps.crash import agents
+from tests.support.apps.crash import agents
 
 
 class AckOnReceipt(Worker):

@@ -9,7 +9,6 @@ import hmac
 import time
 import uuid
 from collections.abc import AsyncIterator
-from pathlib import Path
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import httpx
@@ -18,11 +17,12 @@ import redis.asyncio as aioredis
 
 from runtime.settings import Settings
 from runtime.streams.keys import ingress_stream
+from tests.support import REPO
 from webhooks import auth
 from webhooks.app import create_app
 from webhooks.config import IngressConfig, SourceConfig, WebhooksConfig, resolve
 
-SAMPLES = Path(__file__).resolve().parent.parent / "scripts" / "samples"
+SAMPLES = REPO / "scripts" / "samples"
 SECRET = "whsec_" + base64.b64encode(b"test secret for the ingress suite").decode()
 KEY = auth.decode_secret(SECRET)
 MAILGUN_KEY = "key-mailgun-test"

@@ -11,7 +11,7 @@ import pytest
 from runtime.errors import ConcurrencyConflict, DuplicateEventMismatch, InvalidAppend
 from runtime.events.model import START, Event, EventRegistry, NewEvent
 from runtime.log.store import NO_STREAM, EventLog
-from tests.events_fixtures import Noted
+from tests.support.events import Noted
 
 
 async def test_append_then_read_stream_and_all(log: EventLog) -> None:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.webhook_fixtures import SAMPLES
+from tests.support.webhooks import SAMPLES
 from webhooks.config import load
 from webhooks.errors import ConfigError
 

@@ -685,8 +685,11 @@ def _sync(x: int) -> None:
         (_untyped, "parameter 'x' needs a type annotation"),
         (_no_return, "the return value needs an annotation"),
         (_object, "parameter 'x': <class 'object'> is not a type msgspec can describe"),
-        (_opaque, "parameter 'x': <class 'tests.test_tools.Opaque'> is not a type"),
-        (_opaque_result, "the return annotation: <class 'tests.test_tools.Opaque'>"),
+        (_opaque, "parameter 'x': <class 'tests.runtime.effects.test_tools.Opaque'> is not a type"),
+        (
+            _opaque_result,
+            "the return annotation: <class 'tests.runtime.effects.test_tools.Opaque'>",
+        ),
         (_late_context, "parameter 'ctx': a ToolContext must be the first parameter"),
         (_varargs, "parameter 'xs': \\*args and \\*\\*kwargs"),
         (_recursive, "parameter 'tree': recursive type 'Node'"),

@@ -22,8 +22,8 @@ from runtime.log.migrations import migrate
 from runtime.log.pool import open_runtime_pool
 from runtime.log.store import ANY_VERSION, EventLog
 from runtime.settings import Settings
-from tests.conftest import Servers, drop_schema, fresh_schema
-from tests.events_fixtures import Noted
+from tests.support.events import Noted
+from tests.support.servers import Servers, drop_schema, fresh_schema
 
 STREAMS = st.sampled_from(["a", "b", "c"])
 TEXTS = st.text(max_size=20)

@@ -15,8 +15,8 @@ import pytest
 import schemathesis
 from hypothesis import HealthCheck, given, settings
 
-from tests.conftest import Servers
-from tests.webhook_fixtures import SAMPLES, SECRET, redis_url_for_tests
+from tests.support.servers import Servers
+from tests.support.webhooks import SAMPLES, SECRET, redis_url_for_tests
 
 CONFIG = f"""
 [ingress]

@@ -19,8 +19,8 @@ from runtime.streams.keys import DLQ_STREAM, agent_stream, ingress_stream
 from runtime.worker import dead_letters as dlq
 from runtime.worker.groups import trim_acknowledged
 from runtime.worker.worker import Worker
-from tests.apps.orders import Auditor, Fulfilment, OrderPlaced, reserve_stock
-from tests.runtime_fixtures import (
+from tests.support.apps.orders import Auditor, Fulfilment, OrderPlaced, reserve_stock
+from tests.support.runtime import (
     count_type,
     fast_options,
     inbox_rows,
@@ -346,7 +346,7 @@ async def test_a_relay_that_lost_its_lease_publishes_nothing(
 ) -> None:
     from runtime.events.model import NewEvent
     from runtime.worker.relay import LeaseLost, Relay
-    from tests.apps.orders import StockReserved
+    from tests.support.apps.orders import StockReserved
 
     run_id = uuid.uuid4()
     await log.append(f"run-{run_id}", [NewEvent(body=StockReserved(order_id="l1", reservation="r"),

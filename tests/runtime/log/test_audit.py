@@ -15,7 +15,7 @@ from runtime.events.model import NewEvent, RecordedEvent
 from runtime.log import audit, chain
 from runtime.log.store import NO_STREAM, EventLog
 from runtime.settings import Settings
-from tests.events_fixtures import Noted
+from tests.support.events import Noted
 
 
 async def tamper(admin: asyncpg.Connection, schema: str, sql: str, *args: object) -> None:

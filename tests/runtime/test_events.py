@@ -20,7 +20,7 @@ from runtime.events.model import (
     new_event_id,
     registry,
 )
-from tests.events_fixtures import Counted, Noted
+from tests.support.events import Counted, Noted
 
 
 @given(text=st.text(), n=st.integers(min_value=-(2**63), max_value=2**63 - 1))

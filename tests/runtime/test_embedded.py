@@ -21,7 +21,7 @@ from runtime.log.pool import open_runtime_pool
 from runtime.log.store import EventLog
 from runtime.ops.embedded import EmbeddedServices
 from runtime.settings import Settings
-from tests.events_fixtures import Noted
+from tests.support.events import Noted
 
 
 @contextlib.contextmanager

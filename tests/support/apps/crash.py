@@ -9,7 +9,7 @@ import time
 from runtime.agents.agent import Agent
 from runtime.agents.context import Context
 from runtime.effects.tools import ToolContext, tool
-from tests.apps.orders import OrderPlaced, StockReserved
+from tests.support.apps.orders import OrderPlaced, StockReserved
 
 
 def _append(path: str, line: str) -> None:

@@ -33,7 +33,7 @@ from runtime.llm.prices import cost_usd, price_for, usage_of
 from runtime.llm.tokens import message_tokens
 from runtime.log.store import EventLog
 from runtime.settings import Settings
-from tests.conftest import Servers
+from tests.support.servers import Servers
 
 FAST = RetryPolicy(max_attempts=3, base_delay=0.001, max_delay=0.01, max_retry_after=0.3)
 

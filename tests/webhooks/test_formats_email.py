@@ -12,7 +12,6 @@ import hashlib
 import hmac
 import json
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 from urllib.parse import urlencode
 
@@ -22,6 +21,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from runtime.events.model import encode_body, registry
+from tests.support import REPO
 from webhooks.errors import InvalidPayload, UnsupportedMediaType
 from webhooks.events import Address, Attachment, EmailReceived
 from webhooks.formats import Decoded
@@ -40,7 +40,7 @@ from webhooks.formats.email import (
     parse_form,
 )
 
-SAMPLES = Path(__file__).resolve().parent.parent / "scripts" / "samples" / "email"
+SAMPLES = REPO / "scripts" / "samples" / "email"
 JSON = "application/json"
 URLENCODED = "application/x-www-form-urlencoded"
 RFC822 = "message/rfc822"

@@ -12,7 +12,7 @@ from runtime.events.model import START, LogPosition, NewEvent
 from runtime.log.pool import open_runtime_pool
 from runtime.log.store import EventLog
 from runtime.settings import Settings
-from tests.events_fixtures import Counted
+from tests.support.events import Counted
 
 WRITERS = 8
 TX_PER_WRITER = 25

@@ -36,9 +36,9 @@ from runtime.log.store import EventLog
 from runtime.settings import Settings
 from runtime.streams.keys import DLQ_STREAM
 from runtime.worker.worker import Worker
-from tests.apps.orders import OrderAudited, OrderPlaced
-from tests.conftest import Servers
-from tests.runtime_fixtures import (
+from tests.support import REPO
+from tests.support.apps.orders import OrderAudited, OrderPlaced
+from tests.support.runtime import (
     count_type,
     db_url,
     fast_options,
@@ -47,8 +47,7 @@ from tests.runtime_fixtures import (
     send,
     wait_for,
 )
-
-REPO = Path(__file__).resolve().parent.parent
+from tests.support.servers import Servers
 
 
 @pytest.fixture
@@ -235,7 +234,8 @@ async def test_breaker_opened_by_one_worker_process_fails_fast_in_another(
     }
     for i in range(2):
         await send(redis, OrderPlaced(order_id=f"f{i}", sku="SKU-5"))
-    command = [sys.executable, "-m", "runtime", "worker", "--app", "tests.apps.orders:Fulfilment",
+    command = [sys.executable, "-m", "runtime", "worker",
+               "--app", "tests.support.apps.orders:Fulfilment",
                "--partitions", "2", "--max-deliveries", "1", "--no-relay"]  # fmt: skip
     proc = subprocess.Popen(command, env=env, cwd=REPO, stderr=subprocess.PIPE)
     try:
@@ -265,7 +265,7 @@ async def test_breaker_opened_by_one_worker_process_fails_fast_in_another(
 
 
 def _fulfilment() -> Agent:
-    from tests.apps.orders import Fulfilment
+    from tests.support.apps.orders import Fulfilment
 
     return Fulfilment()
 

@@ -15,8 +15,8 @@ import structlog
 from runtime.events.model import registry
 from runtime.ops.embedded import EmbeddedRedis
 from runtime.settings import Settings
-from tests.conftest import Servers
-from tests.webhook_fixtures import (
+from tests.support.servers import Servers
+from tests.support.webhooks import (
     SAMPLES,
     all_entries,
     basic_headers,

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -12,13 +11,14 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from runtime.events.model import encode_body, registry
+from tests.support import REPO
 from webhooks.errors import InvalidPayload, UnsupportedMediaType
 from webhooks.events import RowChanged, WebhookReceived
 from webhooks.formats import Decoded
 from webhooks.formats.changes import decode_debezium, decode_supabase
 from webhooks.formats.generic import decode_generic, is_json_media_type
 
-SAMPLES = Path(__file__).resolve().parent.parent / "scripts" / "samples"
+SAMPLES = REPO / "scripts" / "samples"
 JSON = "application/json"
 
 

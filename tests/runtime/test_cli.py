@@ -17,7 +17,7 @@ from typer.testing import CliRunner
 from runtime.cli import app as cli
 from runtime.log.store import EventLog
 from runtime.settings import Settings
-from tests.events_fixtures import Noted
+from tests.support.events import Noted
 
 
 def agentrt(
@@ -122,11 +122,11 @@ def test_plugins_add_commands_and_broken_ones_are_skipped() -> None:
         print("builtin")
 
     eps = [
-        EntryPoint("sample", "tests.plugins.sample:app", cli.PLUGIN_GROUP),
-        EntryPoint("direct", "tests.plugins.sample:register", cli.PLUGIN_GROUP),
-        EntryPoint("broken", "tests.plugins.does_not_exist:app", cli.PLUGIN_GROUP),
-        EntryPoint("weird", "tests.plugins.sample:not_a_command", cli.PLUGIN_GROUP),
-        EntryPoint("builtin", "tests.plugins.sample:app", cli.PLUGIN_GROUP),
+        EntryPoint("sample", "tests.support.plugins.sample:app", cli.PLUGIN_GROUP),
+        EntryPoint("direct", "tests.support.plugins.sample:register", cli.PLUGIN_GROUP),
+        EntryPoint("broken", "tests.support.plugins.does_not_exist:app", cli.PLUGIN_GROUP),
+        EntryPoint("weird", "tests.support.plugins.sample:not_a_command", cli.PLUGIN_GROUP),
+        EntryPoint("builtin", "tests.support.plugins.sample:app", cli.PLUGIN_GROUP),
     ]
     added = cli.load_plugins(root, eps)
     assert added == ["sample", "direct"]
@@ -160,7 +160,7 @@ pytestmark = pytest.mark.filterwarnings("error")
         ("nosuch.module", "cannot import 'nosuch.module'"),
         ("", "name a module"),
         ("runtime.events", "defines no agents"),
-        ("tests.apps.orders:nothing", "has no 'nothing'"),
+        ("tests.support.apps.orders:nothing", "has no 'nothing'"),
     ],
 )
 def test_worker_refuses_a_bad_app_clearly(settings: Settings, target: str, message: str) -> None:

@@ -11,8 +11,8 @@ from runtime.log.migrations import migrate, status
 from runtime.log.pool import create_pool, with_user
 from runtime.log.store import EventLog
 from runtime.settings import Settings
-from tests.conftest import Servers, drop_schema, fresh_schema
-from tests.events_fixtures import Noted
+from tests.support.events import Noted
+from tests.support.servers import Servers, drop_schema, fresh_schema
 
 CHANGES = {
     "UPDATE": "UPDATE {t} SET {col} = {col}",

@@ -1,6 +1,6 @@
 """Kill -9 workers at random instants: nothing lost, nothing doubled, no recorded step re-run.
 
-Worker processes run ``tests.apps.crash`` (an LLM step, a tool step, an
+Worker processes run ``tests.support.apps.crash`` (an LLM step, a tool step, an
 emitted event per order) against a shared offline model server, which logs
 every model call with its arrival time; the tool logs its calls to a file.
 Workers are killed with SIGKILL several times while they work, then one is
@@ -30,19 +30,19 @@ from runtime.llm.offline import OfflineServer
 from runtime.log.store import EventLog
 from runtime.settings import Settings
 from runtime.streams.keys import ingress_stream
-from tests.apps.orders import OrderPlaced
-from tests.conftest import Servers
-from tests.runtime_fixtures import db_url, inbox_rows, send
+from tests.support import REPO
+from tests.support.apps.orders import OrderPlaced
+from tests.support.runtime import db_url, inbox_rows, send
+from tests.support.servers import Servers
 
-REPO = Path(__file__).resolve().parent.parent
 EVENTS = 60
 KILLS = 4
 AGENT = "crashy"
 
-CORRECT = [sys.executable, "-m", "runtime", "worker", "--app", "tests.apps.crash",
+CORRECT = [sys.executable, "-m", "runtime", "worker", "--app", "tests.support.apps.crash",
            "--partitions", "2", "--claim-idle", "0.5", "--concurrency", "4",
            "--max-deliveries", "50", "--no-relay"]  # fmt: skip
-BROKEN = [sys.executable, "-m", "tests.apps.broken_worker"]
+BROKEN = [sys.executable, "-m", "tests.support.apps.broken_worker"]
 
 _canonical = msgspec.json.Encoder(order="sorted")
 
