@@ -38,6 +38,7 @@ class ErrorCode(enum.StrEnum):
     APPROVAL_NOT_FOUND = "approval_not_found"
     APPROVAL_DECIDED = "approval_already_decided"
     LEASE_LOST = "lease_lost"
+    OFFLINE_REQUEST = "invalid_request_error"
 
 
 class AgentrtError(Exception):
@@ -335,6 +336,13 @@ class LeaseLost(AgentrtError):
     """Another relay took over (this one stalled past its lease); it stops publishing."""
 
     code = ErrorCode.LEASE_LOST
+
+
+class InvalidRequestError(AgentrtError, ValueError):
+    """A request the offline model refuses as the Messages API would: 400
+    ``invalid_request_error``, the message naming the field."""
+
+    code = ErrorCode.OFFLINE_REQUEST
 
 
 class BudgetExceeded(BaseException):

@@ -4,13 +4,10 @@ from __future__ import annotations
 
 from typing import Any, TypeGuard
 
+from runtime.errors import InvalidRequestError
 from runtime.llm.offline.common import JSON
 
 __all__ = ["InvalidRequestError", "validate_request"]
-
-
-class InvalidRequestError(ValueError):
-    """A request the Messages API would refuse with 400 ``invalid_request_error``."""
 
 
 def _require(cond: bool, message: str) -> None:
