@@ -39,11 +39,12 @@ open loop (latency):
 Every response must be a 202 (anything else, and transport errors, flag the
 run); after each phase the stream(s) must hold exactly one entry per 202.
 
-Redis: ``REDIS_URL`` if set, otherwise the embedded Redis in ``--state-dir``
-(default ``.agentrt/bench``) with its durable default (AOF, ``appendfsync
-always``). The benchmark works in its own database (``--redis-db``, default
-14), flushed before each phase and at the end; it refuses a database holding
-keys that are not ``agentrt:*``.
+Redis: ``REDIS_URL`` if set, otherwise the embedded server (Valkey) in
+``--state-dir`` (default ``.agentrt/bench``) with its durable default (AOF,
+``appendfsync always``); the output names the server and version it reports.
+The benchmark works in its own database (``--redis-db``, default 14), flushed
+before each phase and at the end; it refuses a database holding keys that are
+not ``agentrt:*``.
 
 Usage::
 
@@ -69,7 +70,6 @@ import datetime as dt
 import gc
 import http.client
 import json
-import logging
 import math
 import multiprocessing
 import os
@@ -89,7 +89,6 @@ from typing import Any, Literal
 
 import msgspec
 import redis
-import structlog
 from benchlib import (
     CLK_TCK,
     Figure,
@@ -99,6 +98,9 @@ from benchlib import (
     machine_busy,
     met,
     percentile,
+    quiet_logging,
+    readme_table,
+    server_version,
     with_db,
     write_readme,
 )
@@ -385,6 +387,7 @@ class Loader:
 class RedisTarget:
     url: str
     mode: str
+    #: The server's name and version as it reports them, e.g. "Valkey 9.0.0".
     version: str
     durability: str
     client: redis.Redis
@@ -430,7 +433,7 @@ def redis_target(args: argparse.Namespace, err: Console) -> Iterator[RedisTarget
                     f"Redis database {args.redis_db} holds {key!r}, not an agentrt key: refusing "
                     "to flush it; pick an empty database with --redis-db"
                 )
-        version = str(client.info("server").get("redis_version", "?"))
+        version = server_version(client.info("server"))
         target = RedisTarget(
             with_db(url, args.redis_db), mode, version, durability(client), client, owned
         )
@@ -770,15 +773,10 @@ def readme_block(figures: dict[str, Figure], phases: list[Phase], info: RunInfo)
         "ceiling is a bare endpoint in the same app that does one `XADD` of the body"
         + (f"; errors flagged in {errors} phase(s)." if errors else "; every response was a 202."),
         "",
-        "| figure | value | unit | ceiling | ratio | target | |",
-        "| --- | ---: | --- | ---: | ---: | ---: | --- |",
+        *readme_table(figures),
+        "",
+        little_note(info.connections, figures["closed_ingest_rps"].value),
     ]
-    for row in figure_rows(figures):
-        value, ceiling, ratio, target, mark = cells(row)
-        lines.append(
-            f"| {row['name']} | {value} | {row['unit']} | {ceiling} | {ratio} | {target} | {mark} |"
-        )
-    lines += ["", little_note(info.connections, figures["closed_ingest_rps"].value)]
     other = statistics.median(p.other_cpu for p in phases) if phases else 0.0
     if other > NOISY_CORES:
         lines[-1] += (
@@ -808,7 +806,7 @@ def run(args: argparse.Namespace, err: Console) -> tuple[dict[str, Figure], list
         loader = Loader(key, port, secrets.token_hex(4))
         stack.callback(loader.close)
         info = RunInfo(
-            f"Redis {target.version} ({target.mode.split(' ')[0]}, {target.durability})",
+            f"{target.version} ({target.mode.split(' ')[0]}, {target.durability})",
             args.workers,
             args.connections,
             args.warmup,
@@ -873,7 +871,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     add(
         "--latency-rate",
         type=float,
-        help=f"open-loop requests/s (default {LATENCY_SHARE:.0%} of the closed-loop ceiling)",
+        help=f"open-loop requests/s (default {LATENCY_SHARE:.0%}% of the closed-loop ceiling)",
     )
     add("--workers", type=int, default=1, help="uvicorn worker processes (default 1)")
     add("--redis-db", type=int, default=14, help="the database the benchmark flushes (14)")
@@ -898,12 +896,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    # Runtime log lines go to stderr, warnings and up only (stdout is for figures).
-    structlog.configure(
-        wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING),
-        logger_factory=structlog.PrintLoggerFactory(sys.stderr),
-    )
-    logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
+    quiet_logging()
     signal.signal(signal.SIGTERM, signal.default_int_handler)
     err = Console(stderr=True)
     # The human output goes to stdout, or to stderr when stdout carries the JSON.

@@ -66,7 +66,6 @@ import dataclasses
 import datetime as dt
 import gc
 import json
-import logging
 import math
 import os
 import random
@@ -83,7 +82,6 @@ from pathlib import Path
 from typing import Any, Literal
 
 import msgspec
-import structlog
 from rich.console import Console
 from rich.table import Table
 
@@ -97,11 +95,15 @@ from benchlib import (  # noqa: E402 - scripts/ is the script's own directory
     CLK_TCK,
     Figure,
     cells,
+    drop_schemas,
     figure_rows,
     machine,
     machine_busy,
     met,
     percentile,
+    quiet_logging,
+    readme_table,
+    server_version,
     with_db,
     write_readme,
 )
@@ -251,15 +253,6 @@ class Recorder:
         path = Path(self.spec.dump_dir) / f"{self.spec.kind}-{self.spec.index}-{self.dumps}.json"
         path.write_bytes(msgspec.json.encode([(str(e), t) for e, t in records]))
         print(f"dumped {path} {len(records)}", flush=True)
-
-
-def quiet_logging() -> None:
-    """Runtime log lines go to stderr, warnings and up only (stdout is for figures)."""
-    structlog.configure(
-        wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING),
-        logger_factory=structlog.PrintLoggerFactory(sys.stderr),
-    )
-    logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
 
 
 async def _keep_session(conn: asyncpg.Connection) -> None:
@@ -1104,15 +1097,10 @@ def readme_block(figures: dict[str, Figure], phases: list[Phase], info: RunInfo)
         f"{setup_text(info)}"
         + (f"; {errors} phase(s) flagged (see the script's output)." if errors else "."),
         "",
-        "| figure | value | unit | ceiling | ratio | target | |",
-        "| --- | ---: | --- | ---: | ---: | ---: | --- |",
+        *readme_table(figures),
+        "",
+        definitions(info),
     ]
-    for row in figure_rows(figures):
-        value, ceiling, ratio, target, mark = cells(row)
-        lines.append(
-            f"| {row['name']} | {value} | {row['unit']} | {ceiling} | {ratio} | {target} | {mark} |"
-        )
-    lines += ["", definitions(info)]
     if cost := cpu_cost(phases):
         lines[-1] += " " + cost
     other = statistics.median(p.cpu.other for p in phases) if phases else 0.0
@@ -1211,7 +1199,7 @@ async def run(
         pool_url, role = await prepare_schemas(admin, settings, schema, raw_schema)
         sample = Workload("sample")
         info = RunInfo(
-            redis=f"Redis {rinfo.get('redis_version', '?')} ({srv.redis_mode}, {aof})",
+            redis=f"{server_version(rinfo)} ({srv.redis_mode}, {aof})",
             postgres=f"PostgreSQL {version} ({srv.pg_mode}, fsync={fsync}, "
             f"synchronous_commit={sync_commit})",
             notify=settings.log_notify,
@@ -1266,11 +1254,7 @@ async def run(
         with contextlib.suppress(Exception):
             await redis.flushdb()
         await redis.aclose()
-        for s in (raw_schema, schema):
-            try:
-                await admin.execute(f'DROP SCHEMA IF EXISTS "{s}" CASCADE')
-            except asyncpg.PostgresError as exc:
-                err.print(f"[yellow]warning:[/] could not drop schema {s}: {exc}")
+        await drop_schemas(admin, (raw_schema, schema), err)
         await admin.close()
 
 

@@ -119,6 +119,15 @@ def with_db(url: str, db: int) -> str:
     return urlunsplit(parts._replace(path=f"/{db}", query=urlencode(query)))
 
 
+def server_version(info: dict[str, Any]) -> str:
+    """The server's name and version from its ``INFO server``, as it reports them at run time:
+    ``Valkey 9.0.0`` from Valkey (whose ``redis_version`` is a fixed compatibility
+    number), ``Redis 7.4.2`` from Redis."""
+    name = str(info.get("server_name") or "redis")
+    version = info.get(f"{name}_version") or info.get("redis_version") or "?"
+    return f"{name[:1].upper()}{name[1:]} {version}"
+
+
 def machine_busy() -> float:
     """CPU seconds the whole machine has spent not idle since boot (/proc/stat)."""
     with open("/proc/stat") as fh:
