@@ -12,13 +12,11 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
+from runtime.cli import configure_logging, err, open_log, out, run, with_servers
 from runtime.settings import Settings
 from webhooks import auth
 from webhooks.config import ResolvedSource, load
 from webhooks.errors import ConfigError
-
-out = Console(highlight=False)
-err = Console(stderr=True, highlight=False)
 
 webhooks_app = typer.Typer(help="Sign and send sample webhooks.", no_args_is_help=True)
 
@@ -126,8 +124,6 @@ def serve(
     """Run the webhook ingress (uvicorn with uvloop and httptools)."""
     import uvicorn
 
-    from runtime.ops.embedded import EmbeddedServices
-
     settings = _settings(ctx)
     path = config or settings.webhooks_config
     try:
@@ -135,14 +131,13 @@ def serve(
     except ConfigError as exc:
         err.print(f"[red]error[/] {exc}")
         raise typer.Exit(2) from None
-    env = {"AGENTRT_WEBHOOKS_CONFIG": str(path)}
-    if settings.redis_url is None or settings.database_url is None:
-        urls = EmbeddedServices(settings.state_dir).up(
-            redis=settings.redis_url is None, postgres=settings.database_url is None
-        )
-        env.update(urls)
-        err.print(f"[dim]using embedded services: {', '.join(urls.values())}[/]")
-    os.environ.update(env)
+    # The embedded servers when no URLs are set; uvicorn's workers read the URLs from env.
+    settings = with_servers(settings, redis=True)
+    os.environ.update(
+        AGENTRT_WEBHOOKS_CONFIG=str(path),
+        REDIS_URL=settings.require_redis_url(),
+        DATABASE_URL=settings.require_database_url(),
+    )
     uvicorn.run(
         "webhooks.app:app_from_env",
         factory=True,
@@ -158,8 +153,6 @@ def serve(
 
 def demo(ctx: typer.Context) -> None:
     """The quick start: signed webhooks -> ingress -> agents (LLM, tools) -> the log, audited."""
-    from runtime.cli import open_log, run, with_servers
-    from runtime.ops.logconfig import configure_logging
     from webhooks.demo.pipeline import run_demo
 
     settings = with_servers(ctx.obj, redis=True)

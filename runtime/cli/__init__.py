@@ -2,12 +2,13 @@
 ``dlq``, ``approve``; packages add theirs through the ``agentrt.commands`` entry-point group.
 
 Command plugins use the helpers exported here (``run``, ``fail``, ``with_servers``,
-``open_log``, ``out``, ``err``), as ``webhooks`` does.
+``open_log``, ``out``, ``err``, ``configure_logging``), as ``webhooks`` does.
 """
 
 from __future__ import annotations
 
 from runtime.cli.helpers import err, fail, open_log, out, run, with_servers
+from runtime.ops.logconfig import configure_logging
 
 
 def main() -> None:
@@ -17,4 +18,13 @@ def main() -> None:
     run_main()
 
 
-__all__ = ["err", "fail", "main", "open_log", "out", "run", "with_servers"]
+__all__ = [
+    "configure_logging",
+    "err",
+    "fail",
+    "main",
+    "open_log",
+    "out",
+    "run",
+    "with_servers",
+]
