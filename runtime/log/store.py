@@ -595,6 +595,7 @@ class EventLog:
         batch: int = 500,
         poll_interval: float = 0.5,
         wake: asyncio.Event | None = None,
+        stop: asyncio.Event | None = None,
     ) -> AsyncGenerator[list[RecordedEvent], None]:
         """Catch up from ``after``, then follow the log live, a page at a time.
 
@@ -603,7 +604,10 @@ class EventLog:
         events that become readable only when an older transaction ends), so
         the reader also polls every ``poll_interval`` seconds. A caller with
         wake-ups of its own passes ``wake`` (the relay uses Redis messages from
-        the workers); no LISTEN connection is held then.
+        the workers); no LISTEN connection is held then. With ``stop``, the
+        generator ends once it is set (noticed between reads, and at once when
+        the caller also sets ``wake``), so a reader stops without cancelling a
+        query in flight.
         """
         listener: asyncpg.Connection | None = None
         if wake is None:
@@ -623,7 +627,7 @@ class EventLog:
                     listener = None
         position = after
         try:
-            while True:
+            while stop is None or not stop.is_set():
                 wake.clear()
                 events = await self.read_all(position, batch)
                 if events:

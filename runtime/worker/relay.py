@@ -45,6 +45,8 @@ from runtime.streams.keys import KEY_PREFIX, agent_stream, log_wake_channel
 log = structlog.get_logger(__name__)
 
 TIMERS_KEY = f"{KEY_PREFIX}timers"
+#: How long a stopping relay lets its publish and timer loops finish by themselves.
+_STOP_GRACE = 10.0
 _TIMER_NAMESPACE = uuid.UUID("a3f5e0b8-7c1d-4e2f-8b6a-9d0c1e2f3a4b")
 
 # KEYS: lease. ARGV: token, ttl ms. Renew only a lease we hold.
@@ -132,7 +134,7 @@ class Relay:
             return
         log.info("relay.started", name=self.name, routes=len(self.routes))
         tasks = [
-            asyncio.create_task(self._publish_loop()),
+            asyncio.create_task(self._publish_loop(stop)),
             asyncio.create_task(self._timer_loop(stop)),
             asyncio.create_task(self._lease_loop()),
         ]
@@ -143,6 +145,13 @@ class Relay:
                 if task is not stopper and task.exception() is not None:
                     raise task.exception()  # type: ignore[misc]
         finally:
+            # Asked to stop, the publish and timer loops finish on their own,
+            # between database calls: a query cancelled in flight makes asyncpg
+            # reset its connection, and under load that release could hold up
+            # the stop for good. The lease loop only sleeps and talks to Redis.
+            own = [t for t in tasks[:2] if not t.done()]
+            if stop.is_set() and own:
+                await asyncio.wait(own, timeout=_STOP_GRACE)
             for task in [*tasks, stopper]:
                 task.cancel()
             await asyncio.gather(*tasks, stopper, return_exceptions=True)
@@ -176,18 +185,19 @@ class Relay:
             if not await self._renew(keys=[self.lease_key], args=[self._token, self.lease_ms]):
                 raise LeaseLost(f"relay {self.name!r} lost its lease to another relay")
 
-    async def _publish_loop(self) -> None:
+    async def _publish_loop(self, stop: asyncio.Event) -> None:
         wake = asyncio.Event()
         listener = asyncio.create_task(self._listen(wake))
-        pages = self.log.follow(
-            await self.position(), batch=self.batch, poll_interval=self.poll_interval, wake=wake
-        )
+        waker = asyncio.create_task(_set_on(stop, wake))
+        pages = self.log.follow(await self.position(), batch=self.batch,
+                                poll_interval=self.poll_interval, wake=wake, stop=stop)  # fmt: skip
         try:
             async for page in pages:
                 await self.publish(page)
         finally:
-            listener.cancel()
-            await asyncio.gather(listener, return_exceptions=True)
+            for task in (listener, waker):
+                task.cancel()
+            await asyncio.gather(listener, waker, return_exceptions=True)
             await pages.aclose()
 
     async def _listen(self, wake: asyncio.Event) -> None:
@@ -280,6 +290,11 @@ class Relay:
             await self.redis.zrem(TIMERS_KEY, member)
             log.info("timer.fired", timer_id=str(timer.timer_id), agent=timer.agent)
         return len(due)
+
+
+async def _set_on(stop: asyncio.Event, wake: asyncio.Event) -> None:
+    await stop.wait()
+    wake.set()
 
 
 def _fields(event: RecordedEvent) -> dict[Any, Any]:
