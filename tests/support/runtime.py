@@ -8,7 +8,6 @@ import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from datetime import UTC, datetime
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
 
 import redis.asyncio as aioredis
 
@@ -19,17 +18,14 @@ from runtime.streams.keys import ingress_stream
 from runtime.worker.options import WorkerOptions
 from runtime.worker.relay import Relay
 from runtime.worker.worker import Worker
+from tests.support.servers import redis_db_url
 
 #: The Redis database the worker tests own (flushed per test).
 WORKER_DB = 11
 
 
 def db_url(url: str, db: int = WORKER_DB) -> str:
-    parts = urlsplit(url)
-    if parts.scheme == "unix":
-        sep = "&" if parts.query else ""
-        return urlunsplit(parts._replace(query=f"{parts.query}{sep}db={db}"))
-    return urlunsplit(parts._replace(path=f"/{db}"))
+    return redis_db_url(url, db)
 
 
 def ingress_fields(body: Event, event_id: uuid.UUID | None = None) -> dict[str, Any]:

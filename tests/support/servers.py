@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import uuid
+from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 
@@ -24,3 +25,12 @@ async def drop_schema(database_url: str, schema: str) -> None:
         await conn.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
     finally:
         await conn.close()
+
+
+def redis_db_url(url: str, db: int) -> str:
+    """``url`` pointed at Redis database ``db`` (a test area owns and flushes its own)."""
+    parts = urlsplit(url)
+    if parts.scheme == "unix":
+        sep = "&" if parts.query else ""
+        return urlunsplit(parts._replace(query=f"{parts.query}{sep}db={db}"))
+    return urlunsplit(parts._replace(path=f"/{db}"))

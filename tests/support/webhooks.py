@@ -9,7 +9,7 @@ import hmac
 import time
 import uuid
 from collections.abc import AsyncIterator
-from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+from urllib.parse import parse_qsl, urlencode
 
 import httpx
 import msgspec
@@ -18,6 +18,7 @@ import redis.asyncio as aioredis
 from runtime.settings import Settings
 from runtime.streams.keys import ingress_stream
 from tests.support import REPO
+from tests.support.servers import redis_db_url
 from webhooks import auth
 from webhooks.app import create_app
 from webhooks.config import IngressConfig, SourceConfig, WebhooksConfig, resolve
@@ -31,8 +32,7 @@ TEST_DB = 9  # the Redis database the ingress tests own (and flush)
 
 
 def redis_url_for_tests(url: str) -> str:
-    parts = urlsplit(url)
-    return urlunsplit(parts._replace(path=f"/{TEST_DB}"))
+    return redis_db_url(url, TEST_DB)
 
 
 def make_config(partitions: int = 4, max_backlog: int = 1000) -> WebhooksConfig:

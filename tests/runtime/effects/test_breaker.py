@@ -7,7 +7,6 @@ import sys
 import uuid
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
-from urllib.parse import urlsplit, urlunsplit
 
 import pytest
 import redis.asyncio as aioredis
@@ -23,14 +22,14 @@ from runtime.effects.breaker import (
 )
 from runtime.errors import AgentrtError, ErrorCode
 from tests.support import REPO
-from tests.support.servers import Servers
+from tests.support.servers import Servers, redis_db_url
 
 TEST_DB = 8  # the Redis database these tests own (and flush)
 
 
 @pytest.fixture
 async def redis_url(servers: Servers) -> str:
-    url = urlunsplit(urlsplit(servers.redis_url)._replace(path=f"/{TEST_DB}"))
+    url = redis_db_url(servers.redis_url, TEST_DB)
     client = aioredis.Redis.from_url(url)
     await client.flushdb()
     await client.aclose()
