@@ -133,11 +133,12 @@ class Relay:
         if stop.is_set():
             return
         log.info("relay.started", name=self.name, routes=len(self.routes))
-        tasks = [
+        # The publish and timer loops watch ``stop`` themselves; the lease loop is cancelled.
+        graceful = [
             asyncio.create_task(self._publish_loop(stop)),
             asyncio.create_task(self._timer_loop(stop)),
-            asyncio.create_task(self._lease_loop()),
         ]
+        tasks = [*graceful, asyncio.create_task(self._lease_loop())]
         stopper = asyncio.create_task(stop.wait())
         try:
             done, _ = await asyncio.wait([*tasks, stopper], return_when=asyncio.FIRST_COMPLETED)
@@ -149,9 +150,9 @@ class Relay:
             # between database calls: a query cancelled in flight makes asyncpg
             # reset its connection, and under load that release could hold up
             # the stop for good. The lease loop only sleeps and talks to Redis.
-            own = [t for t in tasks[:2] if not t.done()]
-            if stop.is_set() and own:
-                await asyncio.wait(own, timeout=_STOP_GRACE)
+            running = [t for t in graceful if not t.done()]
+            if stop.is_set() and running:
+                await asyncio.wait(running, timeout=_STOP_GRACE)
             for task in [*tasks, stopper]:
                 task.cancel()
             await asyncio.gather(*tasks, stopper, return_exceptions=True)
