@@ -117,6 +117,18 @@ class Settings:
     breaker_failure_threshold: int = 5
     #: Seconds an open breaker waits before letting one probe call through.
     breaker_reset_timeout: float = 30.0
+    #: Seconds a handler may run (per activation) unless its agent sets ``timeout``;
+    #: past it the handler is cancelled and the delivery counts as failed.
+    handler_timeout: float = 300.0
+    #: The relay's identity: its checkpoint and lease belong to this name, not to
+    #: its routes, so adding an agent or a subscription keeps the position.
+    relay_name: str = "default"
+    #: Whether a subscriber the relay has not seen before gets the whole log
+    #: (True) or starts at the relay's current position (False).
+    relay_backfill: bool = False
+    #: Refuse to start ``serve``/``worker`` on a Redis that does not fsync every
+    #: write (``appendonly yes``, ``appendfsync always``); otherwise warn.
+    require_durable_redis: bool = False
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
@@ -199,6 +211,10 @@ ENV_KEYS: dict[str, str] = {
     "llm_max_attempts": "AGENTRT_LLM_MAX_ATTEMPTS",
     "breaker_failure_threshold": "AGENTRT_BREAKER_FAILURES",
     "breaker_reset_timeout": "AGENTRT_BREAKER_RESET",
+    "handler_timeout": "AGENTRT_HANDLER_TIMEOUT",
+    "relay_name": "AGENTRT_RELAY_NAME",
+    "relay_backfill": "AGENTRT_RELAY_BACKFILL",
+    "require_durable_redis": "AGENTRT_REQUIRE_DURABLE_REDIS",
 }
 
 _LOG_LEVELS = {"debug", "info", "warning", "error", "critical"}
@@ -224,7 +240,12 @@ def _parse(field: str, key: str, raw: Any) -> Any:
         if value not in _LOG_LEVELS:
             raise SettingsError(key, f"{raw!r} is not one of {sorted(_LOG_LEVELS)}")
         return value
-    if field in ("log_json", "log_notify"):
+    if field == "relay_name":
+        value = str(raw)
+        if not re.fullmatch(r"[A-Za-z0-9_.:-]{1,100}", value):
+            raise SettingsError(key, f"{value!r}: use 1-100 letters, digits, '_', '.', ':' or '-'")
+        return value
+    if field in ("log_json", "log_notify", "relay_backfill", "require_durable_redis"):
         if isinstance(raw, bool):
             return raw
         value = str(raw).strip().lower()
@@ -253,9 +274,9 @@ def _parse(field: str, key: str, raw: Any) -> Any:
         if number < (0 if field == "run_budget_tokens" else 1):
             raise SettingsError(key, f"{number} is too small")
         return number
-    if field in ("run_budget_usd", "llm_timeout", "breaker_reset_timeout"):
+    if field in ("run_budget_usd", "llm_timeout", "breaker_reset_timeout", "handler_timeout"):
         amount = _finite(key, raw)
-        if amount < 0 or (field == "llm_timeout" and amount == 0):
+        if amount < 0 or (field in ("llm_timeout", "handler_timeout") and amount == 0):
             raise SettingsError(key, f"{amount} must be positive")
         return amount
     return str(raw)
