@@ -39,6 +39,9 @@ class ErrorCode(enum.StrEnum):
     APPROVAL_DECIDED = "approval_already_decided"
     LEASE_LOST = "lease_lost"
     OFFLINE_REQUEST = "invalid_request_error"
+    CLAIM_LOST = "activation_claim_lost"
+    HANDLER_TIMEOUT = "handler_timeout"
+    REDRIVE_REFUSED = "redrive_refused"
 
 
 class AgentrtError(Exception):
@@ -336,6 +339,31 @@ class LeaseLost(AgentrtError):
     """Another relay took over (this one stalled past its lease); it stops publishing."""
 
     code = ErrorCode.LEASE_LOST
+
+
+class ClaimLost(AgentrtError):
+    """This worker no longer holds the activation's claim (it stalled past its lease and
+    another worker took the activation over): it executes no further step."""
+
+    code = ErrorCode.CLAIM_LOST
+
+
+class HandlerTimeout(AgentrtError):
+    """A handler ran past its agent's timeout and was cancelled (a failed delivery)."""
+
+    code = ErrorCode.HANDLER_TIMEOUT
+
+    def __init__(self, agent: str, seconds: float) -> None:
+        super().__init__(f"agent {agent!r}: the handler ran past its timeout of {seconds:g} s")
+        self.agent = agent
+        self.seconds = seconds
+
+
+class RedriveRefused(AgentrtError):
+    """The dead letter's event was handled (its activation committed) since it was
+    dead-lettered: a redrive would run the handler a second time."""
+
+    code = ErrorCode.REDRIVE_REFUSED
 
 
 class InvalidRequestError(AgentrtError, ValueError):
