@@ -179,14 +179,20 @@ class Retryable(msgspec.Struct, frozen=True):
 def classify(exc: BaseException) -> Retryable | None:
     """Whether ``exc`` is transient, and why; None means retrying cannot help.
 
-    Retryable: Anthropic 429 (``rate_limited``), 529 (``overloaded``), other
-    5xx (``server_error``), 408 and client-side timeouts (``timeout``),
-    connection failures (``connection``), and the same error types when they
-    arrive in a streamed body. The caller's own mistakes (400, 401, 403, 404,
-    413, 422, ...) are not, nor is anything the server marked
-    ``x-should-retry: false``. ``TimeoutError`` (which ``asyncio.TimeoutError``
-    is) and ``ConnectionError`` count for tools too. ``CancelledError`` and
-    other ``BaseException`` s are never retryable.
+    For HTTP status errors this is the Anthropic SDK's own rule
+    (``BaseClient._should_retry``), so that turning the SDK's retries off loses
+    nothing: the server's ``x-should-retry`` header wins when it says exactly
+    ``true`` (retry whatever the status: ``retry_requested`` unless the status
+    has a reason of its own) or ``false`` (never retry); otherwise 408
+    (``timeout``), 409 (``conflict``: the API's lock timeouts), 429
+    (``rate_limited``), 529 (``overloaded``) and every other 5xx
+    (``server_error``) are retried. Client-side timeouts (``timeout``) and
+    connection failures (``connection``) are too, and, beyond the SDK, the
+    same error types when they arrive in a streamed body (whose status is the
+    stream's 200). The caller's own mistakes (400, 401, 403, 404, 413, 422,
+    ...) are not. ``TimeoutError`` (which ``asyncio.TimeoutError`` is) and
+    ``ConnectionError`` count for tools too. ``CancelledError`` and other
+    ``BaseException`` s are never retryable.
 
     Only ``exc`` itself is looked at, not its ``__cause__``: a tool that wraps
     a timeout in its own error has decided what that error means.
@@ -208,7 +214,9 @@ def classify(exc: BaseException) -> Retryable | None:
 
 def _classify_status(exc: anthropic.APIStatusError) -> Retryable | None:
     headers = exc.response.headers
-    if headers.get("x-should-retry", "").lower() == "false":
+    # Compared as the SDK does: exactly "true" or "false", anything else is no opinion.
+    should_retry = headers.get("x-should-retry")
+    if should_retry == "false":
         return None
     status = exc.status_code
     reason: Reason | None
@@ -218,10 +226,14 @@ def _classify_status(exc: anthropic.APIStatusError) -> Retryable | None:
         reason = "overloaded"
     elif status == 408:
         reason = "timeout"
+    elif status == 409:
+        reason = "conflict"
     elif isinstance(exc, anthropic.InternalServerError) or status >= 500:
         reason = "server_error"
     else:
         reason = _BODY_TYPES.get(exc.type or "")
+    if reason is None and should_retry == "true":
+        reason = "retry_requested"
     if reason is None:
         return None
     return Retryable(reason, retry_after_from_headers(headers))

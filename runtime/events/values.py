@@ -7,8 +7,18 @@ from typing import Literal
 
 import msgspec
 
-Reason = Literal["rate_limited", "overloaded", "server_error", "timeout", "connection"]
-"""Why an attempt may be retried; stable strings, safe to store in the log."""
+Reason = Literal[
+    "rate_limited",
+    "overloaded",
+    "server_error",
+    "timeout",
+    "connection",
+    "conflict",
+    "retry_requested",
+]
+"""Why an attempt may be retried; stable strings, safe to store in the log (``conflict``:
+a 409, which the Messages API uses for lock timeouts; ``retry_requested``: the server sent
+``x-should-retry: true`` on a status that is otherwise final)."""
 
 
 class StepError(msgspec.Struct, frozen=True, kw_only=True):

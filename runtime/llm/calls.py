@@ -4,7 +4,9 @@ Every model call is one durable step (kind ``llm``, named by the model id,
 the request being the JSON body sent to the Messages API), so a retried or
 replayed activation gets the recorded answer back and never calls twice. The
 SDK's own retries are off (``max_retries=0``): :func:`runtime.retry.run_with_retries`
-retries rate limits, overloads, 5xx and timeouts, and each failed attempt is
+retries what the SDK would (408, 409, 429, 5xx, connection errors and timeouts, and
+whatever the server marks ``x-should-retry: true``; never what it marks ``false``: see
+:func:`runtime.effects.retry.classify`), and each failed attempt is
 kept in the step's ``attempts``. A final failure (retries exhausted, a 400) is
 recorded too, so a retried activation raises it again without calling.
 

@@ -12,7 +12,15 @@ import msgspec
 __all__ = ["Fault", "FaultKind", "FaultQueue", "RecordedRequest", "RequestLog"]
 
 
-FaultKind = Literal["rate_limit", "overloaded", "server_error", "slow", "malformed_tool_input"]
+FaultKind = Literal[
+    "rate_limit",
+    "overloaded",
+    "server_error",
+    "conflict",
+    "bad_request",
+    "slow",
+    "malformed_tool_input",
+]
 
 
 class Fault(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -20,7 +28,8 @@ class Fault(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
 
     ``model`` restricts it to requests for that model; ``retry_after`` (seconds) sets the
     ``retry-after`` header (default 1 for ``rate_limit``); ``seconds`` is the delay of
-    ``slow``; ``message`` overrides the error message.
+    ``slow``; ``message`` overrides the error message; ``should_retry`` sets the
+    ``x-should-retry`` header (``true``/``false``) on an error fault's answer.
     """
 
     kind: FaultKind
@@ -28,6 +37,7 @@ class Fault(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     retry_after: float | None = None
     seconds: float = 1.0
     message: str | None = None
+    should_retry: bool | None = None
 
 
 class FaultQueue:

@@ -20,7 +20,10 @@ The server (``create_app`` / ``OfflineServer`` / ``serve``):
   over HTTP (``POST /_offline/faults`` with a JSON list or object,
   ``GET`` / ``DELETE /_offline/faults``). Kinds: ``rate_limit`` (429
   ``rate_limit_error`` with ``retry-after``, default 1 s), ``overloaded`` (529
-  ``overloaded_error``), ``server_error`` (500 ``api_error``), ``slow`` (sleep
+  ``overloaded_error``), ``server_error`` (500 ``api_error``), ``conflict`` (409
+  ``api_error``, which the SDK retries as a lock timeout), ``bad_request`` (400
+  ``invalid_request_error``), each with ``x-should-retry`` when the fault's
+  ``should_retry`` is set, ``slow`` (sleep
   ``seconds``, default 1, then answer; abandoned if the client disconnects),
   ``malformed_tool_input`` (a tool-use block whose input breaks the tool's
   schema: the first required property is left out, else the first property
@@ -67,6 +70,15 @@ _ENCODER = msgspec.json.Encoder()
 
 def _headers(request_id: str, extra: Mapping[str, str] | None = None) -> dict[str, str]:
     return {OFFLINE_HEADER: "true", "request-id": request_id, **(extra or {})}
+
+
+#: The error faults other than ``rate_limit``: status, error type, default message.
+_FAULT_ERRORS: dict[str, tuple[int, str, str]] = {
+    "overloaded": (529, "overloaded_error", "Overloaded"),
+    "server_error": (500, "api_error", "Internal server error"),
+    "conflict": (409, "api_error", "Lock timeout"),
+    "bad_request": (400, "invalid_request_error", "Bad request"),
+}
 
 
 def _error(
@@ -204,6 +216,9 @@ def create_app(
         malformed = False
         if fault is not None:
             record.fault = fault.kind
+            extra: dict[str, str] = {}
+            if fault.should_retry is not None:
+                extra["x-should-retry"] = "true" if fault.should_retry else "false"
             if fault.kind == "rate_limit":
                 after = fault.retry_after if fault.retry_after is not None else 1
                 return finish(
@@ -214,32 +229,21 @@ def create_app(
                         fault.message
                         or "Number of requests has exceeded your rate limit (offline fault)",
                         request_id,
-                        {"retry-after": f"{after:g}"},
+                        {**extra, "retry-after": f"{after:g}"},
                     ),
                 )
-            extra = (
-                {"retry-after": f"{fault.retry_after:g}"} if fault.retry_after is not None else None
-            )
-            if fault.kind == "overloaded":
+            if fault.retry_after is not None:
+                extra["retry-after"] = f"{fault.retry_after:g}"
+            if fault.kind in _FAULT_ERRORS:
+                status, kind, text = _FAULT_ERRORS[fault.kind]
                 return finish(
                     record,
                     _error(
-                        529,
-                        "overloaded_error",
-                        fault.message or "Overloaded (offline fault)",
+                        status,
+                        kind,
+                        fault.message or f"{text} (offline fault)",
                         request_id,
-                        extra,
-                    ),
-                )
-            if fault.kind == "server_error":
-                return finish(
-                    record,
-                    _error(
-                        500,
-                        "api_error",
-                        fault.message or "Internal server error (offline fault)",
-                        request_id,
-                        extra,
+                        extra or None,
                     ),
                 )
             if fault.kind == "slow":

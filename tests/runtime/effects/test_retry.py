@@ -270,6 +270,40 @@ def test_permanent_errors_are_not_retryable(exc: BaseException) -> None:
     assert classify(exc) is None
 
 
+@pytest.fixture(scope="module")
+def sdk() -> Any:
+    client = anthropic.Anthropic(api_key="unused", max_retries=0)
+    yield client
+    client.close()
+
+
+STATUSES = [400, 401, 403, 404, 408, 409, 413, 422, 429, 500, 502, 503, 504, 529]
+
+
+@pytest.mark.parametrize("header", [None, "true", "false", "TRUE", "False", "1", ""])
+@pytest.mark.parametrize("status", STATUSES)
+def test_status_errors_are_retried_exactly_when_the_sdk_would(
+    sdk: Any, status: int, header: str | None
+) -> None:
+    # The SDK's retries are off, so classify() must keep its rule: its own
+    # _should_retry(response) and its own exception for the status.
+    headers = {"x-should-retry": header} if header is not None else {}
+    response = httpx2.Response(status, headers=headers, request=REQUEST)
+    exc = sdk._make_status_error_from_response(response)
+    assert (classify(exc) is not None) == sdk._should_retry(response)
+
+
+def test_409_and_x_should_retry_true_have_reasons_of_their_own() -> None:
+    assert classify(status_error(anthropic.ConflictError, 409)) == Retryable("conflict")
+    told = status_error(anthropic.BadRequestError, 400, {"x-should-retry": "true"})
+    assert classify(told) == Retryable("retry_requested")
+    # A status with a reason keeps it; the header only makes it retryable.
+    told = status_error(anthropic.InternalServerError, 500, {"x-should-retry": "true"})
+    assert classify(told) == Retryable("server_error")
+    false = status_error(anthropic.ConflictError, 409, {"x-should-retry": "false"})
+    assert classify(false) is None
+
+
 def test_the_httpx_recipe_classifies_too() -> None:
     response = httpx.Response(
         429, headers={"retry-after": "2"}, request=httpx.Request("POST", "https://x")

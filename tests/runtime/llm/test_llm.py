@@ -512,6 +512,46 @@ async def test_a_bad_request_is_a_final_recorded_error(
     assert llm_requests(offline) == 1
 
 
+# The SDK's own rule (anthropic's BaseClient._should_retry), which turning its retries
+# off must not lose: 409 is retried; x-should-retry true retries any status, false none.
+@pytest.mark.parametrize(
+    ("fault", "reason", "error_type"),
+    [
+        (Fault("conflict"), "conflict", "ConflictError"),
+        (Fault("bad_request", should_retry=True), "retry_requested", "BadRequestError"),
+        (Fault("server_error", should_retry=True), "server_error", "InternalServerError"),
+    ],
+    ids=["409", "400-should-retry-true", "500-should-retry-true"],
+)
+async def test_what_the_sdk_retries_is_retried(
+    harness: Harness, offline: OfflineServer, fault: Fault, reason: str, error_type: str
+) -> None:
+    offline.faults.push(fault)
+    ctx = await harness.context(agent(tools=()))
+    result = await harness.llm.call(ctx, "hello")
+    assert result.text.startswith("[offline]")
+    [step] = await harness.recorded(ctx)
+    assert [(a.reason, a.error_type, a.will_retry) for a in step.attempts] == [
+        (reason, error_type, True)
+    ]
+    assert step.error is None
+    assert llm_requests(offline) == 2
+
+
+@pytest.mark.parametrize("kind", ["server_error", "overloaded", "rate_limit", "conflict"])
+async def test_x_should_retry_false_is_final(
+    harness: Harness, offline: OfflineServer, kind: str
+) -> None:
+    offline.faults.push(Fault(kind, should_retry=False, retry_after=0.01))  # type: ignore[arg-type]
+    ctx = await harness.context(agent(tools=()))
+    with pytest.raises(StepFailed):
+        await harness.llm.call(ctx, "hello")
+    [step] = await harness.recorded(ctx)
+    assert [(a.reason, a.will_retry) for a in step.attempts] == [(None, False)]
+    assert step.error is not None
+    assert llm_requests(offline) == 1
+
+
 # -- budgets and cost --------------------------------------------------------------------------
 
 
