@@ -49,6 +49,10 @@ class Agent:
     reads_ingress: ClassVar[bool] = True
     #: The run's budget (None: the settings' default).
     budget: ClassVar[Budget | None] = None
+    #: Seconds one activation's handler may run (None: the worker's default, the
+    #: ``handler_timeout`` setting); past it the handler is cancelled and the
+    #: delivery counts as failed (dead-lettered after ``max_deliveries``).
+    timeout: ClassVar[float | None] = None
 
     def initial_state(self) -> Any:
         """``ctx.state`` before the run's first event."""

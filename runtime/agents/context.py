@@ -200,7 +200,12 @@ class Context:
         permit = await (breaker.before_call() if wait is None else breaker.acquire(wait))
         if permit.transition is not None:
             await self.services.record_transition(permit.transition, run_id=self.run_id)
-        ctx = ToolContext.for_step(self.run_id, str(self.activation_id), self.steps.count)
+        # Keyed by the event's first activation: a redrive (a new activation of
+        # the same event) sends the original's key, so an idempotent tool
+        # answers with its earlier result instead of acting again.
+        scope = str(activation_id_for(self.agent.name, self.trigger.event_id))
+        ctx = ToolContext.for_step(self.run_id, str(self.activation_id), self.steps.count,
+                                   key_scope=scope)  # fmt: skip
         try:
             result = await t.invoke(ctx, request)
         except asyncio.CancelledError:

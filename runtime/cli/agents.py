@@ -7,6 +7,7 @@ import contextlib
 import os
 import signal
 import sys
+import threading
 from collections.abc import AsyncIterator
 from typing import Annotated, Any
 
@@ -18,7 +19,7 @@ from rich.table import Table
 from runtime.agents.agent import Agent
 from runtime.agents.loading import load_app
 from runtime.cli.helpers import err, fail, open_log, out, run, with_servers
-from runtime.errors import AppLoadError
+from runtime.errors import AppLoadError, RedriveRefused
 from runtime.log.store import EventLog
 from runtime.ops.process import settle_gc
 from runtime.settings import Settings
@@ -50,11 +51,57 @@ def _agents(target: str) -> list[Agent]:
         fail(exc)
 
 
-def _stop_on_signals(stop: asyncio.Event) -> None:
+FromStartOption = Annotated[
+    bool,
+    typer.Option(
+        "--from-start",
+        help="Subscriptions the relay has not seen yet get the log from its start, on their own "
+        "streams (default: they start at the current position; AGENTRT_RELAY_BACKFILL)",
+    ),
+]
+
+
+def _relay(
+    lg: EventLog, redis: Any, agents: list[Agent], settings: Settings, *, from_start: bool
+) -> Relay:
+    """The deployment's relay: named by AGENTRT_RELAY_NAME, not by the app's routes."""
+    return Relay(lg, redis, agents, name=settings.relay_name,
+                 backfill=from_start or settings.relay_backfill,
+                 poll_interval=settings.poll_interval)  # fmt: skip
+
+
+def _stop_on_signals(stop: asyncio.Event, *, exit_within: float | None = None) -> None:
+    """SIGTERM/SIGINT set ``stop``; a second one exits at once.
+
+    With ``exit_within``, the process also exits that many seconds after the
+    first signal if it has not by itself: a stop must never hang a deploy (a
+    task that lost its cancellation, a server that stopped answering). Nothing
+    is lost by it: what was not acknowledged stays pending and is reclaimed.
+    """
     loop = asyncio.get_running_loop()
+
+    def on_signal() -> None:
+        if stop.is_set():
+            err.print("second signal: exiting without waiting for in-flight work")
+            os._exit(130)
+        stop.set()
+        if exit_within is not None:
+            timer = threading.Timer(exit_within, _exit_now, args=(exit_within,))
+            timer.daemon = True
+            timer.start()
+
     for sig in (signal.SIGTERM, signal.SIGINT):
         with contextlib.suppress(NotImplementedError):
-            loop.add_signal_handler(sig, stop.set)
+            loop.add_signal_handler(sig, on_signal)
+
+
+def _exit_now(seconds: float) -> None:
+    sys.stderr.write(
+        f"agentrt: still running {seconds:g} s after the stop signal; exiting now "
+        "(unacknowledged entries stay pending and are reclaimed)\n"
+    )
+    sys.stderr.flush()
+    os._exit(1)
 
 
 @contextlib.asynccontextmanager
@@ -88,6 +135,7 @@ def register(app: typer.Typer) -> None:
         relay: Annotated[
             bool, typer.Option("--relay/--no-relay", help="Also run the outbox relay here")
         ] = True,
+        from_start: FromStartOption = False,
         metrics_port: Annotated[
             int, typer.Option(help="Serve Prometheus metrics on this port (0: off)")
         ] = 0,
@@ -97,6 +145,7 @@ def register(app: typer.Typer) -> None:
         settings = with_servers(ctx.obj, redis=True)
         try:
             options = WorkerOptions(
+                handler_timeout=settings.handler_timeout,
                 concurrency=concurrency,
                 batch=batch,
                 claim_idle=claim_idle,
@@ -116,7 +165,9 @@ def register(app: typer.Typer) -> None:
             from runtime.llm.client import model_client
 
             stop = asyncio.Event()
-            _stop_on_signals(stop)
+            # The drain, then the readers' last XREADGROUP, the relay and the
+            # closing of the connections, with room to spare.
+            _stop_on_signals(stop, exit_within=options.drain_timeout + options.block_ms / 1000 + 30)
             async with _opened(settings) as (lg, redis), model_client(settings) as mc:
                 llm = LLM(mc.client, settings, offline=mc.offline)
                 w = Worker(
@@ -131,7 +182,8 @@ def register(app: typer.Typer) -> None:
                 settle_gc()
                 tasks = [asyncio.create_task(w.run(stop))]
                 if relay:
-                    tasks.append(asyncio.create_task(Relay(lg, redis, agents).serve(stop)))
+                    r = _relay(lg, redis, agents, settings, from_start=from_start)
+                    tasks.append(asyncio.create_task(r.serve(stop)))
                 err.print(
                     f"worker {w.consumer}: agents {', '.join(a.name for a in agents)}"
                     f"{' + relay' if relay else ''}; Ctrl-C or SIGTERM drains and stops"
@@ -143,8 +195,15 @@ def register(app: typer.Typer) -> None:
         run(go())
 
     @app.command("relay")
-    def relay_cmd(ctx: typer.Context, app_target: AppOption) -> None:
-        """Publish emitted events from the log to the streams of their subscribers."""
+    def relay_cmd(
+        ctx: typer.Context, app_target: AppOption, from_start: FromStartOption = False
+    ) -> None:
+        """Publish emitted events from the log to the streams of their subscribers.
+
+        The relay's checkpoint belongs to AGENTRT_RELAY_NAME (`default`), not to
+        the app's routes: an agent or subscription added later starts at the
+        current position (or, with --from-start, gets the log it missed).
+        """
         agents = _agents(app_target)
         settings = with_servers(ctx.obj, redis=True)
 
@@ -152,7 +211,7 @@ def register(app: typer.Typer) -> None:
             stop = asyncio.Event()
             _stop_on_signals(stop)
             async with _opened(settings) as (lg, redis):
-                await Relay(lg, redis, agents, poll_interval=settings.poll_interval).serve(stop)
+                await _relay(lg, redis, agents, settings, from_start=from_start).serve(stop)
 
         run(go())
 
@@ -216,24 +275,50 @@ def register(app: typer.Typer) -> None:
         ids: Annotated[list[str] | None, typer.Argument(help="Dead-letter ids")] = None,
         all_: Annotated[bool, typer.Option("--all", help="Every dead letter")] = False,
         agent: Annotated[str | None, typer.Option(help="With --all: only this agent's")] = None,
+        force: Annotated[
+            bool,
+            typer.Option(
+                "--force",
+                help="Also redrive events their agent has handled since: the handler runs a "
+                "second time (tools get the original idempotency keys)",
+            ),
+        ] = False,
     ) -> None:
-        """Send dead letters back to their agents, as fresh activations."""
+        """Send dead letters back to their agents, as fresh activations.
+
+        A dead letter whose event its agent has handled since is refused (the
+        handler would run twice) unless --force.
+        """
         if not ids and not all_:
             raise typer.BadParameter("give dead-letter ids, or --all")
         settings = with_servers(ctx.obj, redis=True)
 
-        async def go() -> list[tuple[str, str]]:
+        async def go() -> tuple[list[dlq_mod.RedrivePlan], list[RedriveRefused]]:
             async with _opened(settings) as (lg, redis):
                 targets = list(ids or [])
                 if all_:
                     letters = await dlq_mod.list_dead_letters(redis, agent=agent, count=10**6)
                     targets = [x.id for x in letters]
-                return [(i, await dlq_mod.redrive(redis, lg, i)) for i in targets]
+                done, refused = [], []
+                for i in targets:
+                    try:
+                        done.append(await dlq_mod.redrive(redis, lg, i, force=force))
+                    except RedriveRefused as exc:
+                        refused.append(exc)
+                return done, refused
 
-        moved = run(go())
-        for old, new in moved:
-            out.print(f"redrove {old} -> {new}")
-        out.print(f"{len(moved)} dead letter(s) redriven")
+        moved, refused = run(go())
+        for plan in moved:
+            note = " (forced: a second activation of a handled event)" if plan.forced else ""
+            out.print(f"redrove {plan.dead_letter_id} -> {plan.entry_id}{note}")
+        for exc in refused:
+            err.print(f"[bold red]refused[/] {escape(f'[{exc.code}]')} {escape(exc.message)}")
+        out.print(
+            f"{len(moved)} dead letter(s) redriven"
+            + (f", {len(refused)} refused" if refused else "")
+        )
+        if refused:
+            raise typer.Exit(1)
 
     @app.command("approve")
     def approve(

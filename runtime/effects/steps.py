@@ -6,7 +6,7 @@ import asyncio
 import hashlib
 import time
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, Protocol
 from uuid import UUID
 
 import asyncpg
@@ -50,6 +50,16 @@ class StepOutput(msgspec.Struct, frozen=True, kw_only=True):
 StepCall = Callable[[], Awaitable[StepOutput]]
 
 
+class StepGuard(Protocol):
+    """Makes an activation's steps exclusive (the worker's claim, ``runtime.worker.claims``)."""
+
+    async def before_load(self) -> None:
+        """Before the record is read: take the activation's claim (may wait for another)."""
+
+    async def before_execute(self) -> None:
+        """Before a step is executed (not answered from the record): the claim still holds."""
+
+
 class Steps:
     """The durable steps of one activation.
 
@@ -76,10 +86,13 @@ class Steps:
         trigger_id: UUID,
         recorded: dict[int, StepRecorded] | None = None,
         lazy: bool = False,
+        guard: StepGuard | None = None,
     ) -> None:
         """``lazy``: read the recorded steps from the log only when the first step is taken
-        (an activation that takes none then costs no read)."""
+        (an activation that takes none then costs no read). ``guard``: called before
+        the record is read and before each executed step (the worker's claim)."""
         self._log = log
+        self._guard = guard
         self._loaded = not lazy or log is None
         self.activation_id = activation_id
         self.run_id = run_id
@@ -107,6 +120,9 @@ class Steps:
         """Read the steps earlier attempts recorded (once)."""
         if self._loaded or self._log is None:
             return
+        if self._guard is not None:
+            # The claim first: once it is ours nobody else adds to the record.
+            await self._guard.before_load()
         event_log = self._log
         after = 1
         while True:
@@ -140,6 +156,8 @@ class Steps:
             self.reused += 1
             return recorded
         with structlog.contextvars.bound_contextvars(step=n):
+            if self._guard is not None:
+                await self._guard.before_execute()
             started = time.perf_counter()
             output = await call()
             body = StepRecorded(
@@ -162,7 +180,9 @@ class Steps:
             self.executed.append(n)
             try:
                 if self._log is not None:
-                    await self._append(event, n)
+                    # Shielded: a handler cancelled now (its timeout, a stop)
+                    # still leaves the result it paid for in the log.
+                    await asyncio.shield(self._append(event, n))
             except ConcurrencyConflict:
                 # Another worker recorded this step first: its result is the one.
                 assert self._log is not None

@@ -116,6 +116,10 @@ class ToolContext:
     step: int
     log: FilteringBoundLogger
     """Bound with ``run_id``, ``activation_id``, ``step`` and, inside a tool, ``tool``."""
+    key_scope: str = ""
+    """What the idempotency key is scoped to (default ``activation_id``): the worker passes
+    the first activation of (agent, event), so a redrive, which is a new activation,
+    sends the same key per step as the original."""
 
     @classmethod
     def for_step(
@@ -125,22 +129,25 @@ class ToolContext:
         step: int,
         *,
         logger: FilteringBoundLogger | None = None,
+        key_scope: str = "",
     ) -> ToolContext:
         """A context whose logger is bound with the step's identity."""
         base: FilteringBoundLogger = log if logger is None else logger
         bound = base.bind(run_id=str(run_id), activation_id=activation_id, step=step)
-        return cls(run_id=run_id, activation_id=activation_id, step=step, log=bound)
+        return cls(run_id=run_id, activation_id=activation_id, step=step, log=bound,
+                   key_scope=key_scope)  # fmt: skip
 
     @property
     def idempotency_key(self) -> str:
         """A key to send with side effects (``Idempotency-Key`` headers, request ids).
 
-        ``uuid5(IDEMPOTENCY_NAMESPACE, f"{run_id}:{activation_id}:{step}")`` as a
-        string: the same for every attempt and replay of this step, different
-        for any other step, and 36 characters, which every API we know accepts
-        (a raw concatenation can outgrow 64-character limits).
+        ``uuid5(IDEMPOTENCY_NAMESPACE, f"{run_id}:{key_scope}:{step}")`` as a
+        string (``key_scope`` is the activation id of the event's first
+        activation): the same for every attempt, redrive and replay of this
+        step, different for any other step, and 36 characters, which every API
+        we know accepts (a raw concatenation can outgrow 64-character limits).
         """
-        name = f"{self.run_id}:{self.activation_id}:{self.step}"
+        name = f"{self.run_id}:{self.key_scope or self.activation_id}:{self.step}"
         return str(uuid.uuid5(IDEMPOTENCY_NAMESPACE, name))
 
 

@@ -72,6 +72,8 @@ class DeadLetterRedriven(Event, tag="dead_letter.redriven"):
     dead_letter_id: str
     generation: int
     to_stream: str
+    #: Redriven with ``--force`` although the agent had handled the event.
+    forced: bool = False
 
 
 class RunBudgetExceeded(Event, tag="run.budget_exceeded"):

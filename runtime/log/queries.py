@@ -4,6 +4,7 @@ summaries. With ``store.py``, ``approvals.py`` and ``audit.py`` the only SQL on 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from datetime import datetime
 from uuid import UUID
 
 import msgspec
@@ -30,6 +31,14 @@ class ActivationState(msgspec.Struct, frozen=True):
     has_steps: bool
 
 
+class InboxRow(msgspec.Struct, frozen=True):
+    """An agent's committed activation of an event."""
+
+    activation_id: UUID
+    outcome: str
+    committed_at: datetime
+
+
 class RunSummary(msgspec.Struct, frozen=True):
     steps: int
     tokens: int
@@ -44,8 +53,12 @@ class LogQueries:
         q = f'"{log.schema}"'
         self._state = (
             f"SELECT EXISTS (SELECT 1 FROM {q}.inbox WHERE consumer = $1 AND event_id = $2), "
-            f"EXISTS (SELECT 1 FROM {q}.events WHERE event_id = $2), "
-            f"EXISTS (SELECT 1 FROM {q}.events WHERE stream_id = $3)"
+            f"EXISTS (SELECT 1 FROM {q}.events WHERE event_id = $3), "
+            f"EXISTS (SELECT 1 FROM {q}.events WHERE stream_id = $4)"
+        )
+        self._inbox_row = (
+            f"SELECT activation_id, outcome, committed_at FROM {q}.inbox "
+            "WHERE consumer = $1 AND event_id = $2"
         )
         self._handled = (
             f"SELECT EXISTS (SELECT 1 FROM {q}.inbox WHERE consumer = $1 AND event_id = $2)"
@@ -66,10 +79,16 @@ class LogQueries:
         )
 
     async def activation_state(
-        self, agent: str, event_id: UUID, steps_stream: str
+        self, agent: str, inbox_id: UUID, event_id: UUID, steps_stream: str
     ) -> ActivationState:
-        row = await self.log.pool.fetchrow(self._state, agent, event_id, steps_stream)
+        """``inbox_id`` keys the inbox row (the event id but for a forced redrive)."""
+        row = await self.log.pool.fetchrow(self._state, agent, inbox_id, event_id, steps_stream)
         return ActivationState(bool(row[0]), bool(row[1]), bool(row[2]))
+
+    async def inbox_row(self, agent: str, event_id: UUID) -> InboxRow | None:
+        """The committed activation of the event by ``agent``, if any."""
+        row = await self.log.pool.fetchrow(self._inbox_row, agent, event_id)
+        return None if row is None else InboxRow(row[0], row[1], row[2])
 
     async def handled(self, agent: str, event_id: UUID) -> bool:
         """Whether ``agent``'s activation of the event committed (its inbox row exists)."""

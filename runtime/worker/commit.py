@@ -38,7 +38,7 @@ async def commit_activation(
     race (another activation of the run appended first, or wrote the
     trigger) rolls it back whole; it is tried again.
     """
-    marker = (agent, d.event_id, aid, outcome, d.run_id)
+    marker = (agent, d.inbox_id, aid, outcome, d.run_id)
     for attempt in range(1, COMMIT_ATTEMPTS + 1):
         events = list(outputs)
         expected = ANY_VERSION

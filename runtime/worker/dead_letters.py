@@ -13,14 +13,15 @@ import redis.asyncio as aioredis
 import structlog
 
 from runtime.agents.context import activation_id_for
-from runtime.errors import AgentrtError, DeadLetterNotFound
+from runtime.errors import AgentrtError, DeadLetterNotFound, RedriveRefused
 from runtime.events.builtin import ActivationDeadLettered, DeadLetterRedriven
 from runtime.events.ids import dead_letters_stream, run_stream
 from runtime.events.model import NewEvent
+from runtime.log.queries import LogQueries
 from runtime.log.store import EventLog
 from runtime.ops import metrics
 from runtime.streams.keys import DLQ_STREAM, agent_stream
-from runtime.worker.delivery import Delivery
+from runtime.worker.delivery import Delivery, inbox_id
 
 log = structlog.get_logger(__name__)
 
@@ -43,6 +44,14 @@ class DeadLetter(msgspec.Struct, frozen=True, kw_only=True):
     generation: int
     #: The original entry's fields (bodies as text).
     fields: dict[str, str]
+    #: Sent by a forced redrive (``--force``): keyed in the inbox apart from the event.
+    forced: bool = False
+
+    @property
+    def inbox_id(self) -> UUID | None:
+        if self.event_id is None:
+            return None
+        return inbox_id(UUID(self.event_id), self.generation, forced=self.forced)
 
 
 def _text(v: Any) -> str:
@@ -66,6 +75,7 @@ def _parse(entry_id: Any, raw: dict[Any, Any]) -> DeadLetter:
         run_id=original.get("run_id") or original.get("event_id"),
         generation=int(original.get("generation", "0") or 0),
         fields=original,
+        forced=original.get("forced") == "1",
     )
 
 
@@ -103,21 +113,57 @@ async def get_dead_letter(redis: aioredis.Redis, dead_letter_id: str) -> DeadLet
     return _parse(dead_letter_id, await _entry(redis, dead_letter_id))
 
 
-async def redrive(redis: aioredis.Redis, log: EventLog, dead_letter_id: str) -> str:
-    """Send a dead letter back to its agent as a fresh activation; the new entry id.
+class RedrivePlan(msgspec.Struct, frozen=True, kw_only=True):
+    """What a redrive did: the new entry, and whether it was forced past the inbox."""
+
+    dead_letter_id: str
+    entry_id: str
+    generation: int
+    forced: bool
+
+
+async def redrive(
+    redis: aioredis.Redis, log: EventLog, dead_letter_id: str, *, force: bool = False
+) -> RedrivePlan:
+    """Send a dead letter back to its agent as a fresh activation.
+
+    Refused (:class:`RedriveRefused`) when the agent has handled the event
+    since (a worker that lost its lease committed it while another
+    dead-lettered it, say): a redrive would run the handler again. With
+    ``force`` it goes anyway, as a second activation of the event with an
+    inbox row of its own.
 
     The entry goes to the agent's own stream with its generation bumped, so
     the activation starts with no recorded steps (the failed attempt's steps
-    stay in the log, under the old activation). Recorded in the log as
-    ``dead_letter.redriven``, then removed from the dead-letter stream, in
-    one MULTI with the XADD.
+    stay in the log, under the old activation); its tool calls carry the
+    original activation's idempotency keys, so an idempotent tool answers
+    with its earlier result. Recorded in the log as ``dead_letter.redriven``,
+    then removed from the dead-letter stream, in one MULTI with the XADD.
     """
     entry = await _entry(redis, dead_letter_id)
     letter = _parse(dead_letter_id, entry)
+    forced = letter.forced
+    if letter.inbox_id is not None:
+        row = await LogQueries(log).inbox_row(letter.agent, letter.inbox_id)
+        if row is not None:
+            if not force:
+                raise RedriveRefused(
+                    f"dead letter {dead_letter_id}: agent {letter.agent!r} has handled event "
+                    f"{letter.event_id} since (activation {row.activation_id}, outcome "
+                    f"{row.outcome}, at {row.committed_at.isoformat(timespec='seconds')}); "
+                    "a redrive would run its handler a second time. --force does that: a new "
+                    "activation whose model calls are made again, whose tool calls carry the "
+                    "original idempotency keys (an idempotent tool answers with its earlier "
+                    "result), and whose emitted events commit as a second activation of the event"
+                )
+            forced = True
     # The original fields as stored (bytes: `raw` bodies are not text).
     raw: dict[Any, Any] = {_text(k): v for k, v in entry.items() if not _text(k).startswith("dlq_")}
     generation = letter.generation + 1
     raw["generation"] = str(generation)
+    raw.pop("handoffs", None)
+    if forced:
+        raw["forced"] = "1"
     target = agent_stream(letter.agent)
     if letter.event_id is not None:
         event_id = UUID(letter.event_id)
@@ -132,6 +178,7 @@ async def redrive(redis: aioredis.Redis, log: EventLog, dead_letter_id: str) -> 
                         dead_letter_id=dead_letter_id,
                         generation=generation,
                         to_stream=target,
+                        forced=forced,
                     ),
                     run_id=run_id,
                     causation_id=event_id,
@@ -143,7 +190,8 @@ async def redrive(redis: aioredis.Redis, log: EventLog, dead_letter_id: str) -> 
         pipe.xadd(target, raw)
         pipe.xdel(DLQ_STREAM, dead_letter_id)
         new_id, _ = await pipe.execute()
-    return _text(new_id)
+    return RedrivePlan(dead_letter_id=dead_letter_id, entry_id=_text(new_id),
+                       generation=generation, forced=forced)  # fmt: skip
 
 
 async def dead_letter(
@@ -156,12 +204,18 @@ async def dead_letter(
     d: Delivery | None,
     exc: BaseException,
     deliveries: int,
-) -> None:
+) -> bool:
     """Record the error in the log, move the entry to the DLQ stream, acknowledge it.
 
     ``d`` is None for an entry that never decoded into an event (poison): its
-    record goes to the agent's ``dead-letters-<agent>`` stream.
+    record goes to the agent's ``dead-letters-<agent>`` stream. An event whose
+    activation committed meanwhile (another worker's copy) is acknowledged
+    instead: False.
     """
+    if d is not None and await LogQueries(lg).handled(agent, d.inbox_id):
+        await redis.xack(stream, agent, entry_id)
+        log.info("activation.duplicate", reason="committed elsewhere; not dead-lettered")
+        return False
     code = str(exc.code) if isinstance(exc, AgentrtError) else None
     trigger_id = d.event_id if d is not None else uuid.uuid5(_DLQ_NAMESPACE, f"{stream}/{entry_id}")
     aid = activation_id_for(agent, trigger_id, d.generation if d else 0)
@@ -206,3 +260,4 @@ async def dead_letter(
     metrics.DEAD_LETTERS.labels(agent).inc()
     metrics.ACTIVATIONS.labels(agent, "dead_lettered").inc()
     log.error("activation.dead_lettered", deliveries=deliveries, error=str(exc))
+    return True

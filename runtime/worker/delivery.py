@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import uuid
 from datetime import datetime
 from typing import Any
 from uuid import UUID
@@ -29,10 +30,27 @@ class Delivery(msgspec.Struct, frozen=True, kw_only=True):
     position: LogPosition | None = None
     #: Bumped by each redrive: a fresh activation (fresh steps) for the same event.
     generation: int = 0
+    #: A redrive forced past the inbox (``agentrt dlq redrive --force`` of an event
+    #: its agent had handled): a second activation with an inbox row of its own.
+    forced: bool = False
+    #: How often a worker of another version handed this entry on (rolling deploys).
+    handoffs: int = 0
 
     @property
     def in_log(self) -> bool:
         return self.position is not None
+
+    @property
+    def inbox_id(self) -> UUID:
+        """The id the inbox row and the activation claim are keyed by (:func:`inbox_id`)."""
+        return inbox_id(self.event_id, self.generation, forced=self.forced)
+
+
+def inbox_id(event_id: UUID, generation: int, *, forced: bool) -> UUID:
+    """The event's id, or for a forced redrive one of its own (so it commits once more, once)."""
+    if not forced:
+        return event_id
+    return uuid.uuid5(event_id, f"forced-redrive/{generation}")
 
 
 def text(value: Any) -> str:
@@ -63,6 +81,8 @@ def parse_delivery(stream: str, entry_id: str, fields: dict[Any, Any]) -> Delive
             recorded_at=datetime.fromisoformat(text(at)) if at else None,
             position=LogPosition.parse(text(f["position"])) if f.get("position") else None,
             generation=int(text(f.get("generation", b"0"))),
+            forced=text(f.get("forced", b"")) == "1",
+            handoffs=int(text(f.get("handoffs", b"0"))),
         )  # fmt: skip
     except KeyError as exc:
         raise InvalidDelivery(stream, entry_id, f"field {exc.args[0]!r} is missing") from None

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import time
+
+import msgspec
 import redis.asyncio as aioredis
 
 from runtime.ops import metrics
+from runtime.streams.keys import KEY_PREFIX
 from runtime.worker.delivery import parse_id, text
 
 # KEYS: stream. ARGV: group, consumer, entry ids. Reset the idle time of the
@@ -64,3 +68,67 @@ async def trim_acknowledged(redis: aioredis.Redis, stream: str) -> int:
         return 0
     removed = await redis.xtrim(stream, minid=f"{keep[0]}-{keep[1]}", approximate=False)
     return int(removed)
+
+
+# -- who subscribes to what (rolling deploys) -------------------------------------
+#
+# Two versions of an agent can share its consumer group during a deploy, and a
+# group hands each entry to one consumer only: an old worker that acknowledged
+# a type only the new version subscribes to would drop it. Each worker
+# announces the types it handles under its consumer name, with an expiry; a
+# worker given an entry whose type it does not handle but a live member of its
+# group does hands it on (a copy to the agent's own stream, and its XACK, in
+# one MULTI) instead of acknowledging it away.
+
+#: How often a hand-off may be repeated before the entry is given up on
+#: (nobody alive takes it: the version that announced the type has gone).
+MAX_HANDOFFS = 50
+
+
+def subscriptions_key(agent: str) -> str:
+    return f"{KEY_PREFIX}subs:{{{agent}}}"
+
+
+def subscriptions_rev_key(agent: str) -> str:
+    """Bumped whenever a consumer announces itself or leaves: readers refresh on a change."""
+    return f"{KEY_PREFIX}subs-rev:{{{agent}}}"
+
+
+async def announce(
+    redis: aioredis.Redis, agent: str, consumer: str, types: frozenset[str], ttl: float
+) -> None:
+    """Record that ``consumer`` handles ``types`` for the next ``ttl`` seconds."""
+    value = msgspec.json.encode({"types": sorted(types), "until": time.time() + ttl})
+    async with redis.pipeline(transaction=True) as pipe:
+        pipe.hset(subscriptions_key(agent), consumer, value)
+        pipe.incr(subscriptions_rev_key(agent))
+        await pipe.execute()
+
+
+async def withdraw(redis: aioredis.Redis, agent: str, consumer: str) -> None:
+    async with redis.pipeline(transaction=True) as pipe:
+        pipe.hdel(subscriptions_key(agent), consumer)
+        pipe.incr(subscriptions_rev_key(agent))
+        await pipe.execute()
+
+
+async def live_subscriptions(redis: aioredis.Redis, agent: str) -> frozenset[str]:
+    """The types some live consumer of ``agent``'s group handles (expired ones removed)."""
+    raw = await redis.hgetall(subscriptions_key(agent))
+    now = time.time()
+    live: set[str] = set()
+    expired = []
+    for consumer, value in raw.items():
+        try:
+            entry = msgspec.json.decode(value)
+            until, types = float(entry["until"]), entry["types"]
+        except (msgspec.DecodeError, KeyError, TypeError, ValueError):
+            expired.append(consumer)
+            continue
+        if until < now:
+            expired.append(consumer)
+        else:
+            live.update(str(t) for t in types)
+    if expired:
+        await redis.hdel(subscriptions_key(agent), *expired)
+    return frozenset(live)

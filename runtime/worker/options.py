@@ -27,9 +27,11 @@ class WorkerOptions:
     partitions: int = 8
     #: This process's consumer name (default: host-pid-random).
     consumer: str | None = None
+    #: Seconds a handler may run unless its agent sets ``timeout``.
+    handler_timeout: float = 300.0
 
     def __post_init__(self) -> None:
         if self.concurrency < 1 or self.batch < 1 or self.max_deliveries < 1:
             raise ValueError("concurrency, batch and max_deliveries must be at least 1")
-        if self.claim_idle <= 0 or self.block_ms < 1:
-            raise ValueError("claim_idle and block_ms must be positive")
+        if self.claim_idle <= 0 or self.block_ms < 1 or self.handler_timeout <= 0:
+            raise ValueError("claim_idle, block_ms and handler_timeout must be positive")

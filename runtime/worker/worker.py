@@ -43,7 +43,9 @@ from runtime.effects.breaker import CircuitBreaker, Transition
 from runtime.effects.steps import Steps
 from runtime.errors import (
     AgentrtError,
+    ClaimLost,
     EventDecodeError,
+    HandlerTimeout,
     InvalidDelivery,
     StepDivergence,
     StepFailed,
@@ -56,10 +58,20 @@ from runtime.log.store import EventLog
 from runtime.ops import metrics
 from runtime.streams.keys import agent_stream, ingress_stream, log_wake_channel
 from runtime.worker.activation import activate
+from runtime.worker.claims import Claim, Claims
 from runtime.worker.commit import commit_activation
 from runtime.worker.dead_letters import dead_letter
 from runtime.worker.delivery import Delivery, parse_delivery, text
-from runtime.worker.groups import RENEW_LEASES, report_lag, trim_acknowledged
+from runtime.worker.groups import (
+    MAX_HANDOFFS,
+    RENEW_LEASES,
+    announce,
+    live_subscriptions,
+    report_lag,
+    subscriptions_rev_key,
+    trim_acknowledged,
+    withdraw,
+)
 from runtime.worker.options import WorkerOptions
 
 if TYPE_CHECKING:
@@ -72,11 +84,50 @@ def _raw_reply(response: Any, **options: Any) -> Any:
     return response
 
 
+#: Seconds a worker waits for one of its own background tasks to end after
+#: cancelling it. A cancellation can be lost (Python 3.11's ``asyncio.wait_for``,
+#: used inside redis-py, can swallow one that arrives as its inner call
+#: completes): a stop must not wait for such a task for ever.
+_STOP_WAIT = 5.0
+
+
 @dataclasses.dataclass(eq=False)
 class _Group:
     agent: Agent
     streams: list[str]
     types: frozenset[str]
+    #: The handler's time limit (the agent's ``timeout``, else the worker's default).
+    timeout: float
+    #: What live members of the group handle (any version), and the revision read.
+    live_types: frozenset[str] = frozenset()
+    live_rev: Any = None
+    live_read_at: float = 0.0
+
+
+class _ClaimGuard:
+    """The activation's claim, as the guard of its steps (see ``runtime.worker.claims``)."""
+
+    __slots__ = ("claim",)
+
+    def __init__(self, claim: Claim) -> None:
+        self.claim = claim
+
+    async def before_load(self) -> None:
+        if not self.claim.held:
+            await self.claim.acquire()
+
+    async def before_execute(self) -> None:
+        await self.claim.confirm()
+
+
+async def _bounded(tasks: Sequence[asyncio.Task[Any]], what: str) -> None:
+    """Wait for cancelled ``tasks`` at most ``_STOP_WAIT`` seconds; name any that linger."""
+    if not tasks:
+        return
+    _, late = await asyncio.wait(tasks, timeout=_STOP_WAIT)
+    if late:
+        log.error("worker.stop_abandoned_tasks", what=what,
+                  tasks=sorted(t.get_name() for t in late))  # fmt: skip
 
 
 class Worker:
@@ -112,9 +163,14 @@ class Worker:
                 agent=a,
                 streams=[*(ingress if a.reads_ingress else []), agent_stream(a.name)],
                 types=a.subscribed_types(),
+                timeout=a.timeout or opts.handler_timeout,
             )
             for a in agents
         ]
+        #: Claims on (agent, event) held by activations running here.
+        self.claims = Claims(redis, ttl=opts.claim_idle)
+        #: Set when the run ends: background loops check it (not only cancellation).
+        self._closing = False
         self._breakers: dict[str, CircuitBreaker] = {}
         self._breaker_threshold = breaker_threshold
         self._breaker_reset = breaker_reset
@@ -177,11 +233,19 @@ class Worker:
     # -- running ------------------------------------------------------------------
 
     async def setup(self) -> None:
-        """Create every group (from the stream's start, so nothing before it is missed)."""
+        """Create every group (from the stream's start, so nothing before it is missed),
+        and announce the types this worker handles to the other members of each group."""
         for g in self.groups:
             for stream in g.streams:
                 with contextlib.suppress(ResponseError):  # BUSYGROUP: it exists
                     await self.redis.xgroup_create(stream, g.agent.name, id="0", mkstream=True)
+        await self._announce()
+
+    async def _announce(self) -> None:
+        # Valid for a few renewal periods: a worker that died stops counting soon.
+        ttl = max(self.options.claim_idle, 10.0) * 1.5
+        for g in self.groups:
+            await announce(self.redis, g.agent.name, self.consumer, g.types, ttl)
 
     def stop(self) -> None:
         """Stop reading; in-flight activations finish (see :meth:`run`)."""
@@ -231,12 +295,19 @@ class Worker:
             _, slow = await asyncio.wait(readers, timeout=opts.block_ms / 1000 + 5)
             for task in [*slow, *helpers]:
                 task.cancel()
-            await asyncio.gather(*readers, *helpers, return_exceptions=True)
+            # Every wait below is bounded: a task that lost its cancellation
+            # is abandoned (named in the log), never waited for.
+            await _bounded([*readers, *helpers], "readers")
             await self._drain()
+            self._closing = True
+            self._ack_wake.set()
             acker.cancel()
             renewer.cancel()
-            await asyncio.gather(renewer, acker, return_exceptions=True)
-            await self._flush_acks()
+            await _bounded([renewer, acker], "acknowledgements")
+            try:
+                await asyncio.wait_for(self._final_flush(), _STOP_WAIT)
+            except (TimeoutError, RedisError, OSError) as exc:
+                log.warning("worker.final_flush_failed", error=f"{type(exc).__name__}: {exc}")
             log.info("worker.stopped", consumer=self.consumer)
 
     def _task(self, coro: Coroutine[Any, Any, None], name: str) -> asyncio.Task[None]:
@@ -264,7 +335,7 @@ class Worker:
             task.cancel()
         if late:
             log.warning("worker.drain_timeout", left_pending=len(late))
-            await asyncio.gather(*late, return_exceptions=True)
+            await _bounded(late, "activations")
 
     async def _read(self, g: _Group) -> None:
         name = g.agent.name
@@ -355,6 +426,10 @@ class Worker:
             )
             return
         if delivery.type not in g.types:
+            if delivery.type in await self._live_types(g) and delivery.handoffs < MAX_HANDOFFS:
+                await self._hand_off(g, stream, entry_id, fields, delivery)
+                metrics.ACTIVATIONS.labels(agent, "handed_off").inc()
+                return
             await self._ack(g, stream, entry_id)
             metrics.ACTIVATIONS.labels(agent, "skipped").inc()
             return
@@ -372,8 +447,10 @@ class Worker:
                 asyncpg.InterfaceError,
                 OSError,
                 RedisError,
+                ClaimLost,
             ) as exc:
-                # The servers, not the event: leave it pending for a retry.
+                # The servers, not the event (or another worker took it over):
+                # leave it pending for a retry.
                 log.warning("activation.unavailable", error=f"{type(exc).__name__}: {exc}")
                 metrics.ACTIVATIONS.labels(agent, "failed").inc()
                 return
@@ -387,16 +464,35 @@ class Worker:
                 metrics.ACTIVATION_SECONDS.labels(agent).observe(time.perf_counter() - started)
 
     async def _activate(self, g: _Group, d: Delivery, fields: dict[Any, Any], claimed: bool) -> str:
+        claim = self.claims.claim(g.agent.name, d.inbox_id)
+        try:
+            return await self._run_claimed(g, d, fields, claimed, claim)
+        finally:
+            if claim.held:
+                # A failure or a stop: released with the next acknowledgements,
+                # so a retry elsewhere need not wait out the lease.
+                claim.release_later()
+                self._ack_wake.set()
+
+    async def _run_claimed(
+        self, g: _Group, d: Delivery, fields: dict[Any, Any], claimed: bool, claim: Claim
+    ) -> str:
         agent = g.agent
         aid = activation_id_for(agent.name, d.event_id, d.generation)
         steps_stream_id = activation_stream(aid)
-        # A first delivery goes straight to the handler: a duplicate of a
-        # committed activation is caught by the inbox row at commit (its steps
-        # come back from the log, so nothing is called twice), which saves a
-        # round trip on every activation. A redelivery looks first.
+        # A first delivery goes straight to the handler: it claims (agent,
+        # event) only at its first step, so a duplicate copy running at the
+        # same time waits there and then finds the steps in the log instead of
+        # calling; a duplicate of a committed activation is caught by the inbox
+        # row at commit. An activation taking no step never claims (the fast
+        # path: its commit is its only effect). A redelivery claims first,
+        # then looks.
         trigger_in_log, has_steps = d.in_log, False
         if claimed:
-            state = await self.queries.activation_state(agent.name, d.event_id, steps_stream_id)
+            await claim.acquire()
+            state = await self.queries.activation_state(
+                agent.name, d.inbox_id, d.event_id, steps_stream_id
+            )
             trigger_in_log, has_steps = state.trigger_in_log, state.has_steps
             if state.handled:
                 await self._ack(g, d.stream, d.entry_id)
@@ -408,31 +504,24 @@ class Worker:
                     f"delivered {deliveries} times without completing "
                     "(its workers died or timed out while handling it)"
                 )
-                await dead_letter(
-                    self.log,
-                    self.redis,
-                    g.agent.name,
-                    d.stream,
-                    d.entry_id,
-                    fields,
-                    d,
-                    error,
-                    deliveries,
-                )
-                return "dead_lettered"
+                lettered = await dead_letter(self.log, self.redis, g.agent.name, d.stream,
+                                             d.entry_id, fields, d, error, deliveries)  # fmt: skip
+                return "dead_lettered" if lettered else "duplicate"
         try:
             body = self.log.registry.decode(d.type, d.schema_version, d.body, strict=True)
         except (EventDecodeError, UnknownEventType) as exc:
             raise InvalidDelivery(d.stream, d.entry_id, str(exc)) from None
         # A redelivery reads its recorded steps now (the divergence check at
         # the end needs them), or knows there are none; a first delivery reads
-        # them at its first step, if it takes one.
+        # them at its first step, if it takes one, once it holds the claim.
+        guard = _ClaimGuard(claim)
         if claimed and has_steps:
-            steps = await Steps.load(self.log, activation_id=aid, run_id=d.run_id,
-                                     agent=agent.name, trigger_id=d.event_id)  # fmt: skip
+            steps = Steps(self.log, activation_id=aid, run_id=d.run_id, agent=agent.name,
+                          trigger_id=d.event_id, lazy=True, guard=guard)  # fmt: skip
+            await steps.ensure_loaded()
         else:
             steps = Steps(self.log, activation_id=aid, run_id=d.run_id, agent=agent.name,
-                          trigger_id=d.event_id, lazy=not claimed)  # fmt: skip
+                          trigger_id=d.event_id, lazy=not claimed, guard=guard)  # fmt: skip
         history: list[RecordedEvent] = []
         if type(agent).evolve is not Agent.evolve:
             history = await self._history(d)
@@ -450,21 +539,27 @@ class Worker:
         async def spend() -> tuple[int, float]:
             return await self.queries.run_spend(d.run_id, excluding_stream=steps_stream_id)
 
-        result = await activate(
-            agent,
-            trigger,
-            activation_id=aid,
-            steps=steps,
-            services=self,
-            history=history,
-            spent=spend,
-        )
+        try:
+            async with asyncio.timeout(g.timeout) as limit:
+                result = await activate(
+                    agent,
+                    trigger,
+                    activation_id=aid,
+                    steps=steps,
+                    services=self,
+                    history=history,
+                    spent=spend,
+                )
+        except TimeoutError:
+            if not limit.expired():
+                raise  # the handler's own TimeoutError: its failure, like any other
+            raise HandlerTimeout(agent.name, g.timeout) from None
         outcome, outputs = result.outcome, result.outputs
         trigger_event = None if d.in_log else self._trigger_event(d, body)
         # The commit and the ack run to the end even if the worker is told to
         # stop meanwhile: half of them is what the inbox exists to repair.
         committed = await asyncio.shield(self._commit_and_ack(
-            g, d, aid, outputs, trigger_event, bool(trigger_in_log), outcome))  # fmt: skip
+            g, d, aid, outputs, trigger_event, bool(trigger_in_log), outcome, claim))  # fmt: skip
         if not committed:
             log.info("activation.duplicate", reason="another consumer committed it first")
             return "duplicate"
@@ -499,10 +594,12 @@ class Worker:
         trigger: NewEvent | None,
         trigger_in_log: bool,
         outcome: str,
+        claim: Claim,
     ) -> bool:
         committed = await self.commit(g.agent.name, d, aid, outputs, trigger, trigger_in_log,
                                       outcome)  # fmt: skip
         self._committed = self._committed or committed
+        claim.release_later()  # in the same round trip as the XACK
         await self._ack(g, d.stream, d.entry_id)
         return committed
 
@@ -543,20 +640,27 @@ class Worker:
 
     async def _ack_loop(self) -> None:
         """Send the queued acknowledgements, one pipelined round trip per wake-up."""
-        while True:
+        while not self._closing:
             await self._ack_wake.wait()
             await self._flush_acks()
+
+    async def _final_flush(self) -> None:
+        await self._flush_acks()
+        for g in self.groups:
+            await withdraw(self.redis, g.agent.name, self.consumer)
 
     async def _flush_acks(self) -> None:
         self._ack_wake.clear()
         batch, self._acks = self._acks, {}
         committed, self._committed = self._committed, False
-        if not batch and not committed:
+        if not batch and not committed and not self.claims.releasing:
             return
         try:
             async with self.redis.pipeline(transaction=False) as pipe:
                 for (stream, group), ids in batch.items():
                     pipe.xack(stream, group, *ids)
+                # Claims of committed activations go after their XACKs.
+                await self.claims.release_in(pipe)
                 if committed:
                     # Wakes the relay (cheaper than a NOTIFY in every commit,
                     # which PostgreSQL serializes).
@@ -571,10 +675,35 @@ class Worker:
         rows = await self.redis.xpending_range(stream, g.agent.name, entry_id, entry_id, 1)
         return int(rows[0]["times_delivered"]) if rows else 1
 
+    async def _live_types(self, g: _Group) -> frozenset[str]:
+        """What some live consumer of the group handles, refreshed when a consumer came or
+        went (one GET; the revision is read after the entry, so it covers its writer)."""
+        rev = await self.redis.get(subscriptions_rev_key(g.agent.name))
+        now = time.monotonic()
+        if rev != g.live_rev or now - g.live_read_at > 10.0:
+            g.live_types = await live_subscriptions(self.redis, g.agent.name)
+            g.live_rev, g.live_read_at = rev, now
+        return g.live_types
+
+    async def _hand_off(
+        self, g: _Group, stream: str, entry_id: str, fields: dict[Any, Any], d: Delivery
+    ) -> None:
+        """An entry this version does not handle but another live one does: a copy goes to
+        the agent's own stream (read by the group's other consumers) with its XACK, in one
+        MULTI, instead of being acknowledged away. Duplicates this may make (the copy and
+        an earlier one) are absorbed by the activation claim and the inbox."""
+        copy: dict[Any, Any] = {text(k): v for k, v in fields.items()}
+        copy["handoffs"] = str(d.handoffs + 1)
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.xadd(agent_stream(g.agent.name), copy)
+            pipe.xack(stream, g.agent.name, entry_id)
+            await pipe.execute()
+        log.info("activation.handed_off", agent=g.agent.name, type=d.type, handoffs=d.handoffs + 1)
+
     # -- failure ------------------------------------------------------------------
 
     async def _failed(self, g: _Group, d: Delivery, fields: dict[Any, Any], exc: Exception) -> None:
-        if await self.queries.handled(g.agent.name, d.event_id):
+        if await self.queries.handled(g.agent.name, d.inbox_id):
             # A duplicate of an activation that committed: its rerun failing
             # changes nothing.
             await self._ack(g, d.stream, d.entry_id)
@@ -662,8 +791,16 @@ class Worker:
         """Reset the idle time of entries being handled here, so nobody reclaims them."""
         # Runs until cancelled, after the drain: entries in hand keep their lease.
         interval = max(self.options.claim_idle / 3, 0.05)
-        while True:
+        announced = time.monotonic()
+        while not self._closing:
             await asyncio.sleep(interval)
+            try:
+                await self.claims.renew()
+                if time.monotonic() - announced > max(self.options.claim_idle, 10.0) / 3:
+                    await self._announce()
+                    announced = time.monotonic()
+            except (RedisError, OSError) as exc:
+                log.warning("worker.claim_renewal_failed", error=f"{type(exc).__name__}: {exc}")
             by_stream: dict[tuple[str, str], list[str]] = {}
             for group, stream, entry_id in list(self._inflight):
                 by_stream.setdefault((group, stream), []).append(entry_id)

@@ -188,9 +188,10 @@ async def test_dead_letter_after_max_deliveries_then_redrive(
     assert [e.event_type for e in events] == ["activation.dead_lettered"]
 
     # Redrive: a fresh activation (its own steps) that now succeeds.
-    new_id = await dlq.redrive(redis, log, letter.id)
+    plan = await dlq.redrive(redis, log, letter.id)
+    assert not plan.forced and plan.generation == 1
     assert await redis.xlen(DLQ_STREAM) == 0
-    assert (await redis.xrange(agent_stream("flaky")))[0][0].decode() == new_id
+    assert (await redis.xrange(agent_stream("flaky")))[0][0].decode() == plan.entry_id
     async with running([agent], redis, log, relay=False):
         await wait_for(lambda: _inbox_has(log, bad), what="the redriven event handled")
     types = [e.event_type for e in await log.read_stream(f"run-{bad}")]

@@ -1,0 +1,185 @@
+"""Activation claims: one worker at a time runs the steps of (agent, trigger event).
+
+Two copies of one event can sit in an agent's streams (a relay republish, a
+redrive, a change of partitions, a second relay during a deploy), and two
+workers can read them at the same moment. The inbox lets only one of them
+commit, but without a claim both would call the tool. So before an
+activation executes its first step (or, for a redelivery, before it reads
+its record), it takes a claim: a Redis key ``SET NX PX`` with a token of its
+own. A second copy finds the key held and waits for it to go (released at
+commit, or expired when its worker died), then reads the record the first
+one left, so its steps come back from the log instead of being called.
+
+The claim is a lease: the worker renews it with the entries it holds, and
+before each step it executes it checks that the lease is still valid by its
+own clock (``valid_until``: the time it sent the last successful renewal plus
+the lease, minus a margin), asking Redis only when that is near. A worker
+that stalled past its lease and lost the claim raises :class:`ClaimLost`
+instead of calling.
+
+Activations that take no step never claim: their only effect is their commit,
+which the inbox already makes exactly-once (and that is the fast path).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from uuid import UUID
+
+import redis.asyncio as aioredis
+import structlog
+
+from runtime.errors import ClaimLost
+from runtime.streams.keys import KEY_PREFIX
+
+log = structlog.get_logger(__name__)
+
+# KEYS: claim keys. ARGV: ttl ms, then one token per key. Extend the keys whose
+# token is ours; returns the 1-based indexes of those we no longer hold.
+RENEW_CLAIMS = """
+local lost = {}
+for i = 1, #KEYS do
+    if redis.call('GET', KEYS[i]) == ARGV[i + 1] then
+        redis.call('PEXPIRE', KEYS[i], ARGV[1])
+    else
+        table.insert(lost, i)
+    end
+end
+return lost
+"""
+
+# KEYS: claim keys. ARGV: one token per key. Delete only the keys we hold.
+RELEASE_CLAIMS = """
+local n = 0
+for i = 1, #KEYS do
+    if redis.call('GET', KEYS[i]) == ARGV[i] then
+        n = n + redis.call('DEL', KEYS[i])
+    end
+end
+return n
+"""
+
+#: First and longest pause between looks at a claim another worker holds.
+_POLL_FIRST = 0.02
+_POLL_MAX = 0.25
+
+
+def claim_key(agent: str, trigger_id: UUID) -> str:
+    """``agentrt:claim:{triage}:<event id>`` (the agent's hash tag, like its stream)."""
+    return f"{KEY_PREFIX}claim:{{{agent}}}:{trigger_id}"
+
+
+class Claim:
+    """One activation's claim on (agent, trigger event); see the module doc."""
+
+    def __init__(self, claims: Claims, agent: str, trigger_id: UUID) -> None:
+        self._claims = claims
+        self.key = claim_key(agent, trigger_id)
+        self.token = uuid.uuid4().hex
+        #: Monotonic time until which the claim is ours without asking Redis (0: not held).
+        self.valid_until = 0.0
+        #: Whether acquiring it meant waiting for another holder to let go.
+        self.waited = False
+
+    @property
+    def held(self) -> bool:
+        return self.valid_until > 0
+
+    async def acquire(self) -> bool:
+        """Take the claim, waiting while another worker holds it; True if we had to wait.
+
+        The wait is bounded by the holder's lease: a dead holder's key expires.
+        """
+        delay = _POLL_FIRST
+        while True:
+            sent = time.monotonic()
+            if await self._claims.redis.set(self.key, self.token, nx=True, px=self._claims.ttl_ms):
+                self._claims.held[self.key] = self
+                self.valid_until = sent + self._claims.valid_for
+                return self.waited
+            if not self.waited:
+                self.waited = True
+                log.info("activation.claim_wait", key=self.key)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, _POLL_MAX)
+
+    async def confirm(self) -> None:
+        """Before executing a step: the claim is still ours, or :class:`ClaimLost`."""
+        if not self.held:
+            raise ClaimLost(f"{self.key}: the activation's claim is not held")
+        if time.monotonic() < self.valid_until:
+            return
+        # The renewals stopped (Redis slow or down, or the loop starved): ask.
+        sent = time.monotonic()
+        lost = await self._claims.renew([self])
+        if lost:
+            raise ClaimLost(f"{self.key}: another worker took the activation over")
+        self.valid_until = sent + self._claims.valid_for
+
+    def release_later(self) -> None:
+        """Hand the claim to the next batched release (after the commit)."""
+        if self.held:
+            self.valid_until = 0.0
+            self._claims.held.pop(self.key, None)
+            self._claims.releasing.append((self.key, self.token))
+
+    async def release(self) -> None:
+        """Let go now (a failed or cancelled activation: a retry need not wait)."""
+        if self.held:
+            self.valid_until = 0.0
+            self._claims.held.pop(self.key, None)
+            await self._claims.release_now([(self.key, self.token)])
+
+
+class Claims:
+    """The claims one worker holds: renewed together, released in batches."""
+
+    def __init__(self, redis: aioredis.Redis, ttl: float) -> None:
+        self.redis = redis
+        self.ttl_ms = max(int(ttl * 1000), 100)
+        #: How long a claim counts as ours after a renewal was sent (a margin
+        #: of a tenth of the lease for clock drift and the reply's trip).
+        self.valid_for = self.ttl_ms / 1000 * 0.9
+        #: key -> the claim held on it.
+        self.held: dict[str, Claim] = {}
+        #: (key, token) released by committed activations, for the next ack flush.
+        self.releasing: list[tuple[str, str]] = []
+        self._renew = redis.register_script(RENEW_CLAIMS)
+        self._release = redis.register_script(RELEASE_CLAIMS)
+
+    def claim(self, agent: str, trigger_id: UUID) -> Claim:
+        return Claim(self, agent, trigger_id)
+
+    async def renew(self, claims: list[Claim] | None = None) -> list[Claim]:
+        """Extend ``claims`` (default: all held); those lost are dropped and returned."""
+        batch = list(self.held.values()) if claims is None else claims
+        if not batch:
+            return []
+        sent = time.monotonic()
+        reply = await self._renew(
+            keys=[c.key for c in batch], args=[self.ttl_ms, *(c.token for c in batch)]
+        )
+        lost_at = {int(i) - 1 for i in reply or ()}
+        lost = []
+        for i, c in enumerate(batch):
+            if i in lost_at:
+                c.valid_until = 0.0
+                self.held.pop(c.key, None)
+                lost.append(c)
+                log.warning("activation.claim_lost", key=c.key)
+            elif c.held:
+                c.valid_until = sent + self.valid_for
+        return lost
+
+    async def release_in(self, pipe: aioredis.client.Pipeline) -> int:
+        """Queue the pending releases on ``pipe`` (the acknowledgement round trip)."""
+        batch, self.releasing = self.releasing, []
+        if batch:
+            await self._release(keys=[k for k, _ in batch], args=[t for _, t in batch],
+                                client=pipe)  # fmt: skip
+        return len(batch)
+
+    async def release_now(self, batch: list[tuple[str, str]]) -> None:
+        await self._release(keys=[k for k, _ in batch], args=[t for _, t in batch])
