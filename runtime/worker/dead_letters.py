@@ -161,7 +161,6 @@ async def redrive(
     raw: dict[Any, Any] = {_text(k): v for k, v in entry.items() if not _text(k).startswith("dlq_")}
     generation = letter.generation + 1
     raw["generation"] = str(generation)
-    raw.pop("handoffs", None)
     if forced:
         raw["forced"] = "1"
     target = agent_stream(letter.agent)

@@ -33,8 +33,6 @@ class Delivery(msgspec.Struct, frozen=True, kw_only=True):
     #: A redrive forced past the inbox (``agentrt dlq redrive --force`` of an event
     #: its agent had handled): a second activation with an inbox row of its own.
     forced: bool = False
-    #: How often a worker of another version handed this entry on (rolling deploys).
-    handoffs: int = 0
 
     @property
     def in_log(self) -> bool:
@@ -82,7 +80,6 @@ def parse_delivery(stream: str, entry_id: str, fields: dict[Any, Any]) -> Delive
             position=LogPosition.parse(text(f["position"])) if f.get("position") else None,
             generation=int(text(f.get("generation", b"0"))),
             forced=text(f.get("forced", b"")) == "1",
-            handoffs=int(text(f.get("handoffs", b"0"))),
         )  # fmt: skip
     except KeyError as exc:
         raise InvalidDelivery(stream, entry_id, f"field {exc.args[0]!r} is missing") from None

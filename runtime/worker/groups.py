@@ -75,14 +75,12 @@ async def trim_acknowledged(redis: aioredis.Redis, stream: str) -> int:
 # Two versions of an agent can share its consumer group during a deploy, and a
 # group hands each entry to one consumer only: an old worker that acknowledged
 # a type only the new version subscribes to would drop it. Each worker
-# announces the types it handles under its consumer name, with an expiry; a
-# worker given an entry whose type it does not handle but a live member of its
-# group does hands it on (a copy to the agent's own stream, and its XACK, in
-# one MULTI) instead of acknowledging it away.
-
-#: How often a hand-off may be repeated before the entry is given up on
-#: (nobody alive takes it: the version that announced the type has gone).
-MAX_HANDOFFS = 50
+# announces the types it handles under its consumer name, with an expiry. A
+# worker given an entry whose type it does not handle, but a live member of
+# its group does, hands it over: XCLAIM to that consumer (JUSTID: not counted
+# as a delivery) and a note in the consumer's hand-off set, in one MULTI. The
+# consumer adopts what the note names from its own pending list. If it dies
+# first, the entry is reclaimed like any other after ``claim_idle``.
 
 
 def subscriptions_key(agent: str) -> str:
@@ -92,6 +90,11 @@ def subscriptions_key(agent: str) -> str:
 def subscriptions_rev_key(agent: str) -> str:
     """Bumped whenever a consumer announces itself or leaves: readers refresh on a change."""
     return f"{KEY_PREFIX}subs-rev:{{{agent}}}"
+
+
+def handoff_key(agent: str, consumer: str) -> str:
+    """The streams on which ``consumer`` was handed entries it has not adopted yet."""
+    return f"{KEY_PREFIX}handoff:{{{agent}}}:{consumer}"
 
 
 async def announce(
@@ -112,11 +115,11 @@ async def withdraw(redis: aioredis.Redis, agent: str, consumer: str) -> None:
         await pipe.execute()
 
 
-async def live_subscriptions(redis: aioredis.Redis, agent: str) -> frozenset[str]:
-    """The types some live consumer of ``agent``'s group handles (expired ones removed)."""
+async def live_subscriptions(redis: aioredis.Redis, agent: str) -> dict[str, frozenset[str]]:
+    """Live consumers of ``agent``'s group -> the types each handles (expired ones removed)."""
     raw = await redis.hgetall(subscriptions_key(agent))
     now = time.time()
-    live: set[str] = set()
+    live: dict[str, frozenset[str]] = {}
     expired = []
     for consumer, value in raw.items():
         try:
@@ -128,7 +131,19 @@ async def live_subscriptions(redis: aioredis.Redis, agent: str) -> frozenset[str
         if until < now:
             expired.append(consumer)
         else:
-            live.update(str(t) for t in types)
+            live[text(consumer)] = frozenset(str(t) for t in types)
     if expired:
         await redis.hdel(subscriptions_key(agent), *expired)
-    return frozenset(live)
+    return live
+
+
+async def hand_over(
+    redis: aioredis.Redis, agent: str, stream: str, entry_id: str, consumer: str
+) -> bool:
+    """Give the pending entry to ``consumer`` and note it in its hand-off set; False if
+    the entry is gone (deleted from the stream meanwhile)."""
+    async with redis.pipeline(transaction=True) as pipe:
+        pipe.xclaim(stream, agent, consumer, 0, [entry_id], justid=True)
+        pipe.sadd(handoff_key(agent, consumer), stream)
+        claimed, _ = await pipe.execute()
+    return bool(claimed)

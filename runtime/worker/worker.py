@@ -21,6 +21,7 @@ import asyncio
 import contextlib
 import dataclasses
 import os
+import random
 import socket
 import time
 import typing
@@ -63,9 +64,10 @@ from runtime.worker.commit import commit_activation
 from runtime.worker.dead_letters import dead_letter
 from runtime.worker.delivery import Delivery, parse_delivery, text
 from runtime.worker.groups import (
-    MAX_HANDOFFS,
     RENEW_LEASES,
     announce,
+    hand_over,
+    handoff_key,
     live_subscriptions,
     report_lag,
     subscriptions_rev_key,
@@ -98,8 +100,9 @@ class _Group:
     types: frozenset[str]
     #: The handler's time limit (the agent's ``timeout``, else the worker's default).
     timeout: float
-    #: What live members of the group handle (any version), and the revision read.
-    live_types: frozenset[str] = frozenset()
+    #: Live members of the group (any version) -> the types each handles, and the
+    #: revision of the registry that was read.
+    live: dict[str, frozenset[str]] = dataclasses.field(default_factory=dict)
     live_rev: Any = None
     live_read_at: float = 0.0
 
@@ -274,6 +277,7 @@ class Worker:
         helpers = [
             *(self._task(self._reclaim(g), f"reclaim:{g.agent.name}") for g in self.groups),
             self._task(self._trim_loop(), "trim"),
+            self._task(self._adopt_loop(), "adopt"),
         ]
         renewer = self._task(self._renew_leases(), "leases")
         acker = self._task(self._ack_loop(), "acks")
@@ -426,8 +430,7 @@ class Worker:
             )
             return
         if delivery.type not in g.types:
-            if delivery.type in await self._live_types(g) and delivery.handoffs < MAX_HANDOFFS:
-                await self._hand_off(g, stream, entry_id, fields, delivery)
+            if await self._hand_off(g, stream, entry_id, delivery.type):
                 metrics.ACTIVATIONS.labels(agent, "handed_off").inc()
                 return
             await self._ack(g, stream, entry_id)
@@ -675,30 +678,64 @@ class Worker:
         rows = await self.redis.xpending_range(stream, g.agent.name, entry_id, entry_id, 1)
         return int(rows[0]["times_delivered"]) if rows else 1
 
-    async def _live_types(self, g: _Group) -> frozenset[str]:
-        """What some live consumer of the group handles, refreshed when a consumer came or
-        went (one GET; the revision is read after the entry, so it covers its writer)."""
+    async def _hand_off(self, g: _Group, stream: str, entry_id: str, event_type: str) -> bool:
+        """An entry this version does not handle: hand it to a live member of the group
+        that does (another version, during a rolling deploy); False if there is none.
+
+        The registry is read again whenever a consumer came or went (one GET of
+        its revision, read after the entry was, so a version that announced
+        itself before the entry was written is seen).
+        """
         rev = await self.redis.get(subscriptions_rev_key(g.agent.name))
         now = time.monotonic()
         if rev != g.live_rev or now - g.live_read_at > 10.0:
-            g.live_types = await live_subscriptions(self.redis, g.agent.name)
+            g.live = await live_subscriptions(self.redis, g.agent.name)
             g.live_rev, g.live_read_at = rev, now
-        return g.live_types
+        takers = [c for c, types in g.live.items() if event_type in types and c != self.consumer]
+        if not takers:
+            return False
+        target = random.choice(takers)
+        if await hand_over(self.redis, g.agent.name, stream, entry_id, target):
+            log.info("activation.handed_off", agent=g.agent.name, type=event_type, to=target)
+        return True
 
-    async def _hand_off(
-        self, g: _Group, stream: str, entry_id: str, fields: dict[Any, Any], d: Delivery
-    ) -> None:
-        """An entry this version does not handle but another live one does: a copy goes to
-        the agent's own stream (read by the group's other consumers) with its XACK, in one
-        MULTI, instead of being acknowledged away. Duplicates this may make (the copy and
-        an earlier one) are absorbed by the activation claim and the inbox."""
-        copy: dict[Any, Any] = {text(k): v for k, v in fields.items()}
-        copy["handoffs"] = str(d.handoffs + 1)
-        async with self.redis.pipeline(transaction=True) as pipe:
-            pipe.xadd(agent_stream(g.agent.name), copy)
-            pipe.xack(stream, g.agent.name, entry_id)
-            await pipe.execute()
-        log.info("activation.handed_off", agent=g.agent.name, type=d.type, handoffs=d.handoffs + 1)
+    async def _adopt_loop(self) -> None:
+        """Take up the entries other versions handed to this consumer (see ``_hand_off``)."""
+        interval = min(0.5, max(self.options.claim_idle / 3, 0.05))
+        keys = [handoff_key(g.agent.name, self.consumer) for g in self.groups]
+        while await self._sleep(interval):
+            try:
+                async with self.redis.pipeline(transaction=True) as pipe:
+                    for key in keys:
+                        pipe.smembers(key)
+                    pipe.delete(*keys)
+                    *noted, _ = await pipe.execute()
+                for g, streams in zip(self.groups, noted, strict=True):
+                    for stream in sorted(text(s) for s in streams):
+                        await self._adopt(g, stream)
+            except (RedisError, OSError) as exc:
+                log.warning("worker.adopt_failed", error=f"{type(exc).__name__}: {exc}")
+
+    async def _adopt(self, g: _Group, stream: str) -> None:
+        start = "-"
+        while True:
+            rows = await self.redis.xpending_range(
+                stream, g.agent.name, start, "+", self.options.batch, consumername=self.consumer
+            )
+            for row in rows:
+                entry_id = text(row["message_id"])
+                if (g.agent.name, stream, entry_id) in self._inflight:
+                    continue
+                page = await self.redis.xrange(stream, entry_id, entry_id)
+                if not page:
+                    await self.redis.xack(stream, g.agent.name, entry_id)  # deleted meanwhile
+                    continue
+                log.info("activation.adopted", agent=g.agent.name, stream=stream, entry_id=entry_id)
+                self._spawn(g, stream, entry_id, page[0][1] or {}, claimed=True)
+            if len(rows) < self.options.batch:
+                return
+            ms, _, seq = text(rows[-1]["message_id"]).partition("-")
+            start = f"{ms}-{int(seq) + 1}"
 
     # -- failure ------------------------------------------------------------------
 
