@@ -30,7 +30,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from runtime.log.pool import create_pool
 from runtime.ops.process import settle_gc
 from runtime.settings import Settings
-from runtime.streams.keys import KEY_PREFIX, ingress_stream
+from runtime.streams.keys import ingress_stream
 from webhooks import auth
 from webhooks.config import ResolvedSource, WebhooksConfig
 from webhooks.errors import (
@@ -38,7 +38,6 @@ from webhooks.errors import (
     InvalidPayload,
     PayloadTooLarge,
     Unauthorized,
-    Unavailable,
     UnknownSource,
 )
 from webhooks.formats import Decoded, Format
@@ -242,8 +241,9 @@ def create_app(
         elif cfg.auth == "basic":
             assert src.username is not None and src.password is not None
             auth.verify_basic(request.headers.get("authorization"), src.username, src.password)
+        token: str | None = None
         if cfg.auth == "mailgun":
-            decoded, token = await self_signed_form(request, src, body, content_type)
+            decoded, token = self_signed_form(src, body, content_type)
         else:
             decoded = decoders[cfg.format](body, content_type, src.name)
         # The provider's own id first (a Debezium change's source position, an
@@ -252,25 +252,21 @@ def create_app(
         delivery = decoded.delivery_id or delivery or "sha256:" + hashlib.sha256(body).hexdigest()
         partition = partition_key(cfg.partition_key, decoded)
         ingestor: Ingestor = request.app.state.ingestor
-        try:
-            accepted = await ingestor.ingest(
-                source=src.name,
-                decoded=decoded,
-                delivery_key=delivery,
-                partition_key=partition,
-                raw=body,
-                content_type=content_type,
-            )
-        except Unavailable:
-            if cfg.auth == "mailgun":
-                # The sender will retry with the same token: it must not look replayed.
-                with contextlib.suppress(RedisError, OSError):
-                    await request.app.state.redis.delete(_token_key(src.name, token))
-            raise
+        # Mailgun's token is bound to this delivery in the ingestor, not used up
+        # here: its retry of the same delivery (after a 503 or a crash) must pass.
+        accepted = await ingestor.ingest(
+            source=src.name,
+            decoded=decoded,
+            delivery_key=delivery,
+            partition_key=partition,
+            raw=body,
+            content_type=content_type,
+            replay_token=token,
+        )
         return {"event_id": str(accepted.event_id), "duplicate": accepted.duplicate}
 
-    async def self_signed_form(
-        request: Request, src: ResolvedSource, body: bytes, content_type: str
+    def self_signed_form(
+        src: ResolvedSource, body: bytes, content_type: str
     ) -> tuple[Decoded, str]:
         """Mailgun signs inside the form: parse it once, verify, then decode it."""
         from webhooks.formats.email import (
@@ -286,7 +282,6 @@ def create_app(
             raise Unauthorized(exc.message, code="signature_missing") from None
         assert src.signing_key is not None
         auth.verify_mailgun(src.signing_key, stamp, token, signature)
-        await refuse_replayed_token(request.app.state.redis, src.name, token)
         if src.config.format == "mailgun":
             return decode_mailgun_form(form, src.name), token
         return decoders[src.config.format](body, content_type, src.name), token
@@ -354,25 +349,6 @@ def partition_key(setting: str, decoded: Decoded) -> str:
                 field=setting.lstrip("/").replace("/", "."),
             )
     return value if isinstance(value, str) else msgspec.json.encode(value).decode()
-
-
-def _token_key(source: str, token: str) -> str:
-    return f"{KEY_PREFIX}mailgun-token:{source}:{token}"
-
-
-async def refuse_replayed_token(redis: aioredis.Redis, source: str, token: str) -> None:
-    try:
-        fresh = await redis.set(
-            _token_key(source, token), b"1", nx=True, ex=2 * auth.TOLERANCE_SECONDS + 60
-        )
-    except (RedisError, OSError) as exc:
-        raise Unavailable(
-            "the event store is unreachable; nothing was accepted",
-            code="redis_unavailable",
-            retry_after=5,
-        ) from exc
-    if not fresh:
-        raise Unauthorized("this Mailgun token was used before (replay)", code="token_replayed")
 
 
 async def read_limited(request: Request, limit: int) -> bytes:
