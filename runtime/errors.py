@@ -39,6 +39,7 @@ class ErrorCode(enum.StrEnum):
     APPROVAL_DECIDED = "approval_already_decided"
     LEASE_LOST = "lease_lost"
     OFFLINE_REQUEST = "invalid_request_error"
+    REDIS_NOT_DURABLE = "redis_not_durable"
     CLAIM_LOST = "activation_claim_lost"
     HANDLER_TIMEOUT = "handler_timeout"
     REDRIVE_REFUSED = "redrive_refused"
@@ -79,6 +80,22 @@ class ServiceUnavailable(AgentrtError):
         self.service = service
         self.url = url
         self.reason = reason
+
+
+class RedisNotDurable(AgentrtError):
+    """Redis does not (or cannot be shown to) fsync every acknowledged write, and
+    ``require_durable_redis`` is set."""
+
+    code = ErrorCode.REDIS_NOT_DURABLE
+
+    def __init__(self, component: str, problem: str, risk: str) -> None:
+        super().__init__(
+            f"{component} refuses to start: Redis is not durable ({problem}); {risk}. "
+            "Run Redis with appendonly yes and appendfsync always, or unset "
+            "AGENTRT_REQUIRE_DURABLE_REDIS to start with a warning"
+        )
+        self.component = component
+        self.problem = problem
 
 
 class EmbeddedServerError(AgentrtError):
