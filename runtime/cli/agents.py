@@ -163,12 +163,15 @@ def register(app: typer.Typer) -> None:
         async def go() -> None:
             from runtime.llm.calls import LLM
             from runtime.llm.client import model_client
+            from runtime.streams.durability import ensure_durable_redis
 
             stop = asyncio.Event()
             # The drain, then the readers' last XREADGROUP, the relay and the
             # closing of the connections, with room to spare.
             _stop_on_signals(stop, exit_within=options.drain_timeout + options.block_ms / 1000 + 30)
             async with _opened(settings) as (lg, redis), model_client(settings) as mc:
+                # Promise 1 rests on a Redis that fsyncs every write: warn, or refuse.
+                await ensure_durable_redis(redis, settings, component="agentrt worker")
                 llm = LLM(mc.client, settings, offline=mc.offline)
                 w = Worker(
                     agents,
