@@ -181,3 +181,51 @@ async def drop_schemas(admin: Any, schemas: Sequence[str], err: Console) -> None
             await admin.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
         except asyncpg.PostgresError as exc:
             err.print(f"[yellow]warning:[/] could not drop schema {schema}: {exc}")
+
+
+@dataclasses.dataclass
+class Count:
+    """A counted figure (the chaos run's lost events, duplicates, ...) and the most it may be:
+    ``bound`` 0 for what must never happen, None for a figure without a target."""
+
+    name: str
+    value: int
+    unit: str
+    bound: int | None = None
+
+
+def count_rows(counts: dict[str, Count]) -> list[dict[str, Any]]:
+    """The ``--json`` rows of counted figures: the same keys as :func:`figure_rows`, no
+    ceiling or ratio; ``target`` is the bound to stay at or below."""
+    return [
+        {"name": c.name, "value": c.value, "unit": c.unit, "ceiling": None, "ratio": None,
+         "target": c.bound}
+        for c in counts.values()
+    ]  # fmt: skip
+
+
+def count_met(row: dict[str, Any]) -> bool | None:
+    """Whether a counted figure stayed within its bound (None: no bound)."""
+    return None if row["target"] is None else row["value"] <= row["target"]
+
+
+def count_cells(row: dict[str, Any]) -> list[str]:
+    """value, ceiling, ratio, target and mark of a counted figure, as text."""
+    ok = count_met(row)
+    target = "" if row["target"] is None else f"≤{row['target']:,}"
+    mark = "" if ok is None else "✓ pass" if ok else "✗ MISS"
+    return [f"{row['value']:,}", "", "", target, mark]
+
+
+def count_table(counts: dict[str, Count]) -> list[str]:
+    """Counted figures as the lines of a Markdown table (the columns of :func:`readme_table`)."""
+    lines = [
+        "| figure | value | unit | ceiling | ratio | target | |",
+        "| --- | ---: | --- | ---: | ---: | ---: | --- |",
+    ]
+    for row in count_rows(counts):
+        value, ceiling, ratio, target, mark = count_cells(row)
+        lines.append(
+            f"| {row['name']} | {value} | {row['unit']} | {ceiling} | {ratio} | {target} | {mark} |"
+        )
+    return lines
