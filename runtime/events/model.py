@@ -113,6 +113,48 @@ class LogPosition(NamedTuple):
 START = LogPosition(0, 0)
 
 
+class Cursor(NamedTuple):
+    """A saved place in the log: a position and the id of the event read there.
+
+    A server that loses its last commits (``synchronous_commit=off``, or a
+    failover to an asynchronous standby) hands their transaction ids and
+    positions out again, so a bare position saved before the loss can point
+    past the new events. The event id lets a reader check on resume that the
+    position still holds what it read (:meth:`EventLog.confirm
+    <runtime.log.store.EventLog.confirm>`). Written ``TX:POSITION:EVENT_ID``;
+    a bare ``TX:POSITION`` parses too (its event is then only checked to exist).
+    """
+
+    position: LogPosition
+    event_id: UUID | None = None
+
+    def __str__(self) -> str:
+        if self.event_id is None:
+            return str(self.position)
+        return f"{self.position}:{self.event_id}"
+
+    @classmethod
+    def parse(cls, text: str) -> Cursor:
+        tx, sep, rest = text.partition(":")
+        position, _, event_id = rest.partition(":")
+        try:
+            where = LogPosition.parse(f"{tx}{sep}{position}")
+            return cls(where, UUID(event_id) if event_id else None)
+        except ValueError:
+            raise ValueError(
+                f"{text!r} is not a log cursor (expected TX:POSITION or TX:POSITION:EVENT_ID)"
+            ) from None
+
+    @classmethod
+    def of(cls, event: RecordedEvent) -> Cursor:
+        """The cursor just past ``event`` (resuming there reads what follows it)."""
+        return cls(LogPosition(event.tx, event.position), event.event_id)
+
+
+#: The beginning of the log: nothing to check.
+START_CURSOR = Cursor(START)
+
+
 class NewEvent(msgspec.Struct, frozen=True, kw_only=True):
     """An event on its way into the log: a body plus the writer's metadata."""
 

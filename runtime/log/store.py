@@ -21,6 +21,8 @@ from runtime.errors import (
 )
 from runtime.events.model import (
     START,
+    START_CURSOR,
+    Cursor,
     Event,
     EventRegistry,
     LogPosition,
@@ -208,6 +210,14 @@ class EventLog:
         )
         self._sql_run = (
             f"SELECT {_COLUMNS} FROM {q}.events WHERE run_id = $1 ORDER BY tx_id, position"
+        )
+        # Which of the given cursors still hold the event they name (c.id NULL: a
+        # bare position, only checked to exist).
+        self._sql_confirm = (
+            "SELECT c.i FROM unnest($1::text[], $2::bigint[], $3::uuid[]) "
+            "WITH ORDINALITY AS c(tx, pos, id, i) "
+            f"JOIN {q}.events e ON e.tx_id = c.tx::xid8 AND e.position = c.pos "
+            "AND (c.id IS NULL OR e.event_id = c.id)"
         )
         # Only below the oldest transaction still running is the log final:
         # see LogPosition for why the order is (tx_id, position).
@@ -572,14 +582,41 @@ class EventLog:
         )
         return self._decode_all(rows)
 
+    async def confirm(self, cursors: Sequence[Cursor]) -> Cursor:
+        """The newest of ``cursors`` whose event is still where it was read.
+
+        A server that lost its last commits (asynchronous commit, a failover
+        to an asynchronous standby) reuses their transaction ids and
+        positions: resuming after a lost event could skip the new events
+        written at or below its position. Every event kept by the server was
+        written before any it lost, and every transaction id and position
+        handed out after the loss is above those of the kept events; so
+        resuming after a cursor whose event is still in place skips nothing.
+        Cursors older than the loss are what a reader rewinds to (START when
+        none is); the events read again are duplicates, which the inbox and
+        the activation claim absorb. One query, whatever the number of cursors.
+        """
+        given = [c for c in cursors if c.position != START]
+        if not given:
+            return START_CURSOR
+        rows = await self._pool.fetch(
+            self._sql_confirm,
+            [str(c.position.tx) for c in given],
+            [c.position.position for c in given],
+            [c.event_id for c in given],
+        )
+        kept = [given[r[0] - 1] for r in rows]
+        return max(kept, key=lambda c: c.position, default=START_CURSOR)
+
     async def subscribe(
         self,
-        after: LogPosition = START,
+        after: LogPosition | Cursor = START,
         *,
         batch: int = 500,
         poll_interval: float = 0.5,
     ) -> AsyncIterator[RecordedEvent]:
-        """Catch up from ``after``, then follow the log live, one event at a time."""
+        """Catch up from ``after``, then follow the log live, one event at a time
+        (a :class:`Cursor` is checked first, as in :meth:`follow`)."""
         pages = self.follow(after, batch=batch, poll_interval=poll_interval)
         try:
             async for page in pages:
@@ -590,7 +627,7 @@ class EventLog:
 
     async def follow(
         self,
-        after: LogPosition = START,
+        after: LogPosition | Cursor = START,
         *,
         batch: int = 500,
         poll_interval: float = 0.5,
@@ -608,7 +645,17 @@ class EventLog:
         generator ends once it is set (noticed between reads, and at once when
         the caller also sets ``wake``), so a reader stops without cancelling a
         query in flight.
+
+        A :class:`Cursor` is confirmed first (:meth:`confirm`): if the server
+        lost the event it names, the reader starts over from the beginning
+        (pass several cursors to :meth:`confirm` yourself to rewind less far).
         """
+        if isinstance(after, Cursor):
+            confirmed = await self.confirm([after])
+            if confirmed != after:
+                log.warning("log.cursor_rewound", cursor=str(after), to=str(confirmed),
+                            reason="its event is no longer at its position")  # fmt: skip
+            after = confirmed.position
         listener: asyncpg.Connection | None = None
         if wake is None:
             wake = asyncio.Event()

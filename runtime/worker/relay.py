@@ -7,6 +7,26 @@ a crash publishes a page whole or not at all; a page published twice (a
 checkpoint lost with Redis's last second of AOF, say) is absorbed by the
 agents' inbox rows. One relay runs at a time per name, under a lease in Redis.
 
+Its name (``AGENTRT_RELAY_NAME``, ``default``) belongs to the deployment, not
+to its routes: adding an agent or a subscription keeps the checkpoint. Beside
+the checkpoint, a hash remembers every subscription (agent, event type) and
+how far it has been served: ``live`` (up to the checkpoint), or a position
+(up to there, not beyond). A relay that does not hold the lease enters its
+new subscriptions at the current checkpoint; the relay that takes the lease
+first sends each of its subscriptions that is behind the events it missed
+(to that agent's stream only), marks them live, pauses the live ones it does
+not route itself (an older version of the app holding the lease during a
+rolling deploy), then follows the log. So two versions of an app publish
+every event once to each subscriber, whichever holds the lease, and a new
+subscription starts at the current position unless asked to backfill from
+the start of the log.
+
+The checkpoint is a :class:`~runtime.events.model.Cursor` (position and event
+id), and the relay keeps older cursors beside it (one a second at most, the
+last 64): on taking the lease it resumes at the newest one whose event is
+still in place, so a PostgreSQL that lost its last commits (and reuses their
+transaction ids) makes it publish a few events again, never skip new ones.
+
 Durable timers ride on the same path: ``timer.scheduled`` goes into a sorted
 set; when it comes due, the relay appends ``timer.fired`` to the log (with an
 id derived from the timer, so twice is once), and publishes it like any
@@ -18,6 +38,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import re
 import secrets
 import time
 import typing
@@ -34,10 +55,18 @@ from redis.exceptions import RedisError, WatchError
 
 from runtime.agents.agent import Agent
 from runtime.agents.loading import subscribers
-from runtime.errors import LeaseLost
+from runtime.errors import LeaseLost, SettingsError
 from runtime.events.builtin import BOOKKEEPING, TimerFired, TimerScheduled
 from runtime.events.ids import run_stream, timers_stream
-from runtime.events.model import START, LogPosition, NewEvent, RecordedEvent, encode_body
+from runtime.events.model import (
+    START,
+    START_CURSOR,
+    Cursor,
+    LogPosition,
+    NewEvent,
+    RecordedEvent,
+    encode_body,
+)
 from runtime.log.store import EventLog
 from runtime.ops import metrics
 from runtime.streams.keys import KEY_PREFIX, agent_stream, log_wake_channel
@@ -49,12 +78,44 @@ TIMERS_KEY = f"{KEY_PREFIX}timers"
 _STOP_GRACE = 10.0
 _TIMER_NAMESPACE = uuid.UUID("a3f5e0b8-7c1d-4e2f-8b6a-9d0c1e2f3a4b")
 
+#: A subscription served up to the checkpoint (see the module's docstring).
+LIVE = "live"
+_NAME = re.compile(r"[A-Za-z0-9_.:-]{1,100}")
+
 # KEYS: lease. ARGV: token, ttl ms. Renew only a lease we hold.
 _RENEW = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then
     return redis.call('PEXPIRE', KEYS[1], ARGV[2])
 end
 return 0
+"""
+
+# KEYS: lease. ARGV: token. Release only a lease we hold: a GET then a DEL could
+# delete the lease another relay took in between.
+_RELEASE = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+    return redis.call('DEL', KEYS[1])
+end
+return 0
+"""
+
+# KEYS: checkpoint, subscriptions, legacy checkpoint. ARGV: backfill (1/0),
+# subscription fields. Enter subscriptions this relay name has not seen yet, at
+# the checkpoint (or the start of the log, for a backfill); a relay name with
+# no checkpoint first adopts the one its routes had when relays were named
+# after them.
+_JOIN = """
+local at = redis.call('GET', KEYS[1])
+if not at then
+    at = redis.call('GET', KEYS[3])
+    if at then redis.call('SET', KEYS[1], at) end
+end
+if ARGV[1] == '1' or not at then at = '0:0' end
+local added = 0
+for i = 2, #ARGV do
+    added = added + redis.call('HSETNX', KEYS[2], ARGV[i], at)
+end
+return added
 """
 
 
@@ -77,40 +138,86 @@ class Relay:
         redis: aioredis.Redis,
         agents: Iterable[Agent] | Mapping[str, list[str]],
         *,
-        name: str | None = None,
+        name: str = "default",
+        backfill: bool = False,
         batch: int = 500,
         poll_interval: float = 0.5,
         lease_seconds: float = 10.0,
         timer_interval: float = 0.2,
+        anchor_interval: float = 1.0,
+        anchors: int = 64,
     ) -> None:
+        if not _NAME.fullmatch(name):
+            raise SettingsError(
+                "relay name", f"{name!r}: use 1-100 letters, digits, '_', '.', ':' or '-'"
+            )
         self.log = log
         self.redis = redis
         self.routes: dict[str, list[str]] = (
             dict(agents) if isinstance(agents, Mapping) else subscribers(agents)
         )
-        # One relay per set of routes: workers running different apps each
-        # publish for their own agents, under their own lease and checkpoint.
-        self.name = (
-            name
-            or "app-"
-            + hashlib.sha256(msgspec.json.encode(self.routes, order="sorted")).hexdigest()[:12]
-        )
+        #: The deployment's relay: its lease and checkpoint survive changes of routes.
+        self.name = name
+        #: Whether subscriptions this name has not seen get the log from its start.
+        self.backfill = backfill
         self.batch = batch
         self.poll_interval = poll_interval
         self.lease_ms = int(lease_seconds * 1000)
         self.timer_interval = timer_interval
+        self.anchor_interval = anchor_interval
+        self.anchors = anchors
         # Positions belong to one log (schema): the keys say which.
-        self.checkpoint_key = f"{KEY_PREFIX}relay:{log.schema}:{self.name}:position"
-        self.lease_key = f"{KEY_PREFIX}relay:{log.schema}:{self.name}:lease"
+        base = f"{KEY_PREFIX}relay:{log.schema}:{self.name}"
+        self.checkpoint_key = f"{base}:position"
+        self.lease_key = f"{base}:lease"
+        #: Older checkpoints, newest first, to rewind to if the log lost the last.
+        self.anchors_key = f"{base}:anchors"
+        #: Subscription ("agent event.type") -> LIVE, or the position served up to.
+        self.subscriptions_key = f"{base}:subscriptions"
+        # Relays used to be named after a hash of their routes: the checkpoint
+        # of these routes under that name is adopted by a name that has none.
+        legacy = hashlib.sha256(msgspec.json.encode(self.routes, order="sorted")).hexdigest()
+        self._legacy_checkpoint_key = f"{KEY_PREFIX}relay:{log.schema}:app-{legacy[:12]}:position"
         self._token = secrets.token_hex(8)
         self._renew = redis.register_script(_RENEW)
+        self._release = redis.register_script(_RELEASE)
+        self._join = redis.register_script(_JOIN)
+        self._next_anchor = 0.0
         self.published = 0
 
-    async def position(self) -> LogPosition:
+    def subscriptions(self) -> list[str]:
+        """This relay's subscriptions, as the fields of its subscriptions hash."""
+        return sorted({_field(a, t) for t, agents in self.routes.items() for a in agents})
+
+    async def checkpoint(self) -> Cursor:
+        """Where the relay resumes (before it is checked against the log)."""
         raw = await self.redis.get(self.checkpoint_key)
         if not raw:
-            return START
-        return LogPosition.parse(raw.decode() if isinstance(raw, bytes) else str(raw))
+            return START_CURSOR
+        return Cursor.parse(_text(raw))
+
+    async def position(self) -> LogPosition:
+        return (await self.checkpoint()).position
+
+    async def join(self) -> int:
+        """Enter this relay's subscriptions that its name has not seen; how many were new.
+
+        They join at the current checkpoint (events before it are not theirs),
+        or at the start of the log with ``backfill``. A relay calls this as it
+        starts, before it waits for the lease: while another relay holds it
+        (an older version of the app, in a rolling deploy), the events of a
+        new subscription are not published, and this position is where the
+        relay that has it starts them when it takes the lease.
+        """
+        fields = self.subscriptions()
+        if not fields:
+            return 0
+        keys = [self.checkpoint_key, self.subscriptions_key, self._legacy_checkpoint_key]
+        return int(await self._join(keys=keys, args=["1" if self.backfill else "0", *fields]))
+
+    async def release(self) -> bool:
+        """Give the lease up if this relay holds it (atomically); whether it did."""
+        return bool(await self._release(keys=[self.lease_key], args=[self._token]))
 
     def route(self, event: RecordedEvent) -> list[str]:
         """The agents this event goes to (none for bookkeeping and for ingress events)."""
@@ -125,6 +232,7 @@ class Relay:
 
     async def run(self, stop: asyncio.Event) -> None:
         """Relay until ``stop`` is set: wait for the lease, then follow the log."""
+        await self.join()
         while not stop.is_set():
             if await self.redis.set(self.lease_key, self._token, nx=True, px=self.lease_ms):
                 break
@@ -157,8 +265,7 @@ class Relay:
                 task.cancel()
             await asyncio.gather(*tasks, stopper, return_exceptions=True)
             with contextlib.suppress(RedisError, OSError):
-                if await self.redis.get(self.lease_key) == self._token.encode():
-                    await self.redis.delete(self.lease_key)
+                await self.release()
             log.info("relay.stopped", name=self.name, published=self.published)
 
     async def serve(self, stop: asyncio.Event) -> None:
@@ -190,16 +297,144 @@ class Relay:
         wake = asyncio.Event()
         listener = asyncio.create_task(self._listen(wake))
         waker = asyncio.create_task(_set_on(stop, wake))
-        pages = self.log.follow(await self.position(), batch=self.batch,
-                                poll_interval=self.poll_interval, wake=wake, stop=stop)  # fmt: skip
         try:
-            async for page in pages:
-                await self.publish(page)
+            start = await self.take_over(stop)
+            if stop.is_set():
+                return
+            pages = self.log.follow(start, batch=self.batch, poll_interval=self.poll_interval,
+                                    wake=wake, stop=stop)  # fmt: skip
+            try:
+                async for page in pages:
+                    await self.publish(page)
+            finally:
+                await pages.aclose()
         finally:
             for task in (listener, waker):
                 task.cancel()
             await asyncio.gather(listener, waker, return_exceptions=True)
-            await pages.aclose()
+
+    async def take_over(self, stop: asyncio.Event | None = None) -> LogPosition:
+        """As the lease's new holder: find where to resume, and bring subscriptions up to it.
+
+        The checkpoint is resumed only if its event is still where it was read
+        (else the newest older cursor that is: see the module's docstring).
+        Subscriptions of this relay that are behind get what they missed, on
+        their own streams; live ones it does not route are paused at the
+        checkpoint for a relay that does. Returns the position to follow from.
+        """
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.get(self.checkpoint_key)
+            pipe.lrange(self.anchors_key, 0, -1)
+            pipe.hgetall(self.subscriptions_key)
+            raw, anchors, subs = await pipe.execute()
+        saved = Cursor.parse(_text(raw)) if raw else START_CURSOR
+        resumed = saved
+        if saved != START_CURSOR:
+            resumed = await self.log.confirm([saved, *(Cursor.parse(_text(a)) for a in anchors)])
+            if resumed != saved:
+                log.warning("relay.rewound", name=self.name, checkpoint=str(saved),
+                            to=str(resumed), reason="the log no longer holds the "
+                            "checkpoint's event (it lost its last commits)")  # fmt: skip
+        start = resumed.position
+        served = {_text(k): _text(v) for k, v in subs.items()}
+        mine = set(self.subscriptions())
+        updates: dict[Any, Any] = {}
+        behind: dict[str, LogPosition] = {}
+        for field, value in served.items():
+            if field in mine:
+                continue
+            if value == LIVE or Cursor.parse(value).position > start:
+                updates[field] = str(start)  # paused here, for a relay that routes it
+        for field in mine:
+            state = served.get(field)
+            if state == LIVE:
+                continue
+            since = (START if self.backfill else start) if state is None else (
+                Cursor.parse(state).position)  # fmt: skip
+            if since < start:
+                behind[field] = since
+                if state is None:
+                    updates[field] = str(since)
+            else:
+                updates[field] = LIVE
+        if paused := sorted(f for f in updates if f not in mine and served[f] == LIVE):
+            # An older version of the app holds the lease now, or another app
+            # shares this relay name (give each app its own AGENTRT_RELAY_NAME).
+            log.warning("relay.subscriptions_paused", name=self.name, at=str(start),
+                        subscriptions=paused)  # fmt: skip
+        await self._fenced(updates, None if resumed == saved else resumed)
+        if behind:
+            await self._backfill(behind, start, stop)
+        return start
+
+    async def _fenced(self, updates: dict[Any, Any], checkpoint: Cursor | None) -> None:
+        """Write subscription states (and a rewound checkpoint) while holding the lease."""
+        if not updates and checkpoint is None:
+            return
+        async with self.redis.pipeline(transaction=True) as pipe:
+            await pipe.watch(self.lease_key)
+            if await pipe.get(self.lease_key) != self._token.encode():
+                raise LeaseLost(f"relay {self.name!r} lost its lease to another relay")
+            pipe.multi()  # type: ignore[no-untyped-call]
+            if updates:
+                pipe.hset(self.subscriptions_key, mapping=updates)
+            if checkpoint is not None:
+                pipe.set(self.checkpoint_key, str(checkpoint))
+            try:
+                await pipe.execute()
+            except WatchError:
+                raise LeaseLost(f"relay {self.name!r} lost its lease") from None
+
+    async def _backfill(
+        self, behind: dict[str, LogPosition], upto: LogPosition, stop: asyncio.Event | None
+    ) -> None:
+        """Publish to each subscription in ``behind`` its events after its position, up to
+        ``upto`` (the checkpoint), on its agent's stream only; then mark them live.
+
+        Page by page, each in one fenced MULTI with the subscriptions' progress,
+        so a relay stopped halfway resumes where it was.
+        """
+        log.info("relay.backfilling", name=self.name, upto=str(upto),
+                 subscriptions={f: str(p) for f, p in behind.items()})  # fmt: skip
+        position = min(behind.values())
+        sent = 0
+        while stop is None or not stop.is_set():
+            page = [e for e in await self.log.read_all(position, self.batch)
+                    if e.log_position <= upto]  # fmt: skip
+            if not page:
+                break
+            last = page[-1].log_position
+            async with self.redis.pipeline(transaction=True) as pipe:
+                await pipe.watch(self.lease_key)
+                if await pipe.get(self.lease_key) != self._token.encode():
+                    raise LeaseLost(f"relay {self.name!r} lost its lease to another relay")
+                pipe.multi()  # type: ignore[no-untyped-call]
+                for event in page:
+                    for agent in self.route(event):
+                        since = behind.get(_field(agent, event.event_type))
+                        if since is not None and event.log_position > since:
+                            pipe.xadd(agent_stream(agent), _fields(event))
+                            sent += 1
+                progress: dict[Any, Any] = {
+                    f: str(last) for f, since in behind.items() if since < last
+                }
+                if progress:
+                    pipe.hset(self.subscriptions_key, mapping=progress)
+                try:
+                    await pipe.execute()
+                except WatchError:
+                    raise LeaseLost(
+                        f"relay {self.name!r} lost its lease while publishing"
+                    ) from None
+            behind = {f: max(since, last) for f, since in behind.items()}
+            position = last
+            if last >= upto:
+                break
+        else:
+            return  # asked to stop: the next holder goes on from the progress saved
+        await self._fenced(dict.fromkeys(behind, LIVE), None)
+        self.published += sent
+        log.info("relay.backfilled", name=self.name, published=sent)
 
     async def _listen(self, wake: asyncio.Event) -> None:
         """Wake the reader when a worker announces a commit (polling covers the rest:
@@ -231,11 +466,20 @@ class Relay:
                 for agent in self.route(event):
                     pipe.xadd(agent_stream(agent), _fields(event))
                     relayed.append(event.event_type)
-            pipe.set(self.checkpoint_key, str(page[-1].log_position))
+            cursor = str(Cursor.of(page[-1]))
+            pipe.set(self.checkpoint_key, cursor)
+            # Older cursors to rewind to, should the log lose the last ones.
+            now = time.monotonic()
+            anchored = now >= self._next_anchor
+            if anchored:
+                pipe.lpush(self.anchors_key, cursor)
+                pipe.ltrim(self.anchors_key, 0, self.anchors - 1)
             try:
                 await pipe.execute()
             except WatchError:
                 raise LeaseLost(f"relay {self.name!r} lost its lease while publishing") from None
+        if anchored:
+            self._next_anchor = now + self.anchor_interval
         for event_type in relayed:
             metrics.RELAYED.labels(event_type).inc()
         self.published += len(relayed)
@@ -296,6 +540,15 @@ class Relay:
 async def _set_on(stop: asyncio.Event, wake: asyncio.Event) -> None:
     await stop.wait()
     wake.set()
+
+
+def _field(agent: str, event_type: str) -> str:
+    """A subscription as a field of the subscriptions hash (agent names have no spaces)."""
+    return f"{agent} {event_type}"
+
+
+def _text(raw: Any) -> str:
+    return raw.decode() if isinstance(raw, bytes) else str(raw)
 
 
 def _fields(event: RecordedEvent) -> dict[Any, Any]:

