@@ -928,8 +928,10 @@ async def run(
         await asyncio.to_thread(cluster.stop_processes)
         await redis.aclose()
         await asyncio.to_thread(model.stop)
-        with contextlib.suppress(Exception):
-            await asyncio.to_thread(cluster.agentrt, "services", "down", check=False)
+        # As `agentrt services down`, in this process: it must work even when the CLI does not.
+        from runtime.ops.embedded import EmbeddedServices
+
+        await asyncio.to_thread(EmbeddedServices(state / "servers").down)
     crashes = {p.name: p.crashes for p in [*cluster.workers, cluster.ingress] if p and p.crashes}
     info = {
         "seconds": time.monotonic() - started,
