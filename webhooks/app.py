@@ -30,6 +30,11 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from runtime.log.pool import create_pool
 from runtime.ops.process import settle_gc
 from runtime.settings import Settings
+from runtime.streams.durability import (
+    RedisDurability,
+    check_redis_durability,
+    ensure_durable_redis,
+)
 from runtime.streams.keys import ingress_stream
 from webhooks import auth
 from webhooks.config import ResolvedSource, WebhooksConfig
@@ -158,8 +163,11 @@ def create_app(
         app.state.redis = redis
         app.state.pg = pool
         app.state.ingestor = Ingestor(redis, config.ingress)
-        settle_gc()
         try:
+            # Promise 1: a 202 is only as safe as Redis's fsync. Warn, or refuse to start.
+            with contextlib.suppress(RedisError, OSError):  # unreachable: /readyz says so
+                await ensure_durable_redis(redis, settings, component="agentrt serve")
+            settle_gc()
             yield
         finally:
             await redis.aclose()
@@ -292,14 +300,19 @@ def create_app(
 
     @app.get(
         "/readyz",
-        summary="Redis and PostgreSQL are reachable",
+        summary="Redis and PostgreSQL are reachable; whether Redis fsyncs every write",
+        description="`redis_durability` reports Redis's `appendonly` and `appendfsync` and "
+        "whether they keep every acknowledged webhook (`appendonly yes`, `appendfsync always`); "
+        "not durable fails readiness only when `require_durable_redis` is set.",
         responses={503: {"model": ErrorBody}},
     )
     async def readyz(request: Request) -> JSONResponse:
         checks: dict[str, str] = {}
+        durability: RedisDurability | None = None
         try:
             await request.app.state.redis.ping()
             checks["redis"] = "ok"
+            durability = await check_redis_durability(request.app.state.redis)
         except (RedisError, OSError) as exc:
             checks["redis"] = f"unreachable: {type(exc).__name__}"
         pool: asyncpg.Pool | None = request.app.state.pg
@@ -311,11 +324,23 @@ def create_app(
                 checks["postgres"] = "ok"
             except (OSError, asyncpg.PostgresError, TimeoutError) as exc:
                 checks["postgres"] = f"unreachable: {type(exc).__name__}"
+        extra = {"redis_durability": durability.as_json()} if durability is not None else {}
         ok = all(v in ("ok", "not configured") for v in checks.values())
+        if ok and settings.require_durable_redis and durability and not durability.durable:
+            return JSONResponse(
+                {
+                    "code": "not_ready",
+                    "message": "Redis is not durable and require_durable_redis is set: "
+                    f"{durability.problem}",
+                    **checks,
+                    **extra,
+                },
+                status_code=503,
+            )
         if ok:
-            return JSONResponse({"status": "ready", **checks})
+            return JSONResponse({"status": "ready", **checks, **extra})
         return JSONResponse(
-            {"code": "not_ready", "message": "a dependency is unreachable", **checks},
+            {"code": "not_ready", "message": "a dependency is unreachable", **checks, **extra},
             status_code=503,
         )
 

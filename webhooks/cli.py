@@ -133,6 +133,10 @@ def serve(
         raise typer.Exit(2) from None
     # The embedded servers when no URLs are set; uvicorn's workers read the URLs from env.
     settings = with_servers(settings, redis=True)
+    if settings.require_durable_redis:
+        # Refuse here, with a clear message and exit 1, rather than in each worker's
+        # lifespan (which checks too, and warns when the setting is off).
+        run(_require_durable_redis(settings))
     os.environ.update(
         AGENTRT_WEBHOOKS_CONFIG=str(path),
         REDIS_URL=settings.require_redis_url(),
@@ -149,6 +153,17 @@ def serve(
         log_level="warning",
         access_log=False,
     )
+
+
+async def _require_durable_redis(settings: Settings) -> None:
+    from runtime.streams.durability import ensure_durable_redis
+    from runtime.streams.keys import connect_redis
+
+    redis = await connect_redis(settings.require_redis_url())
+    try:
+        await ensure_durable_redis(redis, settings, component="agentrt serve")
+    finally:
+        await redis.aclose()
 
 
 def demo(ctx: typer.Context) -> None:
