@@ -26,8 +26,25 @@ def register(app: typer.Typer) -> None:
 def audit_verify(
     ctx: typer.Context,
     as_json: Annotated[bool, typer.Option("--json", help="One JSON object")] = False,
+    digest: Annotated[
+        str | None,
+        typer.Option(
+            help="A seal digest kept outside the database (as `audit seal` prints it): "
+            "the seal chain must contain it"
+        ),
+    ] = None,
 ) -> None:
     """Recompute every hash chain and seal; name the first altered or missing event."""
+    kept: bytes | None = None
+    if digest is not None:
+        try:
+            kept = bytes.fromhex(digest.strip())
+        except ValueError:
+            kept = None
+        if kept is None or len(kept) != 32:
+            raise typer.BadParameter(
+                f"{digest!r} is not a seal digest (64 hex digits)", param_hint="--digest"
+            )
     settings = with_servers(ctx.obj)
 
     async def go() -> audit_mod.VerifyReport:
@@ -39,7 +56,9 @@ def audit_verify(
                 def progress(n: int) -> None:
                     status.update(f"verifying events: {n}/{total}")
 
-                return await audit_mod.verify(conn, settings.db_schema, on_progress=progress)
+                return await audit_mod.verify(
+                    conn, settings.db_schema, on_progress=progress, kept_digest=kept
+                )
         finally:
             await conn.close()
 
@@ -76,11 +95,17 @@ def audit_seal(
         float | None, typer.Option(help="Keep sealing every N seconds (otherwise seal once)")
     ] = None,
 ) -> None:
-    """Record the heads of the streams changed since the last seal (detects stream removal)."""
+    """Seal the events since the last seal: their stream heads and commit order.
+
+    Runs ``seal_log()`` in the database (as the log's owner), so the runtime
+    role may run it without any privilege on the seal tables. Concurrent
+    sealers queue on one lock; the seal chain stays linear.
+    """
     settings = with_servers(ctx.obj)
 
     async def go() -> None:
         lg = await open_log(settings)
+        hinted = False
         try:
             while True:
                 async with lg.pool.acquire() as conn:
@@ -92,6 +117,12 @@ def audit_seal(
                         f"seal {result.seal_id}: {result.head_count} stream heads, "
                         f"{result.event_count} events, digest {result.digest.hex()}"
                     )
+                    if not hinted:
+                        err.print(
+                            "[dim]keep the digest outside the database; "
+                            "`agentrt audit verify --digest HEX` checks the log against it[/]"
+                        )
+                        hinted = True
                 if every is None:
                     return
                 await asyncio.sleep(every)

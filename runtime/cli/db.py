@@ -56,5 +56,11 @@ def db_status(ctx: typer.Context) -> None:
     for g in st.guards:
         mark = "[green]in force[/]" if g.in_force else "[red]NOT in force[/]"
         out.print(f"guard    {g.name:34} {mark}  {escape(g.detail)}")
-    if st.pending or st.changed or not all(g.in_force for g in st.guards) or not st.guards:
+    off = [g for g in st.guards if not g.in_force]
+    if off:
+        err.print(
+            f"[red]warning:[/] {len(off)} guard(s) not in force: "
+            + escape("; ".join(f"{g.name} ({g.detail})" for g in off))
+        )
+    if st.pending or st.changed or off or not st.guards:
         raise typer.Exit(1)

@@ -11,6 +11,13 @@ append function links it to the stream's head inside the writing transaction
 (so chains of different streams never wait for each other); ``agentrt audit
 verify`` recomputes both from the stored columns. Field order and encodings
 here are a storage format: change them only behind a new ``CHAIN_FORMAT``.
+
+Seals chain to each other. A format 1 seal's digest covers the heads of the
+streams it seals (:func:`heads_digest`); a format 2 seal's digest also covers
+the commit order of every event it seals (:func:`seal_digest`,
+:class:`OrderDigest`), so moving an event to another ``tx_id`` or
+``position`` shows. The database computes seals (``seal_log()`` in the
+migrations); ``audit verify`` recomputes them here.
 """
 
 from __future__ import annotations
@@ -22,6 +29,10 @@ from uuid import UUID
 import msgspec
 
 CHAIN_FORMAT = 1
+#: The format of the seals ``seal_log()`` writes.
+SEAL_FORMAT = 2
+#: Rows per chunk of :class:`OrderDigest` (bounds the SQL side's memory).
+ORDER_CHUNK = 65536
 GENESIS = bytes(32)
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _header = msgspec.json.Encoder()
@@ -92,3 +103,44 @@ def heads_digest(prev_digest: bytes, heads: list[tuple[str, int, bytes]]) -> byt
         h.update(len(encoded).to_bytes(4, "big") + encoded)
         h.update(version.to_bytes(8, "big", signed=True) + head_hash)
     return h.digest()
+
+
+class OrderDigest:
+    """The commit order of a seal's events: sha256 over the sha256 of each run of
+    :data:`ORDER_CHUNK` rows ``int8(tx_id) || int8(position) || event id``, fed
+    in ``(tx_id, position)`` order. No rows: sha256 of nothing. (The event id,
+    not the hash: an altered event is reported as altered, not reordered.)"""
+
+    __slots__ = ("_chunk", "_chunks", "_n")
+
+    def __init__(self) -> None:
+        self._chunks = hashlib.sha256()
+        self._chunk = hashlib.sha256()
+        self._n = 0
+
+    def add(self, tx_id: int, position: int, event_id: UUID) -> None:
+        self._chunk.update(
+            tx_id.to_bytes(8, "big", signed=True)
+            + position.to_bytes(8, "big", signed=True)
+            + event_id.bytes
+        )
+        self._n += 1
+        if self._n % ORDER_CHUNK == 0:
+            self._chunks.update(self._chunk.digest())
+            self._chunk = hashlib.sha256()
+
+    def digest(self) -> bytes:
+        chunks = self._chunks.copy()
+        if self._n % ORDER_CHUNK:
+            chunks.update(self._chunk.digest())
+        return chunks.digest()
+
+
+def seal_digest(
+    prev_digest: bytes, heads: list[tuple[str, int, bytes]], order_digest: bytes | None
+) -> bytes:
+    """A seal's digest: format 1 (``order_digest`` None) covers the heads only."""
+    digest = heads_digest(prev_digest, heads)
+    if order_digest is None:
+        return digest
+    return hashlib.sha256(digest + order_digest).digest()

@@ -67,8 +67,8 @@ def test_db_migrate_and_status(settings: Settings) -> None:
     assert "applied  0001_event_log" in status.stdout
     assert "NOT in force" not in status.stdout
     assert "applied  0002_agents" in status.stdout
-    # Two triggers on each of events, seals, seal_heads and inbox, and the role check.
-    assert status.stdout.count("in force") == 9
+    # Two triggers on each of events, seals, seal_heads and inbox, and three role checks.
+    assert status.stdout.count("in force") == 11
 
 
 async def test_log_tail_prints_backlog_as_json(settings: Settings, log: EventLog) -> None:

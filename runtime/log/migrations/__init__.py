@@ -21,6 +21,16 @@ _NAME = re.compile(r"^(\d{4})_([a-z0-9_]+)\.sql$")
 _LOCK_KEY = "agentrt.migrate"
 #: Tables of the log that only ever grow, and the triggers that keep them so.
 GUARDED_TABLES = ("events", "seals", "seal_heads", "inbox")
+#: Columns of ``events`` the database fills in and the runtime role cannot write.
+FORCED_COLUMNS = ("tx_id", "position")
+#: Tables the runtime role only reads (it seals through ``seal_log()``).
+SEAL_TABLES = ("seals", "seal_heads")
+#: pg_trigger.tgenabled: only 'A' fires in every session_replication_role.
+_TRIGGER_STATES = {
+    "O": "enabled for origin sessions only: SET session_replication_role = replica skips it",
+    "R": "fires only in replica sessions (ENABLE REPLICA TRIGGER)",
+    "D": "DISABLED",
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -175,12 +185,36 @@ async def _ensure_roles(conn: asyncpg.Connection, settings: Settings, *, is_supe
 
 
 async def _grant(conn: asyncpg.Connection, schema: str, owner: str, app: str) -> None:
+    """The runtime role's privileges, set afresh after every migrate.
+
+    SELECT and INSERT on the log's tables, except: on ``events`` INSERT only
+    on the columns the writer supplies (the database fills in ``tx_id`` and
+    ``position``: a writer that chose them could slip a row behind every tail
+    reader); the seal tables only read (it seals through ``seal_log()``, which
+    records what the log holds); nothing on ``schema_migrations``. Column
+    privileges cost nothing per row (checked once per statement, COPY too).
+    """
     await conn.execute(f"GRANT USAGE ON SCHEMA {schema} TO {app}")
     await conn.execute(f"GRANT SELECT, INSERT ON ALL TABLES IN SCHEMA {schema} TO {app}")
     await conn.execute(
         f"ALTER DEFAULT PRIVILEGES FOR ROLE {owner} IN SCHEMA {schema} "
         f"GRANT SELECT, INSERT ON TABLES TO {app}"
     )
+    await conn.execute(f"REVOKE ALL ON {schema}.schema_migrations FROM {app}")
+    for table in SEAL_TABLES:
+        await conn.execute(f"REVOKE ALL ON {schema}.{table} FROM {app}")
+        await conn.execute(f"GRANT SELECT ON {schema}.{table} TO {app}")
+    columns = await conn.fetchval(
+        "SELECT string_agg(quote_ident(attname), ', ' ORDER BY attnum) FROM pg_attribute "
+        "WHERE attrelid = $1::regclass AND attnum > 0 AND NOT attisdropped "
+        "AND NOT (attname = ANY ($2::text[]))",
+        f"{schema}.events",
+        list(FORCED_COLUMNS),
+    )
+    # Revoking the table privilege also drops every column privilege: grant after.
+    await conn.execute(f"REVOKE INSERT ON {schema}.events FROM {app}")
+    await conn.execute(f"GRANT INSERT ({columns}) ON {schema}.events TO {app}")
+    await conn.execute(f"GRANT EXECUTE ON FUNCTION {schema}.seal_log() TO {app}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -257,12 +291,17 @@ async def _guards(
         ):
             name = f"{table}_{suffix}"
             state = triggers.get(name)
+            label = f"{table}: {what} trigger"
             if state is None:
-                guards.append(Guard(f"{table}: {what} trigger", False, "missing"))
-            elif state == "D":
-                guards.append(Guard(f"{table}: {what} trigger", False, "DISABLED"))
+                guards.append(Guard(label, False, "missing"))
+            elif state == "A":
+                guards.append(Guard(label, True, "enabled in every session mode"))
             else:
-                guards.append(Guard(f"{table}: {what} trigger", True, "enabled"))
+                fix = f"ALTER TABLE {settings.db_schema}.{table} ENABLE ALWAYS TRIGGER {name}"
+                detail = _TRIGGER_STATES.get(state, f"tgenabled {state!r}")
+                guards.append(
+                    Guard(label, False, detail if state == "D" else f"{name}: {detail} ({fix})")
+                )
     role = runtime_role or settings.app_role
     role_row = await conn.fetchrow("SELECT rolsuper FROM pg_roles WHERE rolname = $1", role)
     if role_row is None:
@@ -293,10 +332,49 @@ async def _guards(
         guards.append(
             Guard("runtime role", False, f"{role!r} owns the log and can disable triggers")
         )
-    elif extra:
+        return guards
+    if extra:
         guards.append(Guard("runtime role", False, f"{role!r} holds {', '.join(extra)} on the log"))
     else:
         guards.append(
             Guard("runtime role", True, f"{role!r} has only INSERT and SELECT on the log")
         )
+    chosen = [
+        column
+        for column in FORCED_COLUMNS
+        for priv in ("INSERT", "UPDATE")
+        if await conn.fetchval(
+            "SELECT has_column_privilege($1, $2, $3, $4)", role, events, column, priv
+        )
+    ]
+    guards.append(
+        Guard(
+            "runtime role: tx_id, position",
+            not chosen,
+            f"{role!r} can write {', '.join(sorted(set(chosen)))}"
+            if chosen
+            else "set by the database only",
+        )
+    )
+    writable = [
+        f"{table} ({priv})"
+        for table in (*SEAL_TABLES, "schema_migrations")
+        for priv in ("INSERT", "UPDATE", "DELETE", "TRUNCATE")
+        if await conn.fetchval(
+            "SELECT CASE WHEN to_regclass($2) IS NULL THEN false "
+            "ELSE has_table_privilege($1, $2, $3) END",
+            role,
+            f"{_ident(settings.db_schema)}.{table}",
+            priv,
+        )
+    ]
+    guards.append(
+        Guard(
+            "runtime role: seals, migrations",
+            not writable,
+            f"{role!r} can write {', '.join(writable)}"
+            if writable
+            else "read only (seals through seal_log())",
+        )
+    )
     return guards
