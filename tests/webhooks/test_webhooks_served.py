@@ -99,7 +99,10 @@ def agentrt(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]
 def test_served_app_is_ready(served: dict[str, str]) -> None:
     ready = httpx.get(f"{served['url']}/readyz", timeout=5)
     assert ready.status_code == 200
-    assert ready.json() == {"status": "ready", "redis": "ok", "postgres": "ok"}
+    body = ready.json()
+    durability = body.pop("redis_durability")
+    assert body == {"status": "ready", "redis": "ok", "postgres": "ok"}
+    assert {"appendonly", "appendfsync", "durable", "verified"} <= set(durability)
 
 
 def test_send_signs_and_posts_a_sample(served: dict[str, str]) -> None:
