@@ -439,3 +439,36 @@ async def test_order_digest_agrees_across_chunks() -> None:
         for row in rows[:n]:
             digest.add(*row)
         assert digest.digest() == chunked(n), n
+
+
+async def test_cli_verify_checks_a_kept_digest(
+    log: EventLog, admin: asyncpg.Connection, settings: Settings
+) -> None:
+    await fill(log)
+    kept = (await seal(log)).digest.hex()
+    env = {
+        **os.environ,
+        "DATABASE_URL": settings.require_database_url(),
+        "REDIS_URL": settings.require_redis_url(),
+        "AGENTRT_DB_SCHEMA": log.schema,
+        "COLUMNS": "250",
+    }
+
+    async def cli(*args: str) -> subprocess.CompletedProcess[str]:
+        return await asyncio.to_thread(
+            subprocess.run,
+            [sys.executable, "-m", "runtime", "audit", "verify", *args],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+
+    ok = await cli("--digest", kept)
+    assert ok.returncode == 0, ok.stdout + ok.stderr
+    other = await cli("--digest", "ab" * 32)
+    assert other.returncode == 1
+    assert "no seal has the digest kept outside the database" in other.stdout
+    bad = await cli("--digest", "not-hex")
+    assert bad.returncode == 2
+    assert "not a seal digest" in bad.stderr

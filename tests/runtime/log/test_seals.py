@@ -7,7 +7,9 @@ import asyncio
 import asyncpg
 import pytest
 
+from runtime.errors import MigrationError
 from runtime.log import audit, chain
+from runtime.log.migrations import migrate
 from runtime.log.pool import runtime_url
 from runtime.log.store import NO_STREAM, EventLog
 from runtime.settings import Settings
@@ -177,3 +179,52 @@ async def test_the_old_seal_would_fork_and_the_database_refuses_it(
     assert len(await _chain(admin, log.schema)) == 1
     report = await audit.verify(admin, log.schema)
     assert report.ok, report.problems
+
+
+async def test_migrating_a_log_whose_seals_forked_says_so(
+    admin: asyncpg.Connection, settings: Settings
+) -> None:
+    """A fork written before migration 0003 stops it with the seals named, not a bare
+    unique violation."""
+    q = f'"{settings.db_schema}"'
+    await admin.execute(f"ALTER TABLE {q}.seals DROP CONSTRAINT seals_one_successor")
+    for digest in (b"\x01" * 32, b"\x02" * 32):
+        await admin.execute(
+            f"INSERT INTO {q}.seals (upto_tx, from_tx, event_count, head_count, prev_digest, "
+            "digest) VALUES ('5', '0', 0, 0, $1, $2)",
+            bytes(32),
+            digest,
+        )
+    await admin.execute(f"DELETE FROM {q}.schema_migrations WHERE version = 3")
+    with pytest.raises(MigrationError) as info:
+        await migrate(settings)
+    assert "0003_guards failed: the seal chain forked" in str(info.value)
+    assert "seals {1,2} share one predecessor" in str(info.value)
+
+
+async def test_sealing_inside_a_repeatable_read_transaction_is_refused(log: EventLog) -> None:
+    """Its snapshot would predate the seal lock (the fork above): refused, by name."""
+    await log.append("s", [Noted(text="x")], NO_STREAM)
+    async with log.pool.acquire() as conn:
+        with pytest.raises(asyncpg.PostgresError) as info:
+            async with conn.transaction(isolation="repeatable_read"):
+                await audit.seal(conn, log.schema)
+        assert info.value.sqlstate == "AR004"
+        assert "READ COMMITTED" in str(info.value)
+        assert await audit.seal(conn, log.schema) is not None
+
+
+async def test_a_seal_over_more_than_one_order_chunk_verifies(
+    log: EventLog, admin: asyncpg.Connection
+) -> None:
+    """seal_log() hashes the commit order in chunks of ORDER_CHUNK rows; Python agrees."""
+    total = chain.ORDER_CHUNK + 4_000
+    for i in range(0, total, 5_000):
+        n = min(5_000, total - i)
+        await log.append(f"s-{i}", [Noted(text="x", n=j) for j in range(n)], NO_STREAM)
+    async with log.pool.acquire() as conn:
+        sealed = await audit.seal(conn, log.schema)
+    assert sealed is not None
+    assert sealed.event_count == total
+    report = await audit.verify(admin, log.schema)
+    assert report.ok, report.problems[:3]
