@@ -241,12 +241,14 @@ class Relay:
         if stop.is_set():
             return
         log.info("relay.started", name=self.name, routes=len(self.routes))
-        # The publish and timer loops watch ``stop`` themselves; the lease loop is cancelled.
+        # The publish and timer loops watch ``stop`` themselves; the lease loop
+        # renews until they are done (``letting_go``), then ends by itself too.
         graceful = [
             asyncio.create_task(self._publish_loop(stop)),
             asyncio.create_task(self._timer_loop(stop)),
         ]
-        tasks = [*graceful, asyncio.create_task(self._lease_loop())]
+        letting_go = asyncio.Event()
+        tasks = [*graceful, asyncio.create_task(self._lease_loop(letting_go))]
         stopper = asyncio.create_task(stop.wait())
         try:
             done, _ = await asyncio.wait([*tasks, stopper], return_when=asyncio.FIRST_COMPLETED)
@@ -257,10 +259,14 @@ class Relay:
             # Asked to stop, the publish and timer loops finish on their own,
             # between database calls: a query cancelled in flight makes asyncpg
             # reset its connection, and under load that release could hold up
-            # the stop for good. The lease loop only sleeps and talks to Redis.
+            # the stop for good. The lease loop is not cancelled either: a
+            # cancellation landing in its Redis call could be swallowed by the
+            # client (seen under load: the loop kept renewing, the stop hung).
             running = [t for t in graceful if not t.done()]
             if stop.is_set() and running:
                 await asyncio.wait(running, timeout=_STOP_GRACE)
+            letting_go.set()
+            await asyncio.wait([tasks[-1]], timeout=_STOP_GRACE)
             for task in [*tasks, stopper]:
                 task.cancel()
             await asyncio.gather(*tasks, stopper, return_exceptions=True)
@@ -287,9 +293,13 @@ class Relay:
                     await asyncio.wait_for(stop.wait(), delay)
                 delay = min(delay * 2, 10.0)
 
-    async def _lease_loop(self) -> None:
-        while True:
-            await asyncio.sleep(self.lease_ms / 3000)
+    async def _lease_loop(self, letting_go: asyncio.Event) -> None:
+        """Renew the lease every third of its time to live, until ``letting_go`` is set."""
+        while not letting_go.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(letting_go.wait(), self.lease_ms / 3000)
+            if letting_go.is_set():
+                return
             if not await self._renew(keys=[self.lease_key], args=[self._token, self.lease_ms]):
                 raise LeaseLost(f"relay {self.name!r} lost its lease to another relay")
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import sys
 import uuid
 from collections.abc import AsyncIterator, Mapping
 from typing import cast
@@ -228,6 +229,9 @@ class Started:
     async def stop(self) -> None:
         self._stop.set()
         done, _ = await asyncio.wait([self._task], timeout=20)
+        if not done:
+            for task in asyncio.all_tasks():  # where it hangs, for the failure report
+                task.print_stack(file=sys.stdout)
         assert done, "the relay did not stop within 20 s"
         self._task.result()
 
