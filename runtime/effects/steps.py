@@ -13,7 +13,7 @@ import asyncpg
 import msgspec
 import structlog
 
-from runtime.errors import ConcurrencyConflict, StepDivergence, StepFailed
+from runtime.errors import ClaimLost, ConcurrencyConflict, StepDivergence, StepFailed
 from runtime.events.builtin import StepRecorded
 from runtime.events.ids import activation_stream
 from runtime.events.model import NewEvent
@@ -56,8 +56,9 @@ class StepGuard(Protocol):
     async def before_load(self) -> None:
         """Before the record is read: take the activation's claim (may wait for another)."""
 
-    async def before_execute(self) -> None:
-        """Before a step is executed (not answered from the record): the claim still holds."""
+    async def before_execute(self) -> bool:
+        """Before a step is executed (not answered from the record): the claim still holds
+        (False), or lapsed and was taken again (True: the record is checked again)."""
 
 
 class Steps:
@@ -156,8 +157,8 @@ class Steps:
             self.reused += 1
             return recorded
         with structlog.contextvars.bound_contextvars(step=n):
-            if self._guard is not None:
-                await self._guard.before_execute()
+            if self._guard is not None and await self._guard.before_execute():
+                await self._check_untouched(n)
             started = time.perf_counter()
             output = await call()
             body = StepRecorded(
@@ -197,6 +198,13 @@ class Steps:
             log.info("step.recorded", kind=kind, name=name, ms=body.duration_ms,
                      failed=body.error is not None, retries=len(body.attempts))  # fmt: skip
             return body
+
+    async def _check_untouched(self, n: int) -> None:
+        """After the claim lapsed and was taken again: nobody recorded step ``n`` meanwhile
+        (if someone did, that worker ran this activation on; this one stops)."""
+        if self._log is not None and await self._log.read_stream(self.stream, n, limit=1):
+            raise ClaimLost(f"activation {self.activation_id}: step {n} was recorded by "
+                            "another worker while this one's claim had lapsed")  # fmt: skip
 
     async def _append(self, event: NewEvent, n: int) -> None:
         """Append the step's record, retrying a dropped connection: the result may have

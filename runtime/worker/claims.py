@@ -105,18 +105,24 @@ class Claim:
             await asyncio.sleep(delay)
             delay = min(delay * 2, _POLL_MAX)
 
-    async def confirm(self) -> None:
-        """Before executing a step: the claim is still ours, or :class:`ClaimLost`."""
-        if not self.held:
-            raise ClaimLost(f"{self.key}: the activation's claim is not held")
-        if time.monotonic() < self.valid_until:
-            return
-        # The renewals stopped (Redis slow or down, or the loop starved): ask.
+    async def confirm(self) -> bool:
+        """Before executing a step: the claim is still ours (False), or was taken again
+        after it lapsed (True: the caller checks that nobody recorded a step meanwhile),
+        or :class:`ClaimLost` when another worker holds it."""
+        now = time.monotonic()
+        if now < self.valid_until:
+            return False
+        # The renewals stopped (Redis slow, the loop starved): ask.
+        if self.held and not await self._claims.renew([self]):
+            return False
+        # Lapsed: its key expired (nobody renewed it in time) or is another's.
         sent = time.monotonic()
-        lost = await self._claims.renew([self])
-        if lost:
+        if not await self._claims.redis.set(self.key, self.token, nx=True, px=self._claims.ttl_ms):
             raise ClaimLost(f"{self.key}: another worker took the activation over")
+        self._claims.held[self.key] = self
         self.valid_until = sent + self._claims.valid_for
+        log.warning("activation.claim_retaken", key=self.key)
+        return True
 
     def release_later(self) -> None:
         """Hand the claim to the next batched release (after the commit)."""

@@ -119,8 +119,8 @@ class _ClaimGuard:
         if not self.claim.held:
             await self.claim.acquire()
 
-    async def before_execute(self) -> None:
-        await self.claim.confirm()
+    async def before_execute(self) -> bool:
+        return await self.claim.confirm()
 
 
 async def _bounded(tasks: Sequence[asyncio.Task[Any]], what: str) -> None:

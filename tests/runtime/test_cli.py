@@ -207,3 +207,45 @@ def test_dlq_list_show_redrive(settings: Settings) -> None:
     finally:
         client.delete(f"agentrt:agent:{{{agent}}}")
         client.close()
+
+
+def test_dlq_redrive_refuses_a_handled_event_unless_forced(settings: Settings) -> None:
+    import asyncpg
+    import redis as sync_redis
+
+    agent = f"cli-{uuid.uuid4().hex[:8]}"
+    event_id = uuid.uuid4()
+
+    async def handled() -> None:
+        conn = await asyncpg.connect(settings.require_database_url())
+        try:
+            await conn.execute(
+                f'INSERT INTO "{settings.db_schema}".inbox '
+                "(consumer, event_id, activation_id, outcome, run_id) "
+                "VALUES ($1, $2, $3, 'completed', $2)",
+                agent, event_id, uuid.uuid4(),
+            )  # fmt: skip
+        finally:
+            await conn.close()
+
+    client = sync_redis.Redis.from_url(settings.require_redis_url())
+    try:
+        entry = client.xadd("agentrt:dlq", {
+            "event_id": str(event_id), "type": "orders.placed", "body": b"{}",
+            "dlq_agent": agent, "dlq_stream": "agentrt:in:{p0}", "dlq_entry_id": "1-0",
+            "dlq_deliveries": "5", "dlq_error_type": "RuntimeError", "dlq_error": "boom",
+        }).decode()  # fmt: skip
+        asyncio.run(handled())
+        refused = agentrt(settings, "dlq", "redrive", entry)
+        assert refused.returncode == 1
+        assert "[redrive_refused]" in refused.stderr and "--force" in refused.stderr
+        assert "0 dead letter(s) redriven, 1 refused" in refused.stdout
+        assert client.xrange("agentrt:dlq", entry, entry)  # left where it was
+        forced = agentrt(settings, "dlq", "redrive", "--force", entry)
+        assert forced.returncode == 0, forced.stderr
+        assert "forced: a second activation" in forced.stdout
+        [(_, fields)] = client.xrange(f"agentrt:agent:{{{agent}}}")
+        assert fields[b"forced"] == b"1" and fields[b"generation"] == b"1"
+    finally:
+        client.delete(f"agentrt:agent:{{{agent}}}")
+        client.close()

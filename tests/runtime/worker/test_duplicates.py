@@ -171,6 +171,56 @@ async def test_a_step_after_the_claim_was_lost_is_not_executed(redis: aioredis.R
     assert not claim.held and claim.key not in claims.held
 
 
+async def test_a_lapsed_claim_nobody_took_is_taken_again(redis: aioredis.Redis) -> None:
+    claims = Claims(redis, ttl=0.5)
+    claim = claims.claim("biller", uuid.uuid4())
+    await claim.acquire()
+    await redis.delete(claim.key)  # it expired: the renewals came too late (a busy loop)
+    claim.valid_until = 0.01
+    assert await claim.confirm() is True  # taken again: the caller checks the record
+    assert await redis.get(claim.key) == claim.token.encode()
+    assert await claim.confirm() is False  # and now simply held
+
+
+class _Retaken:
+    """A guard whose claim lapsed and was taken again before every step."""
+
+    async def before_load(self) -> None:
+        pass
+
+    async def before_execute(self) -> bool:
+        return True
+
+
+async def test_a_retaken_claim_stops_if_another_worker_recorded_the_step(
+    log: EventLog,
+) -> None:
+    from runtime.effects.steps import StepOutput, Steps
+
+    ids: dict[str, Any] = {"activation_id": uuid.uuid4(), "run_id": uuid.uuid4(),
+                           "agent": "biller", "trigger_id": uuid.uuid4()}  # fmt: skip
+    calls: list[str] = []
+
+    def call(who: str) -> Any:
+        async def run() -> StepOutput:
+            calls.append(who)
+            return StepOutput(result=who)
+
+        return run
+
+    mine = Steps(log, guard=_Retaken(), lazy=True, **ids)
+    await mine.ensure_loaded()  # nothing recorded yet
+    other = Steps(log, **ids)  # ran on while this one's claim had lapsed
+    await other.run("tool", "charge", {"ref": "r"}, call("other"))
+    with pytest.raises(ClaimLost, match="step 1 was recorded by another worker"):
+        await mine.run("tool", "charge", {"ref": "r"}, call("mine"))
+    assert calls == ["other"]
+    # The same guard on an untouched record goes on and calls.
+    fresh = Steps(log, guard=_Retaken(), **{**ids, "activation_id": uuid.uuid4()})
+    await fresh.run("tool", "charge", {"ref": "r"}, call("fresh"))
+    assert calls == ["other", "fresh"]
+
+
 async def test_a_second_copy_waits_for_the_claim_then_finds_the_step(
     redis: aioredis.Redis,
 ) -> None:
