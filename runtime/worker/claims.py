@@ -36,9 +36,10 @@ from runtime.streams.keys import KEY_PREFIX
 
 log = structlog.get_logger(__name__)
 
-# KEYS: claim keys. ARGV: ttl ms, then one token per key. Extend the keys whose
+# Keys held with a token: activation claims here, the relay's lease too.
+# KEYS: the keys. ARGV: ttl ms, then one token per key. Extend the keys whose
 # token is ours; returns the 1-based indexes of those we no longer hold.
-RENEW_CLAIMS = """
+RENEW_HELD = """
 local lost = {}
 for i = 1, #KEYS do
     if redis.call('GET', KEYS[i]) == ARGV[i + 1] then
@@ -50,8 +51,9 @@ end
 return lost
 """
 
-# KEYS: claim keys. ARGV: one token per key. Delete only the keys we hold.
-RELEASE_CLAIMS = """
+# KEYS: the keys. ARGV: one token per key. Delete only the keys we hold (a GET
+# then a DEL could delete a key another holder took in between); how many.
+RELEASE_HELD = """
 local n = 0
 for i = 1, #KEYS do
     if redis.call('GET', KEYS[i]) == ARGV[i] then
@@ -124,6 +126,15 @@ class Claim:
         log.warning("activation.claim_retaken", key=self.key)
         return True
 
+    # -- as the guard of the activation's steps (runtime.effects.steps.StepGuard) --
+
+    async def before_load(self) -> None:
+        if not self.held:
+            await self.acquire()
+
+    async def before_execute(self) -> bool:
+        return await self.confirm()
+
     def release_later(self) -> None:
         """Hand the claim to the next batched release (after the commit)."""
         if self.held:
@@ -152,8 +163,8 @@ class Claims:
         self.held: dict[str, Claim] = {}
         #: (key, token) released by committed activations, for the next ack flush.
         self.releasing: list[tuple[str, str]] = []
-        self._renew = redis.register_script(RENEW_CLAIMS)
-        self._release = redis.register_script(RELEASE_CLAIMS)
+        self._renew = redis.register_script(RENEW_HELD)
+        self._release = redis.register_script(RELEASE_HELD)
 
     def claim(self, agent: str, trigger_id: UUID) -> Claim:
         return Claim(self, agent, trigger_id)

@@ -70,6 +70,7 @@ from runtime.events.model import (
 from runtime.log.store import EventLog
 from runtime.ops import metrics
 from runtime.streams.keys import KEY_PREFIX, agent_stream, log_wake_channel
+from runtime.worker.claims import RELEASE_HELD, RENEW_HELD
 
 log = structlog.get_logger(__name__)
 
@@ -81,23 +82,6 @@ _TIMER_NAMESPACE = uuid.UUID("a3f5e0b8-7c1d-4e2f-8b6a-9d0c1e2f3a4b")
 #: A subscription served up to the checkpoint (see the module's docstring).
 LIVE = "live"
 _NAME = re.compile(r"[A-Za-z0-9_.:-]{1,100}")
-
-# KEYS: lease. ARGV: token, ttl ms. Renew only a lease we hold.
-_RENEW = """
-if redis.call('GET', KEYS[1]) == ARGV[1] then
-    return redis.call('PEXPIRE', KEYS[1], ARGV[2])
-end
-return 0
-"""
-
-# KEYS: lease. ARGV: token. Release only a lease we hold: a GET then a DEL could
-# delete the lease another relay took in between.
-_RELEASE = """
-if redis.call('GET', KEYS[1]) == ARGV[1] then
-    return redis.call('DEL', KEYS[1])
-end
-return 0
-"""
 
 # KEYS: checkpoint, subscriptions, legacy checkpoint. ARGV: backfill (1/0),
 # subscription fields. Enter subscriptions this relay name has not seen yet, at
@@ -179,8 +163,8 @@ class Relay:
         legacy = hashlib.sha256(msgspec.json.encode(self.routes, order="sorted")).hexdigest()
         self._legacy_checkpoint_key = f"{KEY_PREFIX}relay:{log.schema}:app-{legacy[:12]}:position"
         self._token = secrets.token_hex(8)
-        self._renew = redis.register_script(_RENEW)
-        self._release = redis.register_script(_RELEASE)
+        self._renew = redis.register_script(RENEW_HELD)
+        self._release = redis.register_script(RELEASE_HELD)
         self._join = redis.register_script(_JOIN)
         self._next_anchor = 0.0
         self.published = 0
@@ -300,7 +284,7 @@ class Relay:
                 await asyncio.wait_for(letting_go.wait(), self.lease_ms / 3000)
             if letting_go.is_set():
                 return
-            if not await self._renew(keys=[self.lease_key], args=[self._token, self.lease_ms]):
+            if await self._renew(keys=[self.lease_key], args=[self.lease_ms, self._token]):
                 raise LeaseLost(f"relay {self.name!r} lost its lease to another relay")
 
     async def _publish_loop(self, stop: asyncio.Event) -> None:

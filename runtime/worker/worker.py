@@ -107,22 +107,6 @@ class _Group:
     live_read_at: float = 0.0
 
 
-class _ClaimGuard:
-    """The activation's claim, as the guard of its steps (see ``runtime.worker.claims``)."""
-
-    __slots__ = ("claim",)
-
-    def __init__(self, claim: Claim) -> None:
-        self.claim = claim
-
-    async def before_load(self) -> None:
-        if not self.claim.held:
-            await self.claim.acquire()
-
-    async def before_execute(self) -> bool:
-        return await self.claim.confirm()
-
-
 async def _bounded(tasks: Sequence[asyncio.Task[Any]], what: str) -> None:
     """Wait for cancelled ``tasks`` at most ``_STOP_WAIT`` seconds; name any that linger."""
     if not tasks:
@@ -517,14 +501,13 @@ class Worker:
         # A redelivery reads its recorded steps now (the divergence check at
         # the end needs them), or knows there are none; a first delivery reads
         # them at its first step, if it takes one, once it holds the claim.
-        guard = _ClaimGuard(claim)
         if claimed and has_steps:
             steps = Steps(self.log, activation_id=aid, run_id=d.run_id, agent=agent.name,
-                          trigger_id=d.event_id, lazy=True, guard=guard)  # fmt: skip
+                          trigger_id=d.event_id, lazy=True, guard=claim)  # fmt: skip
             await steps.ensure_loaded()
         else:
             steps = Steps(self.log, activation_id=aid, run_id=d.run_id, agent=agent.name,
-                          trigger_id=d.event_id, lazy=not claimed, guard=guard)  # fmt: skip
+                          trigger_id=d.event_id, lazy=not claimed, guard=claim)  # fmt: skip
         history: list[RecordedEvent] = []
         if type(agent).evolve is not Agent.evolve:
             history = await self._history(d)
