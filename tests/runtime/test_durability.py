@@ -5,41 +5,32 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
-from urllib.parse import urlsplit, urlunsplit
 
 import pytest
 import redis.asyncio as aioredis
 from structlog.testing import capture_logs
 
 from runtime.errors import RedisNotDurable
-from runtime.ops.embedded import EmbeddedRedis
 from runtime.settings import Settings
 from runtime.streams.durability import check_redis_durability, ensure_durable_redis
 from tests.support import REPO
-from tests.support.servers import Servers
+from tests.support.servers import Servers, private_redis, redis_user
 
 
 @pytest.fixture(scope="module")
 def always_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """A private Redis as compose and the embedded servers run it: AOF, fsync always."""
-    server = EmbeddedRedis(tmp_path_factory.mktemp("redis-always"))
-    try:
-        yield server.start()
-    finally:
-        server.stop()
+    with private_redis(tmp_path_factory.mktemp("redis-always")) as url:
+        yield url
 
 
 @pytest.fixture(scope="module")
 def everysec_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """A private Redis that fsyncs once a second (Redis's default when AOF is on)."""
-    server = EmbeddedRedis(tmp_path_factory.mktemp("redis-everysec"), appendfsync="everysec")
-    try:
-        yield server.start()
-    finally:
-        server.stop()
+    with private_redis(tmp_path_factory.mktemp("redis-everysec"), appendfsync="everysec") as url:
+        yield url
 
 
 @pytest.fixture
@@ -105,28 +96,11 @@ async def test_less_than_fsync_always_is_not_durable(
     assert (await check_redis_durability(always)).durable  # restored
 
 
-def _as_user(url: str, user: str, password: str) -> str:
-    parts = urlsplit(url)
-    return urlunsplit(parts._replace(netloc=f"{user}:{password}@{parts.hostname}:{parts.port}"))
-
-
 @pytest.fixture
 async def no_config_url(always: aioredis.Redis, always_url: str) -> AsyncIterator[str]:
     """A user that may not run CONFIG, as on managed Redis services."""
-    user, password = f"managed-{uuid.uuid4().hex[:8]}", uuid.uuid4().hex
-    await always.acl_setuser(
-        user,
-        enabled=True,
-        passwords=[f"+{password}"],
-        keys=["*"],
-        channels=["*"],
-        categories=["+@all"],
-        commands=["-config"],
-    )
-    try:
-        yield _as_user(always_url, user, password)
-    finally:
-        await always.acl_deluser(user)
+    async with redis_user(always, always_url, "managed", denied=["config"]) as url:
+        yield url
 
 
 async def test_a_refused_config_get_is_could_not_verify_and_not_durable(

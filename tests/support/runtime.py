@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 import redis.asyncio as aioredis
@@ -14,11 +16,13 @@ import redis.asyncio as aioredis
 from runtime.agents.agent import Agent
 from runtime.events.model import Event, encode_body, event_type_of
 from runtime.log.store import EventLog
+from runtime.settings import Settings
 from runtime.streams.keys import ingress_stream
 from runtime.worker.options import WorkerOptions
 from runtime.worker.relay import Relay
 from runtime.worker.worker import Worker
-from tests.support.servers import redis_db_url
+from tests.support import REPO
+from tests.support.servers import Servers, redis_db_url
 
 #: The Redis database the worker tests own (flushed per test).
 WORKER_DB = 11
@@ -115,3 +119,25 @@ async def inbox_rows(log: EventLog) -> list[tuple[str, uuid.UUID, str]]:
     q = f'"{log.schema}"'
     rows = await log.pool.fetch(f"SELECT consumer, event_id, outcome FROM {q}.inbox")
     return [(r[0], r[1], r[2]) for r in rows]
+
+
+def worker_env(
+    settings: Settings, servers: Servers, model_url: str, calls: Path, tool_delay: float
+) -> dict[str, str]:
+    """The environment of an ``agentrt worker`` process running ``tests.support.apps``:
+    the test's servers and schema, and the production model path aimed at ``model_url``
+    (an :class:`~runtime.llm.offline.OfflineServer` of the test's own)."""
+    return {
+        **os.environ,
+        "REDIS_URL": db_url(servers.redis_url),
+        "DATABASE_URL": servers.database_url,
+        "AGENTRT_DB_SCHEMA": settings.db_schema,
+        # A key sends the worker down the production path (no offline server
+        # of its own), aimed at the test's model server.
+        "ANTHROPIC_API_KEY": "sk-test",
+        "ANTHROPIC_BASE_URL": model_url,
+        "ORDERS_TOOL_DELAY": str(tool_delay),
+        "ORDERS_CALLS": str(calls),
+        "AGENTRT_LOG_LEVEL": "warning",
+        "PYTHONPATH": str(REPO),
+    }

@@ -4,10 +4,9 @@ inside the dedupe window, neither lose a delivery nor run its effects twice."""
 from __future__ import annotations
 
 import json
-import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
 import httpx
 import msgspec
@@ -20,7 +19,7 @@ from runtime.effects.tools import tool
 from runtime.log.store import EventLog
 from runtime.streams.keys import ingress_stream, partition_of
 from tests.support.runtime import count_type, fast_options, running, wait_for
-from tests.support.servers import Servers
+from tests.support.servers import Servers, redis_user
 from tests.support.webhooks import (
     all_entries,
     ingress,
@@ -74,33 +73,14 @@ async def test_a_mailgun_retry_after_a_failed_append_is_accepted(
     assert len(await all_entries(redis, partitions=1)) == 1
 
 
-def _as_user(url: str, user: str, password: str) -> str:
-    parts = urlsplit(url)
-    host = parts.hostname or "127.0.0.1"
-    netloc = f"{user}:{password}@{host}" + (f":{parts.port}" if parts.port else "")
-    return urlunsplit(parts._replace(netloc=netloc))
-
-
 @pytest.fixture
 async def no_cleanup_url(redis_url: str, redis: aioredis.Redis) -> AsyncIterator[str]:
     """``redis_url`` as a user that may do everything but DEL: no compensating delete can
     run after a failed append, as after a crash or a connection lost between the two."""
     if urlsplit(redis_url).scheme not in ("redis", "rediss"):
         pytest.skip("needs a TCP Redis URL to log in as another user")
-    user, password = f"ingress-{uuid.uuid4().hex[:8]}", uuid.uuid4().hex
-    await redis.acl_setuser(
-        user,
-        enabled=True,
-        passwords=[f"+{password}"],
-        keys=["*"],
-        channels=["*"],
-        categories=["+@all"],
-        commands=["-del", "-unlink"],
-    )
-    try:
-        yield _as_user(redis_url, user, password)
-    finally:
-        await redis.acl_deluser(user)
+    async with redis_user(redis, redis_url, "ingress", denied=["del", "unlink"]) as url:
+        yield url
 
 
 async def test_the_token_is_not_used_up_by_a_delivery_that_was_not_appended(

@@ -12,9 +12,8 @@ import redis.asyncio as aioredis
 from structlog.testing import capture_logs
 
 from runtime.errors import RedisNotDurable
-from runtime.ops.embedded import EmbeddedRedis
 from runtime.settings import Settings
-from tests.support.servers import Servers
+from tests.support.servers import Servers, private_redis
 from tests.support.webhooks import ingress, make_config, redis_url_for_tests
 from webhooks.app import create_app
 from webhooks.config import resolve
@@ -23,11 +22,8 @@ from webhooks.config import resolve
 @pytest.fixture(scope="module")
 def always_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """A private Redis with AOF and fsync always (its CONFIG may be changed and restored)."""
-    server = EmbeddedRedis(tmp_path_factory.mktemp("redis-always"))
-    try:
-        yield server.start()
-    finally:
-        server.stop()
+    with private_redis(tmp_path_factory.mktemp("redis-always")) as url:
+        yield url
 
 
 async def test_readyz_reports_the_sessions_redis(servers: Servers) -> None:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
 import random
 import signal
 import subprocess
@@ -32,7 +31,7 @@ from runtime.settings import Settings
 from runtime.streams.keys import ingress_stream
 from tests.support import REPO
 from tests.support.apps.orders import OrderPlaced
-from tests.support.runtime import db_url, inbox_rows, send
+from tests.support.runtime import inbox_rows, send, worker_env
 from tests.support.servers import Servers
 
 EVENTS = 60
@@ -66,20 +65,7 @@ async def run_scenario(
         for i in range(EVENTS)
     ]  # fmt: skip
     with OfflineServer() as server:
-        env = {
-            **os.environ,
-            "REDIS_URL": db_url(servers.redis_url),
-            "DATABASE_URL": servers.database_url,
-            "AGENTRT_DB_SCHEMA": settings.db_schema,
-            # A key sends the worker down the production path (no offline
-            # server of its own), aimed at this test's model server.
-            "ANTHROPIC_API_KEY": "sk-test",
-            "ANTHROPIC_BASE_URL": server.base_url,
-            "ORDERS_TOOL_DELAY": "0.03",
-            "ORDERS_CALLS": str(calls),
-            "AGENTRT_LOG_LEVEL": "warning",
-            "PYTHONPATH": str(REPO),
-        }
+        env = worker_env(settings, servers, server.base_url, calls, tool_delay=0.03)
         with stderr.open("ab") as errors:
             for _ in range(KILLS):
                 proc = subprocess.Popen(command, env=env, cwd=REPO, stdout=errors, stderr=errors)

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
 import signal
 import subprocess
 import sys
@@ -29,7 +28,7 @@ from runtime.worker import worker as worker_module
 from runtime.worker.worker import Worker
 from tests.support import REPO
 from tests.support.apps.orders import OrderPlaced
-from tests.support.runtime import db_url, inbox_rows, send
+from tests.support.runtime import inbox_rows, send, worker_env
 from tests.support.servers import Servers
 
 #: Processes start slowly on a machine kept busy on purpose.
@@ -72,18 +71,7 @@ async def test_sigterm_stops_every_busy_worker_within_the_drain_timeout(
         return "\n".join(f"--- {p.name}\n{p.read_text()[-1500:]}" for p in logs)
 
     with OfflineServer() as server:
-        env = {
-            **os.environ,
-            "REDIS_URL": db_url(servers.redis_url),
-            "DATABASE_URL": servers.database_url,
-            "AGENTRT_DB_SCHEMA": settings.db_schema,
-            "ANTHROPIC_API_KEY": "sk-test",
-            "ANTHROPIC_BASE_URL": server.base_url,
-            "ORDERS_TOOL_DELAY": "0.05",
-            "ORDERS_CALLS": str(tmp_path / "calls.txt"),
-            "AGENTRT_LOG_LEVEL": "warning",
-            "PYTHONPATH": str(REPO),
-        }
+        env = worker_env(settings, servers, server.base_url, tmp_path / "calls.txt", 0.05)
         for _ in range(ROUNDS):
             burners = [_burn(), _burn()]
             procs = [start(env) for _ in range(WORKERS)]
