@@ -35,7 +35,7 @@ DEFAULT_PRICES: dict[str, tuple[float, float]] = {
 
 
 #: Settings whose values are secrets: a repr shows only whether they are set.
-SECRET_FIELDS = frozenset({"anthropic_api_key", "app_password"})
+SECRET_FIELDS = frozenset({"anthropic_api_key", "app_password", "api_token"})
 #: Settings holding URLs: a repr shows them with any password masked.
 URL_FIELDS = frozenset({"redis_url", "database_url", "runtime_database_url"})
 #: Query parameters that carry a password in a libpq / redis URL.
@@ -129,6 +129,22 @@ class Settings:
     #: Refuse to start ``serve``/``worker`` on a Redis that does not fsync every
     #: write (``appendonly yes``, ``appendfsync always``); otherwise warn.
     require_durable_redis: bool = False
+    #: Events a projection folds per transaction (its checkpoint moves once per batch).
+    projection_batch: int = 1000
+    #: A run's folded agent state is snapshotted every N of its events (0: never).
+    snapshot_every: int = 100
+    #: What the projector does with a projection whose code version differs from the
+    #: version its tables were built with: ``rebuild`` them (shadow tables, swapped in
+    #: when caught up) or ``flag`` it in ``projections status`` and leave it alone.
+    projection_version_change: str = "rebuild"
+    #: The bearer token of the query API (``agentrt api``); unset: ``agentrt api``
+    #: makes one and keeps it in ``<state_dir>/api-token``.
+    api_token: str | None = _secret()
+
+    @property
+    def read_schema(self) -> str:
+        """The PostgreSQL schema of the read models (projections, their checkpoints)."""
+        return f"{self.db_schema}_read"
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
@@ -215,6 +231,10 @@ ENV_KEYS: dict[str, str] = {
     "relay_name": "AGENTRT_RELAY_NAME",
     "relay_backfill": "AGENTRT_RELAY_BACKFILL",
     "require_durable_redis": "AGENTRT_REQUIRE_DURABLE_REDIS",
+    "projection_batch": "AGENTRT_PROJECTION_BATCH",
+    "snapshot_every": "AGENTRT_SNAPSHOT_EVERY",
+    "projection_version_change": "AGENTRT_PROJECTION_VERSION_CHANGE",
+    "api_token": "AGENTRT_API_TOKEN",
 }
 
 _LOG_LEVELS = {"debug", "info", "warning", "error", "critical"}
@@ -262,6 +282,25 @@ def _parse(field: str, key: str, raw: Any) -> Any:
         if not 0.001 <= seconds <= 60:
             raise SettingsError(key, f"{seconds} is outside 0.001..60 seconds")
         return seconds
+    if field == "projection_version_change":
+        value = str(raw).strip().lower()
+        if value not in ("rebuild", "flag"):
+            raise SettingsError(key, f"{raw!r} is not one of ['flag', 'rebuild']")
+        return value
+    if field in ("projection_batch", "snapshot_every"):
+        try:
+            number = int(raw)
+        except (TypeError, ValueError):
+            raise SettingsError(key, f"{raw!r} is not a whole number") from None
+        low = 1 if field == "projection_batch" else 0
+        if not low <= number <= 1_000_000:
+            raise SettingsError(key, f"{number} is outside {low}..1000000")
+        return number
+    if field == "api_token":
+        value = str(raw).strip()
+        if len(value) < 16:
+            raise SettingsError(key, "use at least 16 characters (a random token)")
+        return value
     if field == "models":
         return {**DEFAULT_MODELS, **_models(key, raw)}
     if field == "prices":

@@ -138,6 +138,22 @@ class ApprovalDecided(Event, tag="approval.decided"):
     comment: str = ""
 
 
+class RunForked(Event, tag="run.forked"):
+    """The first event of a run forked from another (``agentrt fork``): where it branched
+    and what it changed. The parent run is untouched."""
+
+    parent_run_id: UUID
+    #: The run-level step (1-based, in replay order) from which the fork ran live.
+    at_step: int
+    #: The forked run's trigger: a copy of the parent's, or the ``--input-file`` body.
+    trigger_id: UUID
+    model: str | None = None
+    tier: str | None = None
+    #: sha256 of the system prompt given with ``--prompt-file`` (the text is in ``prompt``).
+    prompt: str | None = None
+    input_changed: bool = False
+
+
 #: Event types that only record what happened and are never delivered to agents.
 BOOKKEEPING = frozenset(
     {
@@ -146,5 +162,6 @@ BOOKKEEPING = frozenset(
         "activation.dead_lettered",
         "dead_letter.redriven",
         "circuit.transitioned",
+        "run.forked",
     }
 )

@@ -29,6 +29,7 @@ def fresh_schema() -> str:
 async def drop_schema(database_url: str, schema: str) -> None:
     conn = await asyncpg.connect(database_url)
     try:
+        await conn.execute(f'DROP SCHEMA IF EXISTS "{schema}_read" CASCADE')
         await conn.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
     finally:
         await conn.close()

@@ -81,6 +81,7 @@ async def migrate(settings: Settings) -> MigrateReport:
         _ident(settings.owner_role),
         _ident(settings.app_role),
     )
+    read = _ident(settings.read_schema)
     notes: list[str] = []
     conn = await connect(url)
     try:
@@ -105,6 +106,11 @@ async def migrate(settings: Settings) -> MigrateReport:
                         f"(ALTER SCHEMA ... OWNER TO {settings.owner_role}) or pick another "
                         f"AGENTRT_DB_SCHEMA"
                     )
+                # The read models' schema: the runtime role creates, swaps and drops
+                # its tables there (projections are rebuilt from the log at will).
+                await conn.execute(
+                    f"CREATE SCHEMA IF NOT EXISTS {read} AUTHORIZATION {owner}"
+                )
                 await conn.execute(f"SET LOCAL ROLE {owner}")
             else:
                 notes.append(
@@ -114,6 +120,7 @@ async def migrate(settings: Settings) -> MigrateReport:
                     f"to it; `agentrt db status` shows which guards are in force."
                 )
                 await conn.execute(f"CREATE SCHEMA IF NOT EXISTS {schema}")
+                await conn.execute(f"CREATE SCHEMA IF NOT EXISTS {read}")
             await conn.execute(f"SET LOCAL search_path TO {schema}")
             await conn.execute(
                 "CREATE TABLE IF NOT EXISTS schema_migrations ("
@@ -152,6 +159,7 @@ async def migrate(settings: Settings) -> MigrateReport:
                 notes.append(f"the database has migrations this agentrt does not know: {unknown}")
             if can_create_roles:
                 await _grant(conn, schema, owner, app)
+                await conn.execute(f"GRANT USAGE, CREATE ON SCHEMA {read} TO {app}")
     finally:
         await conn.close()
     log.info("db.migrated", url=redact(url), schema=settings.db_schema, applied=applied)
@@ -215,6 +223,8 @@ async def _grant(conn: asyncpg.Connection, schema: str, owner: str, app: str) ->
     await conn.execute(f"REVOKE INSERT ON {schema}.events FROM {app}")
     await conn.execute(f"GRANT INSERT ({columns}) ON {schema}.events TO {app}")
     await conn.execute(f"GRANT EXECUTE ON FUNCTION {schema}.seal_log() TO {app}")
+    # Snapshots are a cache of folds: dropped and taken again at will.
+    await conn.execute(f"GRANT DELETE ON {schema}.snapshots TO {app}")
 
 
 @dataclasses.dataclass(frozen=True)
