@@ -53,6 +53,14 @@ class Agent:
     #: ``handler_timeout`` setting); past it the handler is cancelled and the
     #: delivery counts as failed (dead-lettered after ``max_deliveries``).
     timeout: ClassVar[float | None] = None
+    #: The version of the fold (``initial_state`` + ``evolve``): bump it when either
+    #: changes, so snapshots of the old fold are never read and the agent-state
+    #: projection is rebuilt.
+    state_version: ClassVar[int] = 1
+    #: The type a snapshot of ``ctx.state`` decodes to (None: the type of
+    #: ``initial_state()``). A state that does not survive the round trip through
+    #: JSON is simply not snapshotted (folded from the start every time).
+    state_type: ClassVar[Any] = None
 
     def initial_state(self) -> Any:
         """``ctx.state`` before the run's first event."""
@@ -67,6 +75,23 @@ class Agent:
         raise NotImplementedError(f"agent {self.name!r} has no handle() method")
 
     # -- derived --------------------------------------------------------------
+
+    @property
+    def folds_state(self) -> bool:
+        """Whether the agent keeps state (overrides ``evolve``)."""
+        return type(self).evolve is not Agent.evolve
+
+    @property
+    def fold_version(self) -> str:
+        """The key of this agent's snapshots: a snapshot of another fold is never read."""
+        return f"v{self.state_version}"
+
+    def state_decode_type(self) -> Any:
+        """The type snapshots of this agent's state decode to."""
+        if self.state_type is not None:
+            return self.state_type
+        initial = self.initial_state()
+        return Any if initial is None else type(initial)
 
     def subscribed_types(self) -> frozenset[str]:
         return frozenset(_tag(t) for t in self.subscribes)

@@ -38,6 +38,15 @@ def activation_id_for(agent: str, trigger_id: UUID, generation: int = 0) -> UUID
     return uuid.uuid5(ACTIVATION_NAMESPACE, f"{agent}/{trigger_id}{suffix}")
 
 
+class _FromStart:
+    def __repr__(self) -> str:
+        return "FROM_START"
+
+
+#: ``state=`` for "fold the history from ``Agent.initial_state()``" (no snapshot).
+FROM_START: Any = _FromStart()
+
+
 class Services(Protocol):
     """What a context borrows from its worker."""
 
@@ -77,6 +86,7 @@ class Context:
         services: Services,
         history: list[RecordedEvent],
         spent: tuple[int, float] | Callable[[], Awaitable[tuple[int, float]]] = (0, 0.0),
+        state: Any = FROM_START,
     ) -> None:
         self.agent = agent
         self.trigger = trigger
@@ -84,9 +94,12 @@ class Context:
         self.activation_id = activation_id
         self.steps = steps
         self.services = services
-        #: The run's events in the log before this activation (the trigger excluded).
+        #: The run's events in the log before this activation (the trigger excluded)
+        #: that ``state`` was folded from: after the nearest snapshot, when one was
+        #: loaded (``ctx.state`` always covers the whole run).
         self.history = history
-        state = agent.initial_state()
+        if state is FROM_START:
+            state = agent.initial_state()
         for event in history:
             state = agent.evolve(state, event)
         #: The run's folded state (``Agent.evolve`` over ``history``).

@@ -14,12 +14,13 @@ from __future__ import annotations
 import dataclasses
 import time
 from collections.abc import Awaitable, Callable, Sequence
+from typing import Any
 from uuid import UUID
 
 import structlog
 
 from runtime.agents.agent import Agent
-from runtime.agents.context import Context, Services, Trigger
+from runtime.agents.context import FROM_START, Context, Services, Trigger
 from runtime.effects.steps import Steps
 from runtime.errors import BudgetExceeded
 from runtime.events.builtin import ActivationCompleted
@@ -54,6 +55,7 @@ async def activate(
     services: Services,
     history: Sequence[RecordedEvent] = (),
     spent: Spend = (0, 0.0),
+    state: Any = FROM_START,
 ) -> Activation:
     """Run ``agent.handle(trigger.body, ctx)`` and collect its outputs.
 
@@ -62,6 +64,9 @@ async def activate(
     ``budget_exceeded``, keeping the reason and dropping what was emitted (an
     activation commits whole or not at all). A handler that no longer takes
     steps the record holds raises :class:`~runtime.errors.StepDivergence`.
+
+    ``ctx.state`` is ``state`` (a snapshot's, when one was loaded; else the
+    agent's initial state) with ``history`` folded on top.
     """
     ctx = Context(
         agent=agent,
@@ -71,6 +76,7 @@ async def activate(
         services=services,
         history=list(history),
         spent=spent,
+        state=state,
     )
     started = time.perf_counter()
     outcome = "completed"
