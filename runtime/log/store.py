@@ -571,6 +571,22 @@ class EventLog:
         rows = await (conn or self._pool).fetch(self._sql_run, run_id)
         return self._decode_all(rows)
 
+    async def read_run_between(
+        self, run_id: UUID, after: LogPosition | None, before: LogPosition | None
+    ) -> list[RecordedEvent]:
+        """The run's events after ``after`` and before ``before`` (None: no bound), in log
+        order: what a fold reads on top of a snapshot."""
+        lo = after or START
+        hi = before or LogPosition(2**63 - 1, 2**63 - 1)
+        q = f'"{self.schema}"'
+        rows = await self._pool.fetch(
+            f"SELECT {_COLUMNS} FROM {q}.events WHERE run_id = $1 "
+            "AND (tx_id, position) > ($2::text::xid8, $3::bigint) "
+            "AND (tx_id, position) < ($4::text::xid8, $5::bigint) ORDER BY tx_id, position",
+            run_id, str(lo.tx), lo.position, str(hi.tx), hi.position,
+        )  # fmt: skip
+        return self._decode_all(rows)
+
     async def read_last(self, n: int) -> list[RecordedEvent]:
         """The last ``n`` readable events, in log order (where ``tail`` starts)."""
         q = f'"{self.schema}"'

@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, Any
 from uuid import UUID
 
 import asyncpg
+import msgspec
 import redis.asyncio as aioredis
 import structlog
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -39,7 +40,7 @@ from redis.exceptions import RedisError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from runtime.agents.agent import Agent
-from runtime.agents.context import Trigger, activation_id_for, transition_event
+from runtime.agents.context import FROM_START, Trigger, activation_id_for, transition_event
 from runtime.effects.breaker import CircuitBreaker, Transition
 from runtime.effects.steps import Steps
 from runtime.errors import (
@@ -53,8 +54,9 @@ from runtime.errors import (
     UnknownEventType,
 )
 from runtime.events.ids import activation_stream, circuit_stream
-from runtime.events.model import Event, NewEvent, RecordedEvent
+from runtime.events.model import Event, LogPosition, NewEvent, RecordedEvent
 from runtime.log.queries import LogQueries
+from runtime.log.snapshots import SnapshotStore, decode_state
 from runtime.log.store import EventLog
 from runtime.ops import metrics
 from runtime.streams.keys import agent_stream, ingress_stream, log_wake_channel
@@ -170,6 +172,7 @@ class Worker:
         #: (group name, stream, entry id) -> task, from the read on: leases and draining.
         self._inflight: dict[tuple[str, str, str], asyncio.Task[None]] = {}
         self.queries = LogQueries(log)
+        self._snapshots = SnapshotStore(log.pool, log.schema)
         self._renew = redis.register_script(RENEW_LEASES)
         #: (stream, group) -> entry ids committed and waiting for the next XACK.
         self._acks: dict[tuple[str, str], list[str]] = {}
@@ -509,8 +512,9 @@ class Worker:
             steps = Steps(self.log, activation_id=aid, run_id=d.run_id, agent=agent.name,
                           trigger_id=d.event_id, lazy=not claimed, guard=claim)  # fmt: skip
         history: list[RecordedEvent] = []
-        if type(agent).evolve is not Agent.evolve:
-            history = await self._history(d)
+        folded: Any = FROM_START
+        if agent.folds_state:
+            folded, history = await self._history(agent, d)
         trigger = Trigger(
             event_id=d.event_id,
             type=d.type,
@@ -535,6 +539,7 @@ class Worker:
                     services=self,
                     history=history,
                     spent=spend,
+                    state=folded,
                 )
         except TimeoutError:
             if not limit.expired():
@@ -553,14 +558,32 @@ class Worker:
                  reused_steps=steps.reused, emitted=len(result.emitted))  # fmt: skip
         return outcome
 
-    async def _history(self, d: Delivery) -> list[RecordedEvent]:
-        """The run's events before the trigger, so a retry folds the same state.
+    async def _history(self, agent: Agent, d: Delivery) -> tuple[Any, list[RecordedEvent]]:
+        """The state to fold from and the run's events before the trigger, so a retry folds
+        the same state.
 
         A run starts with its ingress event (nothing before it); a relayed
-        event carries its log position; anything else stops at the trigger.
+        event carries its log position: the nearest snapshot before it (the
+        agent-state projection takes them) and the events after that; anything
+        else reads the run up to the trigger.
         """
         if d.run_id == d.event_id and not d.in_log:
-            return []
+            return FROM_START, []
+        if d.position is not None:
+            before = d.position
+            snap = await self._snapshots.nearest(
+                d.run_id, agent.name, agent.fold_version,
+                LogPosition(before.tx, before.position - 1),
+            )  # fmt: skip
+            if snap is not None:
+                try:
+                    state = decode_state(snap.state, agent.state_decode_type())
+                except msgspec.MsgspecError as exc:  # a cache: fold from the start instead
+                    log.warning("snapshot.unreadable", error=str(exc))
+                else:
+                    tail = await self.log.read_run_between(d.run_id, snap.position, before)
+                    return state, tail
+            return FROM_START, await self.log.read_run_between(d.run_id, None, before)
         events = await self.log.read_run(d.run_id)
         if d.position is not None:
             return [e for e in events if e.log_position < d.position]
@@ -569,7 +592,7 @@ class Worker:
             if e.event_id == d.event_id:
                 break
             out.append(e)
-        return out
+        return FROM_START, out
 
     async def _commit_and_ack(
         self,
