@@ -33,6 +33,8 @@ _EXPORTS: dict[str, str] = {
     "TimerFired": "runtime.events.builtin",
     "ActivationCompleted": "runtime.events.builtin",
     "StepRecorded": "runtime.events.builtin",
+    "RunForked": "runtime.events.builtin",
+    "causation_order": "runtime.events.causation",
     "ANY_VERSION": "runtime.log.store",
     "NO_STREAM": "runtime.log.store",
     "AppendResult": "runtime.log.store",
@@ -97,6 +99,7 @@ __all__ = [
     "NewEvent",
     "RecordedEvent",
     "Relay",
+    "RunForked",
     "ServiceUnavailable",
     "Settings",
     "SettingsError",
@@ -111,6 +114,7 @@ __all__ = [
     "WorkerOptions",
     "audit_seal",
     "audit_verify",
+    "causation_order",
     "connect_database",
     "connect_redis",
     "model_client",
@@ -159,9 +163,11 @@ if TYPE_CHECKING:
         ActivationCompleted,
         ApprovalDecided,
         ApprovalRequested,
+        RunForked,
         StepRecorded,
         TimerFired,
     )
+    from runtime.events.causation import causation_order
     from runtime.events.model import (
         START,
         Event,

@@ -33,6 +33,7 @@ from runtime import (
     WorkerOptions,
     audit_seal,
     audit_verify,
+    causation_order,
     connect_database,
     connect_redis,
     model_client,
@@ -181,11 +182,17 @@ async def _wait(log: EventLog, run_ids: list[UUID], out: Console) -> bool:
 
 
 def _print_run(events: list[Any], out: Console) -> None:
-    """One line per event, in log order (`agentrt log tail` shows them whole)."""
+    """One line per event, each trigger before what it caused (its steps, emitted events
+    and completion), indented by causation; ``#`` is the log position (the steps of an
+    activation are in the log before the trigger it commits). ``agentrt runs show`` draws
+    the same tree with durations and costs; ``agentrt log tail`` shows events whole."""
     out.print(f"\n[bold]run {events[0].run_id if events else '?'}[/]")
-    for e in events:
-        out.print(f"  #{e.position:<5} {e.event_type:22} {e.producer or '':18} "
-                  f"{escape(_gist(e.body))}")  # fmt: skip
+    rows = [(e.event_id, e.causation_id) for e in events]
+    for i, depth, _ in causation_order(rows, id_at=0, cause_at=1):
+        e = events[i]
+        indent = "  " * depth
+        out.print(f"  #{e.position:<5} {indent}{e.event_type:{max(24 - len(indent), 1)}} "
+                  f"{e.producer or '':18} {escape(_gist(e.body))}")  # fmt: skip
 
 
 def _gist(body: Any) -> str:
