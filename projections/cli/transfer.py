@@ -1,9 +1,96 @@
-"""`agentrt` commands of the read side (being written: issue 10)."""
+"""``agentrt runs export RUN_ID`` and ``agentrt runs import FILE`` (on ``runs_app``)."""
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+from typing import Annotated
+from uuid import UUID
+
 import typer
+
+from projections.cli.runs import runs_app
+from projections.errors import ImportRefused
+from projections.transfer import export_run, import_run, parse_export
+from runtime.cli import err, open_log, out, run, with_servers
 
 
 def register(app: typer.Typer) -> None:
-    """Add this module's commands to ``app``."""
+    """Nothing to add to ``app``: these commands hang on ``runs_app`` (see runs.py)."""
+
+
+def _run_id(text: str) -> UUID:
+    try:
+        return UUID(text)
+    except ValueError:
+        raise typer.BadParameter(
+            f"{text!r} is not a run id (a UUID)", param_hint="RUN_ID"
+        ) from None
+
+
+@runs_app.command("export")
+def runs_export(
+    ctx: typer.Context,
+    run_id: Annotated[str, typer.Argument(help="The run to export (its id)")],
+    output: Annotated[
+        Path | None, typer.Option("--output", "-o", help="Write to this file (default: stdout)")
+    ] = None,
+) -> None:
+    """Export a run as JSON lines: every event with its hash chain, to import elsewhere."""
+    rid = _run_id(run_id)
+    settings = with_servers(ctx.find_root().obj)
+
+    async def go() -> list[bytes]:
+        log = await open_log(settings)
+        try:
+            return await export_run(log, rid)
+        finally:
+            await log.pool.close()
+
+    lines = run(go())
+    if output is None:
+        sys.stdout.buffer.writelines(lines)
+        sys.stdout.flush()
+        return
+    # Written only once the run was read whole: an unknown run leaves no file behind.
+    output.write_bytes(b"".join(lines))
+    err.print(f"exported run {rid}: {len(lines) - 1} events to {output}")
+
+
+@runs_app.command("import")
+def runs_import(
+    ctx: typer.Context,
+    file: Annotated[
+        Path, typer.Argument(help="An export (from `agentrt runs export`); - for stdin")
+    ],
+) -> None:
+    """Import an exported run, after verifying every event's hash and every stream's chain."""
+    settings = with_servers(ctx.find_root().obj)
+
+    async def go() -> None:
+        if str(file) == "-":
+            lines = sys.stdin.buffer.read().splitlines()
+        else:
+            try:
+                lines = file.read_bytes().splitlines()
+            except OSError as exc:
+                raise ImportRefused(f"cannot read {file}: {exc.strerror or exc}") from None
+        export = parse_export(lines)
+        log = await open_log(settings)
+        try:
+            report = await import_run(log, export)
+        finally:
+            await log.pool.close()
+        skipped = "".join(
+            f"\n  skipped {n} event(s) of {s} (not the run's own stream)"
+            for s, n in sorted(report.skipped.items())
+        )
+        if report.already_present:
+            out.print(f"run {report.run_id} already present: nothing imported{skipped}")
+            return
+        out.print(
+            f"imported run {report.run_id}: {report.imported} events in "
+            f"{len(report.streams)} streams, hash chain verified{skipped}"
+        )
+
+    run(go())

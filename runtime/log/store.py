@@ -7,6 +7,7 @@ import contextlib
 import dataclasses
 from collections import OrderedDict
 from collections.abc import AsyncGenerator, AsyncIterator, Sequence
+from datetime import datetime
 from typing import Any
 from uuid import UUID
 
@@ -65,6 +66,23 @@ def _as_new(item: Any, i: int) -> NewEvent:
     if not isinstance(item, Event):
         raise InvalidAppend(f"event {i} of the batch is not an agentrt Event: {item!r}")
     return NewEvent(body=item)
+
+
+class RawEvent(msgspec.Struct, frozen=True, kw_only=True):
+    """An event already encoded, with every column the writer sets: what
+    :meth:`EventLog.append_raw` takes (an import of another log's events, whose body
+    types this process need not know). ``data`` is the stored JSON body, byte for
+    byte: the content hash covers exactly these bytes."""
+
+    event_id: UUID
+    event_type: str
+    schema_version: int
+    data: bytes
+    run_id: UUID | None = None
+    causation_id: UUID | None = None
+    producer: str | None = None
+    trace: str | None = None
+    recorded_at: datetime
 
 
 def _first(column: list[Any] | None) -> Any:
@@ -251,13 +269,48 @@ class EventLog:
         appends inside the caller's transaction, where a lost race is raised
         rather than retried (the transaction is aborted by then).
         """
+        self._check_append(stream_id, events, expected_version)
+        batch = self._encode(stream_id, events, expected_version)
+        return await self._append_batch(stream_id, batch, expected_version, conn)
+
+    async def append_raw(
+        self,
+        stream_id: str,
+        events: Sequence[RawEvent],
+        expected_version: int | None = ANY_VERSION,
+        *,
+        conn: asyncpg.Connection | None = None,
+    ) -> AppendResult:
+        """:meth:`append` for events whose bodies are encoded already (an import).
+
+        The body bytes are stored as given and the chain is computed over them as
+        :meth:`append` computes it, so events exported from another log come out
+        with the very hashes they had there. The same contract otherwise:
+        ``expected_version``, idempotent re-appends, ``conn``. The bytes must be
+        one JSON value (PostgreSQL's ``json`` type checks it); nothing else is
+        checked here, so a caller that did not verify what it appends gets a
+        chain over whatever it sent.
+        """
+        self._check_append(stream_id, events, expected_version)
+        batch = self._encode_raw(stream_id, events, expected_version)
+        return await self._append_batch(stream_id, batch, expected_version, conn)
+
+    @staticmethod
+    def _check_append(stream_id: str, events: Sequence[Any], expected_version: int | None) -> None:
         if not events:
             raise InvalidAppend(f"append to {stream_id!r}: no events given")
         if not stream_id or len(stream_id) > 200:
             raise InvalidAppend(f"stream id must be 1..200 characters, got {stream_id!r}")
         if expected_version is not None and expected_version < 0:
             raise InvalidAppend(f"expected_version must be >= 0, got {expected_version}")
-        batch = self._encode(stream_id, events, expected_version)
+
+    async def _append_batch(
+        self,
+        stream_id: str,
+        batch: _Batch,
+        expected_version: int | None,
+        conn: asyncpg.Connection | None,
+    ) -> AppendResult:
         if conn is not None:
             try:
                 return await self._append_once(conn, stream_id, expected_version, batch)
@@ -464,7 +517,6 @@ class EventLog:
     def _encode(
         self, stream_id: str, events: Sequence[NewEvent | Event], expected: int | None
     ) -> _Batch:
-        n = len(events)
         ids: list[Any] = []
         types: list[str] = []
         versions: list[int] = []
@@ -506,6 +558,47 @@ class EventLog:
             contents.append(
                 content_hash(event_id, etype, version, run_id, cause, producer, at, trace, data)
             )
+        return self._batch(stream_id, expected, ids, types, versions, runs, causes, producers,
+                           recorded, traces, datas, contents)  # fmt: skip
+
+    def _encode_raw(
+        self, stream_id: str, events: Sequence[RawEvent], expected: int | None
+    ) -> _Batch:
+        content_hash = chain.content_hash_raw
+        contents: list[bytes] = []
+        for i, ev in enumerate(events):
+            if type(ev) is not RawEvent:
+                raise InvalidAppend(f"event {i} of the batch is not a RawEvent: {ev!r}")
+            if ev.recorded_at.tzinfo is None:
+                raise InvalidAppend(f"event {ev.event_id}: recorded_at must be timezone-aware")
+            contents.append(content_hash(
+                ev.event_id, ev.event_type, ev.schema_version, ev.run_id, ev.causation_id,
+                ev.producer, ev.recorded_at, ev.trace, ev.data,
+            ))  # fmt: skip
+        return self._batch(
+            stream_id, expected, [e.event_id for e in events], [e.event_type for e in events],
+            [e.schema_version for e in events], [e.run_id for e in events],
+            [e.causation_id for e in events], [e.producer for e in events],
+            [e.recorded_at for e in events], [e.trace for e in events],
+            [e.data.decode() for e in events], contents,
+        )  # fmt: skip
+
+    def _batch(
+        self,
+        stream_id: str,
+        expected: int | None,
+        ids: list[Any],
+        types: list[str],
+        versions: list[int],
+        runs: list[Any],
+        causes: list[Any],
+        producers: list[Any],
+        recorded: list[Any],
+        traces: list[Any],
+        datas: list[str],
+        contents: list[bytes],
+    ) -> _Batch:
+        n = len(ids)
         if len({e.int for e in ids}) != n:
             raise InvalidAppend("an event id appears twice in one batch")
         prev, links = (
