@@ -71,6 +71,16 @@ class LogQueries:
             "AND stream_id <> $2"
         )
         self._inbox_rows = f"SELECT count(*) FROM {q}.inbox WHERE run_id = ANY($1::uuid[])"
+        # A run's root event is the one whose id is the run id; an agent took part
+        # when the run holds its completion or dead letter (events_run index).
+        self._runs_between = (
+            f"SELECT e.run_id FROM {q}.events e WHERE e.event_id = e.run_id "
+            "AND e.recorded_at >= $1 AND ($2::timestamptz IS NULL OR e.recorded_at < $2) "
+            f"AND ($3::text IS NULL OR EXISTS (SELECT 1 FROM {q}.events a "
+            "WHERE a.run_id = e.run_id AND a.event_type IN "
+            "('activation.completed', 'activation.dead_lettered') AND a.data->>'agent' = $3)) "
+            "ORDER BY e.recorded_at, e.position"
+        )
         self._summary = (
             "SELECT count(*) FILTER (WHERE event_type = 'step.recorded'), "
             f"coalesce(sum({_USAGE_TOKENS}), 0), "
@@ -105,6 +115,14 @@ class LogQueries:
     async def activations_handled(self, run_ids: Sequence[UUID]) -> int:
         """Inbox rows (committed activations) of these runs."""
         return int(await self.log.pool.fetchval(self._inbox_rows, list(run_ids)))
+
+    async def runs_between(
+        self, since: datetime, until: datetime | None = None, agent: str | None = None
+    ) -> list[UUID]:
+        """Runs whose root event was recorded in [since, until), oldest first; with
+        ``agent``, only those in which that agent was activated (replay --since)."""
+        rows = await self.log.pool.fetch(self._runs_between, since, until, agent)
+        return [r[0] for r in rows]
 
     async def run_summary(self, run_ids: Sequence[UUID]) -> RunSummary:
         steps, tokens, activations = await self.log.pool.fetchrow(self._summary, list(run_ids))
