@@ -344,8 +344,7 @@ class Projector:
         await self.setup()
         live, stale = await self.current()
         if stale and self.settings.projection_version_change == "rebuild":
-            for p in stale:
-                await self.rebuild(p.name, progress=progress)
+            await self.rebuild_many([p.name for p in stale], progress=progress)
             live, _ = await self.current()
         elif stale:
             for p in stale:
@@ -373,14 +372,14 @@ class Projector:
         rebuilt: asyncio.Queue[Projection] = asyncio.Queue()
         rebuilds: list[asyncio.Task[None]] = []
         policy = self.settings.projection_version_change
-        for p in stale:
-            if policy == "rebuild":
-                rebuilds.append(asyncio.create_task(self._rebuild_then(p, rebuilt),
-                                                    name=f"rebuild:{p.name}"))  # fmt: skip
-            else:
-                log.warning("projection.stale", projection=p.name, version=p.version_key(),
-                            hint="`agentrt projections rebuild` it, or set "
-                            "AGENTRT_PROJECTION_VERSION_CHANGE=rebuild")  # fmt: skip
+        if stale and policy == "rebuild":
+            # One after the other: each holds two connections while it runs.
+            rebuilds.append(asyncio.create_task(self._rebuild_then(stale, rebuilt),
+                                                name="rebuilds"))  # fmt: skip
+        for p in stale if policy != "rebuild" else ():
+            log.warning("projection.stale", projection=p.name, version=p.version_key(),
+                        hint="`agentrt projections rebuild` it, or set "
+                        "AGENTRT_PROJECTION_VERSION_CHANGE=rebuild")  # fmt: skip
         log.info("projector.started", live=[p.name for p in live],
                  rebuilding=[p.name for p in stale] if policy == "rebuild" else [])  # fmt: skip
         try:
@@ -391,13 +390,28 @@ class Projector:
             await asyncio.gather(*rebuilds, return_exceptions=True)
             log.info("projector.stopped")
 
-    async def _rebuild_then(self, p: Projection, done: asyncio.Queue[Projection]) -> None:
+    async def _rebuild_then(
+        self, stale: Sequence[Projection], done: asyncio.Queue[Projection]
+    ) -> None:
+        """Rebuild the stale projections in one pass (one at a time for those another
+        process is rebuilding already: they are skipped), then hand them to the lane."""
         try:
-            await self.rebuild(p.name)
+            await self.rebuild_many([p.name for p in stale])
+            ready = list(stale)
         except ProjectionBusy:
-            log.info("projection.rebuild_elsewhere", projection=p.name)
+            ready = []
+            for p in stale:
+                try:
+                    await self.rebuild(p.name)
+                    ready.append(p)
+                except ProjectionBusy:
+                    log.info("projection.rebuild_elsewhere", projection=p.name)
+        except Exception as exc:  # a projection's bug: say so loudly, keep the lane running
+            log.error("projection.rebuild_failed", projections=[p.name for p in stale],
+                      error=f"{type(exc).__name__}: {exc}")  # fmt: skip
             return
-        await done.put(p)
+        for p in ready:
+            await done.put(p)
 
     async def _follow(
         self, lane: list[Projection], rebuilt: asyncio.Queue[Projection], stop: asyncio.Event
@@ -443,37 +457,58 @@ class Projector:
     ) -> int:
         """Rebuild ``name`` from the start into shadow tables and swap them in; returns the
         events folded. :class:`ProjectionBusy` if another process is rebuilding it."""
-        p = self._get(name)
-        await self.setup()
-        lock_key = f"agentrt.rebuild:{self.schema}:{name}"
-        async with self.pool.acquire() as holder:
-            if not await holder.fetchval("SELECT pg_try_advisory_lock(hashtext($1))", lock_key):
-                raise ProjectionBusy(f"projection {name!r} is being rebuilt by another process")
-            try:
-                return await self._rebuild(p, progress)
-            finally:
-                await holder.execute("SELECT pg_advisory_unlock(hashtext($1))", lock_key)
+        return await self.rebuild_many([name], progress=progress)
 
-    async def _rebuild(self, p: Projection, progress: Callable[[Progress], None] | None) -> int:
-        shadow = Tables(self.schema, p.tables, SHADOW)
-        live = self.live_tables(p)
-        marker = p.name + _REBUILDING
+    async def rebuild_many(
+        self, names: Sequence[str], *, progress: Callable[[Progress], None] | None = None
+    ) -> int:
+        """Rebuild several projections in ONE pass over the log (each page folded into
+        every shadow in one transaction), then swap each in; returns the events read.
+
+        :class:`ProjectionBusy` if another process is rebuilding one of them
+        (nothing is started then)."""
+        chosen = [self._get(n) for n in dict.fromkeys(names)]
+        if not chosen:
+            return 0
+        await self.setup()
+        keys = [f"agentrt.rebuild:{self.schema}:{p.name}" for p in chosen]
+        async with self.pool.acquire() as holder:
+            taken: list[str] = []
+            try:
+                for p, key in zip(chosen, keys, strict=True):
+                    if not await holder.fetchval("SELECT pg_try_advisory_lock(hashtext($1))", key):
+                        raise ProjectionBusy(
+                            f"projection {p.name!r} is being rebuilt by another process"
+                        )
+                    taken.append(key)
+                return await self._rebuild(chosen, progress)
+            finally:
+                for key in taken:
+                    await holder.execute("SELECT pg_advisory_unlock(hashtext($1))", key)
+
+    async def _rebuild(
+        self, chosen: Sequence[Projection], progress: Callable[[Progress], None] | None
+    ) -> int:
+        label = ", ".join(p.name for p in chosen)
+        shadows = {p.name: Tables(self.schema, p.tables, SHADOW) for p in chosen}
         async with self.pool.acquire() as conn:
             total = int(await conn.fetchval(f"SELECT count(*) FROM {self._events}"))
             async with conn.transaction():
-                for table, columns in p.tables.items():
-                    await conn.execute(f"DROP TABLE IF EXISTS {shadow[table]}")
-                    await conn.execute(f"CREATE TABLE {shadow[table]} {columns}")
-                await conn.execute(
-                    f"INSERT INTO {self._cp} (name, version, tx, position, total) "
-                    "VALUES ($1, $2, '0'::xid8, 0, $3) ON CONFLICT (name) DO UPDATE SET "
-                    "version = excluded.version, tx = '0'::xid8, position = 0, events = 0, "
-                    "total = excluded.total, updated_at = now()",
-                    marker,
-                    p.version_key(),
-                    total,
-                )
-        log.info("projection.rebuild_started", projection=p.name, events=total)
+                for p in chosen:
+                    shadow = shadows[p.name]
+                    for table, columns in p.tables.items():
+                        await conn.execute(f"DROP TABLE IF EXISTS {shadow[table]}")
+                        await conn.execute(f"CREATE TABLE {shadow[table]} {columns}")
+                    await conn.execute(
+                        f"INSERT INTO {self._cp} (name, version, tx, position, total) "
+                        "VALUES ($1, $2, '0'::xid8, 0, $3) ON CONFLICT (name) DO UPDATE SET "
+                        "version = excluded.version, tx = '0'::xid8, position = 0, events = 0, "
+                        "total = excluded.total, updated_at = now()",
+                        p.name + _REBUILDING,
+                        p.version_key(),
+                        total,
+                    )
+        log.info("projection.rebuild_started", projections=label, events=total)
         started = time.monotonic()
         position, done = START, 0
 
@@ -483,27 +518,40 @@ class Projector:
             elapsed = time.monotonic() - started
             rate = done / elapsed if elapsed > 0 and done else 0.0
             eta = max(total - done, 0) / rate if rate else None
-            progress(Progress(name=p.name, done=done, total=max(total, done), elapsed=elapsed,
+            progress(Progress(name=label, done=done, total=max(total, done), elapsed=elapsed,
                               eta=eta, phase=phase))  # fmt: skip
 
         report()
-        # Fold to the head, page by page, while the live tables keep serving.
-        while True:
-            page = await self.log.read_all(position, self.batch)
-            if not page:
-                break
-            await self._fold_shadow(p, page, shadow, marker)
-            done += len(page)
+        # Fold to the head, page by page, while the live tables keep serving. The next
+        # page is read while this one is folded.
+        page = await self.log.read_all(position, self.batch)
+        while page:
             position = page[-1].log_position
+            ahead = asyncio.ensure_future(self.log.read_all(position, self.batch))
+            try:
+                await self._fold_shadows(chosen, page, shadows)
+            except BaseException:
+                ahead.cancel()
+                with contextlib.suppress(BaseException):
+                    await ahead
+                raise
+            done += len(page)
             report()
+            page = await ahead
         report("indexing")
         async with self.pool.acquire() as conn:
-            for statement in p.indexes:
-                await conn.execute(statement.format_map({t: shadow[t] for t in p.tables}))
+            for p in chosen:
+                shadow = shadows[p.name]
+                for statement in p.indexes:
+                    await conn.execute(statement.format_map({t: shadow[t] for t in p.tables}))
         report("swapping")
-        done += await self._swap(p, shadow, live, marker, position)
+        extra = 0
+        for p in chosen:
+            extra = max(extra, await self._swap(p, shadows[p.name], self.live_tables(p),
+                                                p.name + _REBUILDING, position))  # fmt: skip
+        done += extra
         report("done")
-        log.info("projection.rebuilt", projection=p.name, events=done,
+        log.info("projection.rebuilt", projections=label, events=done,
                  seconds=round(time.monotonic() - started, 3))  # fmt: skip
         return done
 
@@ -511,20 +559,25 @@ class Projector:
     def _events(self) -> str:
         return f"{_ident(self.log.schema)}.events"
 
-    async def _fold_shadow(
-        self, p: Projection, page: Sequence[RecordedEvent], shadow: Tables, marker: str
+    async def _fold_shadows(
+        self,
+        chosen: Sequence[Projection],
+        page: Sequence[RecordedEvent],
+        shadows: Mapping[str, Tables],
     ) -> None:
         last = page[-1]
-        types = p.types
-        events = page if types is None else [e for e in page if e.event_type in types]
         async with self.pool.acquire() as conn, conn.transaction():
-            if events:
-                await p.apply(conn, events, shadow)
+            for p in chosen:
+                types = p.types
+                events = page if types is None else [e for e in page if e.event_type in types]
+                if events:
+                    await p.apply(conn, events, shadows[p.name])
             await conn.execute(
                 f"UPDATE {self._cp} SET tx = $2::text::xid8, position = $3, event_id = $4, "
-                "events = events + $5, last_event_at = $6, updated_at = now() WHERE name = $1",
-                marker, str(last.tx), last.position, last.event_id, len(page),
-                last.recorded_at,
+                "events = events + $5, last_event_at = $6, updated_at = now() "
+                "WHERE name = ANY($1::text[])",
+                [p.name + _REBUILDING for p in chosen], str(last.tx), last.position,
+                last.event_id, len(page), last.recorded_at,
             )  # fmt: skip
 
     async def _swap(

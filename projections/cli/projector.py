@@ -10,7 +10,14 @@ from typing import Annotated
 
 import msgspec
 import typer
-from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
 from rich.table import Table
 
 from projections.engine import Progress as RebuildProgress
@@ -136,7 +143,8 @@ def register(app: typer.Typer) -> None:
                 with Progress(
                     TextColumn("[bold]{task.description}"),
                     BarColumn(),
-                    TextColumn("{task.completed:,.0f}/{task.total:,.0f} events"),
+                    MofNCompleteColumn(),
+                    TextColumn("events"),
                     TimeElapsedColumn(),
                     TextColumn("eta"),
                     TimeRemainingColumn(),
