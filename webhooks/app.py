@@ -5,7 +5,8 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterable
+from importlib.metadata import EntryPoint, entry_points
 from typing import Any
 
 import asyncpg
@@ -49,6 +50,10 @@ from webhooks.formats import Decoded, Format
 from webhooks.ingest import Ingestor
 
 log = structlog.get_logger(__name__)
+
+#: Packages add routes to the ingress app through this group (``projections`` adds the
+#: query API): ``name = "pkg.module:mount"``, called as ``mount(app, settings)``.
+ROUTES_GROUP = "agentrt.routes"
 
 
 def formats() -> dict[str, Format]:
@@ -137,9 +142,16 @@ class Metrics:
 
 
 def create_app(
-    settings: Settings, config: WebhooksConfig, sources: dict[str, ResolvedSource]
+    settings: Settings,
+    config: WebhooksConfig,
+    sources: dict[str, ResolvedSource],
+    *,
+    routes: bool = True,
 ) -> FastAPI:
-    """The ingress app. Nothing connects until the lifespan starts."""
+    """The ingress app. Nothing connects until the lifespan starts.
+
+    ``routes``: also mount the routes of the ``agentrt.routes`` group (the query API).
+    """
     decoders = formats()
     metrics = Metrics()
     for name, src in sources.items():
@@ -352,7 +364,25 @@ def create_app(
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     app.state.metrics = metrics
+    if routes:
+        mount_routes(app, settings)
     return app
+
+
+def mount_routes(
+    app: FastAPI, settings: Settings, eps: Iterable[EntryPoint] | None = None
+) -> list[str]:
+    """Call each ``agentrt.routes`` entry point with the app; one that fails is logged
+    and skipped, so a broken plugin never takes the ingress down."""
+    mounted: list[str] = []
+    for ep in eps if eps is not None else entry_points(group=ROUTES_GROUP):
+        try:
+            ep.load()(app, settings)
+        except Exception as exc:  # a plugin's bug is its own, not the ingress's
+            log.warning("webhooks.routes_failed", plugin=ep.name, target=ep.value, error=str(exc))
+            continue
+        mounted.append(ep.name)
+    return mounted
 
 
 def partition_key(setting: str, decoded: Decoded) -> str:

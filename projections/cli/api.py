@@ -1,9 +1,99 @@
-"""`agentrt` commands of the read side (being written: issue 10)."""
+"""``agentrt api``: the query API (JSON routes over the read models) on its own server."""
 
 from __future__ import annotations
 
+import dataclasses
+import os
+import shlex
+import sys
+from pathlib import Path
+from typing import Annotated
+
 import typer
+from rich.markup import escape
+
+from runtime.agents.agent import Agent
+from runtime.agents.loading import load_app
+from runtime.cli import err, fail, run, with_servers
+from runtime.errors import AppLoadError
+from runtime.log import migrations
+from runtime.settings import Settings
+
+
+def settings_of(ctx: typer.Context) -> Settings:
+    obj = ctx.find_root().obj
+    return obj if isinstance(obj, Settings) else Settings.from_env()
+
+
+def load_agents(target: str) -> list[Agent]:
+    """The agents of ``--app`` (the current directory importable, as for ``agentrt worker``)."""
+    if os.getcwd() not in sys.path and "" not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    try:
+        return load_app(target)
+    except AppLoadError as exc:
+        fail(exc)
+
+
+def usage_note(url: str, path: Path | None) -> str:
+    """Where the token is and how to use it (never the token itself: terminals get logged)."""
+    if path is None:
+        where = "token: AGENTRT_API_TOKEN"
+        header = "Authorization: Bearer $AGENTRT_API_TOKEN"
+    else:
+        where = f"token: kept in {path} (mode 0600, reused next time; AGENTRT_API_TOKEN overrides)"
+        header = f"Authorization: Bearer $(cat {shlex.quote(str(path))})"
+    return (
+        f"query API on {url} (schema {url}/openapi.json, docs {url}/docs)\n{where}\n"
+        f'  curl -H "{header}" {url}/runs'
+    )
+
+
+def api(
+    ctx: typer.Context,
+    host: Annotated[str, typer.Option(help="Interface to listen on")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port")] = 8001,
+    app_target: Annotated[
+        str | None,
+        typer.Option(
+            "--app",
+            help="Module with your agents (`mypkg.agents`): /runs/{id}/state folds their "
+            "state with their code; without it /state answers 422",
+        ),
+    ] = None,
+) -> None:
+    """Serve the query API: runs, events, timelines, time travel, audit, usage, dead letters.
+
+    Every route needs a bearer token: settings.api_token (AGENTRT_API_TOKEN), else one made
+    here and kept in <state_dir>/api-token. The read models are as fresh as
+    `agentrt projector` keeps them.
+    """
+    import uvicorn
+
+    from projections.api import create_api, ensure_token
+
+    agents = load_agents(app_target) if app_target else []
+    settings = with_servers(settings_of(ctx))
+    token, path = ensure_token(settings)
+    settings = dataclasses.replace(settings, api_token=token)
+
+    async def prepare() -> None:
+        report = await migrations.migrate(settings)
+        for note in report.notes:
+            err.print(f"[yellow]note:[/] {escape(note)}")
+
+    run(prepare())
+    shown = host if ":" not in host else f"[{host}]"
+    err.print(escape(usage_note(f"http://{shown}:{port}", path)))
+    uvicorn.run(
+        create_api(settings, agents=agents),
+        host=host,
+        port=port,
+        log_level="warning",
+        access_log=False,
+    )
 
 
 def register(app: typer.Typer) -> None:
-    """Add this module's commands to ``app``."""
+    """Add ``agentrt api`` to ``app``."""
+    app.command("api")(api)

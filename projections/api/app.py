@@ -1,0 +1,155 @@
+"""The query API app (``agentrt api``) and its mounting into another app (the ingress).
+
+Both serve the same router (:func:`projections.api.routes.router`) guarded by the same
+bearer check; they differ in who owns the PostgreSQL pool. ``create_api`` opens it in
+its lifespan (so a bad URL fails the start, by name); ``mount`` opens it on the first
+request that needs it and closes it when the host app's lifespan ends, so an ingress
+whose users never query pays nothing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping
+from typing import Any
+
+import asyncpg
+import structlog
+from fastapi import FastAPI, Request, Response
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from projections.api.auth import bearer_check, configured_token
+from projections.api.http import ErrorBody, Unavailable, json_response
+from projections.api.openapi import install_components
+from runtime.agents.agent import Agent
+from runtime.errors import ServiceUnavailable, SettingsError
+from runtime.log.pool import open_runtime_pool
+from runtime.log.store import EventLog
+from runtime.settings import Settings
+
+log = structlog.get_logger(__name__)
+
+DESCRIPTION = """\
+Read models of the agentrt log: runs, their events and timelines, each agent's state as of
+any event (time travel), audit entries, token usage and cost, dead letters.
+
+Every route needs `Authorization: Bearer <token>` (settings.api_token, or the token
+`agentrt api` keeps in `<state_dir>/api-token`); a missing or wrong token is 401.
+The schema (`/openapi.json`) and the docs (`/docs`) are served without a token: they
+describe the routes and hold no data.
+
+Lists are cursor-paginated: pass a response's `next_cursor` as `cursor` for the next
+page; `next_cursor` is null on the last page.
+"""
+
+
+class Backend:
+    """What the routes read through: one pool (given, opened at start, or opened on first
+    use), the log and the read models over it, and the agents time travel folds with."""
+
+    def __init__(
+        self, settings: Settings, agents: Iterable[Agent] = (), pool: asyncpg.Pool | None = None
+    ) -> None:
+        self.settings = settings
+        self.agents: tuple[Agent, ...] = tuple(agents)
+        self._pool = pool
+        self._owned = False
+        self._lock = asyncio.Lock()
+
+    async def pool(self) -> asyncpg.Pool:
+        if self._pool is None:
+            async with self._lock:
+                if self._pool is None:
+                    self._pool = await self._open()
+                    self._owned = True
+        return self._pool
+
+    async def _open(self) -> asyncpg.Pool:
+        try:
+            return await open_runtime_pool(self.settings, min_size=0, max_size=4, attempts=2)
+        except SettingsError as exc:
+            raise Unavailable(f"the query API has no database: {exc.message}") from None
+        except ServiceUnavailable as exc:
+            raise Unavailable(exc.message) from None
+
+    async def log(self) -> EventLog:
+        return EventLog(await self.pool(), schema=self.settings.db_schema)
+
+    async def close(self) -> None:
+        pool, self._pool = self._pool, None
+        if pool is not None and self._owned:
+            await pool.close()
+
+
+def install(app: FastAPI, backend: Backend) -> None:
+    """Add the guarded router to ``app`` and the result schemas to its OpenAPI document."""
+    from projections.api.routes import SCHEMA_TYPES, router
+
+    token = configured_token(backend.settings)
+    if token is None:
+        log.info(
+            "api.no_token",
+            hint="every query route answers 401 until AGENTRT_API_TOKEN is set "
+            "(or `agentrt api` has created <state_dir>/api-token)",
+        )
+    app.include_router(router(backend, bearer_check(token)))
+    install_components(app, [ErrorBody, *SCHEMA_TYPES])
+
+
+def create_api(
+    settings: Settings, *, agents: Iterable[Agent] = (), pool: asyncpg.Pool | None = None
+) -> FastAPI:
+    """The query API. Opens the runtime's pool in its lifespan unless given one (which
+    stays the caller's to close). ``agents`` are what ``/state`` folds with."""
+    backend = Backend(settings, agents, pool)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        await backend.pool()
+        try:
+            yield
+        finally:
+            await backend.close()
+
+    app = FastAPI(
+        title="agentrt query API", version="0.1.0", description=DESCRIPTION, lifespan=lifespan
+    )
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> Response:
+        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
+        return json_response(
+            ErrorBody(code=code, message=str(exc.detail)), exc.status_code, _headers(exc.headers)
+        )
+
+    install(app, backend)
+    app.state.backend = backend
+    return app
+
+
+def _headers(headers: Mapping[str, str] | None) -> dict[str, str] | None:
+    return dict(headers) if headers else None
+
+
+def mount(app: FastAPI, settings: Settings) -> None:
+    """Entry point of the ``agentrt.routes`` group: the API's routes (with their bearer
+    check) in an existing app. The pool opens on the first query and closes when ``app``'s
+    lifespan ends; no agents are loaded, so ``/state`` answers 422 there."""
+    backend = Backend(settings)
+    install(app, backend)
+    _close_with(app, backend.close)
+
+
+def _close_with(app: FastAPI, close: Callable[[], Any]) -> None:
+    inner = app.router.lifespan_context
+
+    @contextlib.asynccontextmanager
+    async def lifespan(a: Any) -> AsyncIterator[Any]:
+        async with inner(a) as state:
+            try:
+                yield state
+            finally:
+                await close()
+
+    app.router.lifespan_context = lifespan
