@@ -65,3 +65,10 @@ class ProjectionBusy(ReadSideError):
 
     status = 409
     code = "projection_busy"
+
+
+class InvalidInput(ReadSideError):
+    """A body given for a run's trigger (``agentrt fork --input-file``) that does not decode."""
+
+    status = 422
+    code = "invalid_input"
