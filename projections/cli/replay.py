@@ -106,16 +106,25 @@ def _activation_lines(a: ActivationReplay) -> list[str]:
 
 def print_run(report: RunReplay) -> None:
     verdict = "[green]identical[/]" if report.identical else "[bold red]divergent[/]"
-    out.print(f"run {report.run_id}: {len(report.activations)} activations, {verdict}")
+    count = len(report.activations)
+    if count == 0:
+        verdict += " (the log holds no activation of it to replay)"
+    out.print(f"run {report.run_id}: {count} activations, {verdict}")
     for a in report.activations:
         for line in _activation_lines(a):
-            out.print(line, soft_wrap=True)
+            out.print(line, soft_wrap=True, emoji=False)
 
 
 def _json(report: RunReplay) -> bytes:
     return msgspec.json.encode(
         {"run_id": report.run_id, "identical": report.identical, "activations": report.activations}
     )
+
+
+def _line(data: bytes) -> None:
+    """One JSON line on stdout, byte for byte (no markup, emoji or wrapping)."""
+    sys.stdout.write(data.decode() + "\n")
+    sys.stdout.flush()
 
 
 def summarize(reports: Sequence[RunReplay]) -> ReplaySummary:
@@ -141,7 +150,7 @@ async def _one(settings: Settings, agents: list[Agent], run_id: uuid.UUID, app: 
     finally:
         await lg.pool.close()
     if as_json:
-        out.print(_json(report).decode(), soft_wrap=True, markup=False)
+        _line(_json(report))
     else:
         print_run(report)
     return report.identical
@@ -168,7 +177,7 @@ async def _many(
                 report = await replay_run(lg, agents, run_id, settings=settings, app=app)
                 reports.append(report)
                 if as_json:
-                    out.print(_json(report).decode(), soft_wrap=True, markup=False)
+                    _line(_json(report))
                 elif not report.identical:
                     print_run(report)
                 progress.advance(task)
@@ -176,7 +185,7 @@ async def _many(
         await lg.pool.close()
     summary = summarize(reports)
     if as_json:
-        out.print(msgspec.json.encode(summary).decode(), soft_wrap=True, markup=False)
+        _line(msgspec.json.encode(summary))
     else:
         window = f"since {since.isoformat()}" + (f" until {until.isoformat()}" if until else "")
         who = f" with agent {agent!r}" if agent else ""
