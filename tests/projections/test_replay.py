@@ -26,7 +26,7 @@ from typer.testing import CliRunner
 from projections import replay as replay_mod
 from projections.cli import replay as cli_replay
 from projections.errors import AgentMissing, UnknownRun
-from projections.record import load_run
+from projections.record import RunRecord, load_run
 from projections.replay import RunReplay, replay_run
 from runtime.agents.agent import Agent
 from runtime.effects.budget import Budget
@@ -37,7 +37,7 @@ from runtime.log.queries import LogQueries
 from runtime.log.store import EventLog
 from runtime.settings import Settings
 from tests.support import REPO
-from tests.support.apps import replayed
+from tests.support.apps import orders, replayed
 from tests.support.apps.orders import OrderPlaced
 from tests.support.runtime import count_type, fast_options, running, send, wait_for
 from webhooks.demo import agents as demo
@@ -296,6 +296,25 @@ async def test_a_dead_lettered_activation_replays_identical_when_it_raises_again
 
 async def _has(log: EventLog, event_type: str) -> bool:
     return await count_type(log, event_type) >= 1
+
+
+async def test_a_folding_agent_sees_the_same_ctx_state(
+    redis: aioredis.Redis, log: EventLog, settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The auditor emits how many events its ctx.state folded: a replay must fold the same."""
+    run_id = await send(redis, OrderPlaced(order_id="o3", sku="SKU-3"))
+    async with running(orders.agents, redis, log):
+        await wait_for(lambda: _has(log, "orders.audited"), what="the audit")
+    [audited] = [e.body for e in await log.read_run(run_id) if e.event_type == "orders.audited"]
+    assert getattr(audited, "seen_by", "") != "0 earlier"
+    report = await replay_run(log, orders.agents, run_id, settings=settings)
+    assert report.identical, report
+    # Without the run's history ctx.state is empty: the emitted body says so.
+    monkeypatch.setattr(RunRecord, "history_before", lambda self, trigger: [])
+    blind = await replay_run(log, orders.agents, run_id, settings=settings)
+    [d] = [a.divergence for a in blind.activations if a.divergence is not None]
+    assert (d.kind, d.index) == ("emit", 0)
+    assert '+  "seen_by": "0 earlier"' in d.diff
 
 
 async def test_unknown_run_and_missing_agent(
