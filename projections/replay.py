@@ -29,14 +29,15 @@ import msgspec
 from projections.errors import AgentMissing
 from projections.record import RecordedActivation, RunRecord, load_run
 from runtime.agents.agent import Agent
-from runtime.agents.context import Trigger
+from runtime.agents.context import FROM_START, Trigger
 from runtime.effects.breaker import CircuitBreaker, Transition
 from runtime.effects.steps import StepCall, Steps, request_hash
 from runtime.errors import StepDivergence
 from runtime.events.builtin import StepRecorded
 from runtime.events.ids import activation_stream
-from runtime.events.model import Event, NewEvent, RecordedEvent, event_type_of
+from runtime.events.model import Event, LogPosition, NewEvent, RecordedEvent, event_type_of
 from runtime.llm.calls import LLM
+from runtime.log.snapshots import SnapshotStore, decode_state
 from runtime.log.store import EventLog
 from runtime.settings import Settings
 from runtime.worker.activation import activate
@@ -343,14 +344,40 @@ def _offline(record: RunRecord, settings: Settings) -> bool:
     return not settings.anthropic_api_key
 
 
+async def _state(
+    record: RunRecord, a: RecordedActivation, agent: Agent, snapshots: SnapshotStore | None
+) -> tuple[Any, list[RecordedEvent]]:
+    """What ``ctx.state`` starts from and the events folded on top, as the worker has
+    it: the run's events before the trigger, from the nearest snapshot when there is one
+    (a cache of the same fold: the answer is the same, only cheaper)."""
+    if not agent.folds_state:
+        return FROM_START, []
+    history = record.history_before(a.trigger)
+    if snapshots is None or not history:
+        return FROM_START, history
+    at = a.trigger.log_position
+    snap = await snapshots.nearest(
+        record.run_id, agent.name, agent.fold_version, LogPosition(at.tx, at.position - 1)
+    )
+    if snap is None:
+        return FROM_START, history
+    try:
+        state = decode_state(snap.state, agent.state_decode_type())
+    except msgspec.MsgspecError:  # a cache: fold from the start instead
+        return FROM_START, history
+    return state, [e for e in history if e.log_position > snap.position]
+
+
 async def replay_activation(
-    record: RunRecord, a: RecordedActivation, agent: Agent, services: ReplayServices
+    record: RunRecord,
+    a: RecordedActivation,
+    agent: Agent,
+    services: ReplayServices,
+    snapshots: SnapshotStore | None = None,
 ) -> ActivationReplay:
     """Run one recorded activation again and compare it with the record."""
     steps = ReplaySteps(a)
-    # Like the worker: only an agent that folds state reads the run's history.
-    folds = type(agent).evolve is not Agent.evolve
-    history = record.history_before(a.trigger) if folds else []
+    state, history = await _state(record, a, agent, snapshots)
     error: BaseException | None = None
     outcome = "completed"
     emitted: list[NewEvent] = []
@@ -364,6 +391,7 @@ async def replay_activation(
                 services=services,
                 history=history,
                 spent=_spend(record, a),
+                state=state,
             )
         outcome, emitted = result.outcome, result.emitted
     except Exception as exc:  # the handler's own failure: compared with the record below
@@ -425,14 +453,16 @@ async def replay_record(
     *,
     settings: Settings | None = None,
     app: str = "the loaded app",
+    snapshots: SnapshotStore | None = None,
 ) -> RunReplay:
-    """Replay a loaded run (:func:`replay_run` without the read)."""
+    """Replay a loaded run (:func:`replay_run` without the read); ``snapshots``: where
+    folding agents' ``ctx.state`` may start (None: folded from the run's start)."""
     by_name = check_agents(record, agents, app)
     settings = settings or Settings.from_env()
     services = ReplayServices(settings, offline=_offline(record, settings))
     try:
         reports = [
-            await replay_activation(record, a, by_name[a.agent], services)
+            await replay_activation(record, a, by_name[a.agent], services, snapshots)
             for a in record.activations
         ]
     finally:
@@ -449,6 +479,7 @@ async def replay_run(
     *,
     settings: Settings | None = None,
     app: str = "the loaded app",
+    snapshots: bool = True,
 ) -> RunReplay:
     """Re-run every activation of ``run_id`` with ``agents``' current code; compare.
 
@@ -456,6 +487,9 @@ async def replay_run(
     hold and :class:`~projections.errors.AgentMissing` for an agent of the run
     that ``agents`` lacks (``app`` names them in the message). ``settings``
     gives the model tiers and default budgets (the environment's by default).
+    With ``snapshots``, a folding agent's ``ctx.state`` starts from the nearest
+    snapshot before its trigger, as the worker's did.
     """
     record = await load_run(log, run_id)
-    return await replay_record(record, agents, settings=settings, app=app)
+    store = SnapshotStore(log.pool, log.schema) if snapshots else None
+    return await replay_record(record, agents, settings=settings, app=app, snapshots=store)

@@ -30,10 +30,12 @@ from projections.record import RunRecord, load_run
 from projections.replay import RunReplay, replay_run
 from runtime.agents.agent import Agent
 from runtime.effects.budget import Budget
+from runtime.events.model import RecordedEvent
 from runtime.llm.calls import LLM
 from runtime.llm.offline import OfflineServer
 from runtime.llm.tokens import estimate_request_tokens
 from runtime.log.queries import LogQueries
+from runtime.log.snapshots import Snapshot, SnapshotStore, encode_state
 from runtime.log.store import EventLog
 from runtime.settings import Settings
 from tests.support import REPO
@@ -309,6 +311,34 @@ async def test_a_folding_agent_sees_the_same_ctx_state(
     assert getattr(audited, "seen_by", "") != "0 earlier"
     report = await replay_run(log, orders.agents, run_id, settings=settings)
     assert report.identical, report
+    # From a snapshot (the agent-state projection's cache): the same state, folded less.
+    record = await load_run(log, run_id)
+    [act] = [a for a in record.activations if a.agent == "auditor"]
+    history = record.history_before(act.trigger)
+    assert len(history) >= 2
+    store = SnapshotStore(log.pool, log.schema)
+    auditor = orders.Auditor()
+
+    async def snapshot(state: list[str], at: RecordedEvent) -> None:
+        await store.drop()
+        data = encode_state(state, list[str])
+        assert data is not None
+        version = auditor.fold_version
+        await store.save([Snapshot(run_id=run_id, agent="auditor", fold_version=version,
+                                   position=at.log_position, event_id=at.event_id, event_count=1,
+                                   state=data)])  # fmt: skip
+
+    await snapshot([history[0].event_type], history[0])
+    assert (await replay_run(log, orders.agents, run_id, settings=settings)).identical
+    # A snapshot is read: a wrong one shows (and with snapshots=False it is not read).
+    await snapshot(["x"] * 7, history[0])
+    misled = await replay_run(log, orders.agents, run_id, settings=settings)
+    [d] = [a.divergence for a in misled.activations if a.divergence is not None]
+    assert d.kind == "emit" and f'"{6 + len(history)} earlier"' in d.diff
+    unread = await replay_run(log, orders.agents, run_id, settings=settings, snapshots=False)
+    assert unread.identical
+    await store.drop()
+
     # Without the run's history ctx.state is empty: the emitted body says so.
     monkeypatch.setattr(RunRecord, "history_before", lambda self, trigger: [])
     blind = await replay_run(log, orders.agents, run_id, settings=settings)
