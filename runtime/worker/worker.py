@@ -585,8 +585,6 @@ class Worker:
                     return state, tail
             return FROM_START, await self.log.read_run_between(d.run_id, None, before)
         events = await self.log.read_run(d.run_id)
-        if d.position is not None:
-            return [e for e in events if e.log_position < d.position]
         out = []
         for e in events:
             if e.event_id == d.event_id:
