@@ -38,6 +38,7 @@ from runtime.llm.client import ModelClient, model_client
 from runtime.llm.offline import OfflineServer
 from runtime.log.store import EventLog
 from runtime.settings import Settings
+from tests.support.apps.orders import Auditor, Fulfilment, OrderAudited, OrderPlaced
 from tests.support.runtime import count_type, running, send, wait_for
 from webhooks.demo.agents import Responder, Triage
 from webhooks.events import Address, EmailReceived
@@ -378,3 +379,75 @@ async def test_bad_input_is_refused_by_the_command_and_writes_nothing(
         assert returncode == code, (case, stderr)
         for text in says:
             assert text in stderr, (case, stderr)
+
+
+# -- state, failures ------------------------------------------------------------------------
+
+
+async def test_an_agent_with_state_folds_the_forks_own_history(
+    redis: aioredis.Redis,
+    log: EventLog,
+    mc: ModelClient,
+    settings: Settings,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    calls = tmp_path / "calls.txt"
+    monkeypatch.setenv("ORDERS_CALLS", str(calls))
+    agents = [Fulfilment(), Auditor()]
+    run_id = await send(redis, OrderPlaced(order_id="o1", sku="SKU-1", quantity=2))
+    async with running(agents, redis, log):
+        await wait_for(lambda: _has(log, "orders.audited"), what="the audit")
+    assert len(calls.read_text().splitlines()) == 1
+    plan = await plan_fork(log, run_id, 1, agents)
+    llm = ForkLLM(mc.client, settings, offline=True, at=1, change=Change())
+    report = await fork(
+        log, plan, services=ForkServices(log, redis, llm, settings), change=Change()
+    )
+    # Step 1 (the reservation) is the fork point: the tool ran again, under the fork's key.
+    assert len(calls.read_text().splitlines()) == 2
+    assert [(a.agent, a.reused, a.live) for a in report.activations] == [
+        ("fulfilment", [], [1]),
+        ("auditor", [], []),
+    ]
+    # The auditor's state is the fork's events before its trigger, as replay will fold them.
+    child = await load_run(log, report.run_id)
+    auditor = child.activations[1]
+    [audited] = auditor.emitted
+    assert isinstance(audited.body, OrderAudited)
+    assert audited.body.seen_by == f"{len(child.history_before(auditor.trigger))} earlier"
+    assert any(e.event_type == "run.forked" for e in child.history_before(auditor.trigger))
+
+
+class FailingResponder(Responder):
+    """The responder, changed so that it fails after its model call."""
+
+    async def handle(self, event: Any, ctx: Any) -> None:
+        await ctx.llm("Say something", tools=[])
+        raise RuntimeError("the changed responder fails")
+
+
+async def test_a_handler_that_fails_in_the_fork_is_recorded_there(
+    log: EventLog, redis: aioredis.Redis, mc: ModelClient, settings: Settings, parent: uuid.UUID
+) -> None:
+    agents = [Triage(), FailingResponder()]
+    plan = await plan_fork(log, parent, RESPONDER_LLM, agents)
+    llm = ForkLLM(mc.client, settings, offline=True, at=RESPONDER_LLM, change=Change())
+    report = await fork(
+        log, plan, services=ForkServices(log, redis, llm, settings), change=Change()
+    )
+    triage, responder = report.activations
+    assert triage.outcome == "completed" and responder.outcome == "dead_lettered"
+    assert responder.error == "RuntimeError: the changed responder fails"
+    assert responder.live == [RESPONDER_LLM]  # its model call was made and recorded
+    child = await load_run(log, report.run_id)
+    assert [a.outcome for a in child.activations] == ["completed", "dead_lettered"]
+    dead = child.activations[1].dead_lettered
+    assert dead is not None and dead.error_type == "RuntimeError"
+    outcomes = await log.pool.fetch(
+        f'SELECT consumer, outcome FROM "{log.schema}".inbox WHERE run_id = $1', report.run_id
+    )
+    assert sorted(tuple(r) for r in outcomes) == [
+        ("responder", "dead_lettered"),
+        ("triage", "completed"),
+    ]
