@@ -40,21 +40,31 @@ class Noted(Event, tag="bt.noted"):
     n: int
 
 
-class Alpha(Agent):
+class Never(Event, tag="bt.never"):
+    """Never appended: what the stateful test agents subscribe to."""
+
+
+class _Quiet(Agent):
+    async def handle(self, event: Any, ctx: Any) -> None:
+        return None
+
+
+class Alpha(_Quiet):
     name = "alpha"
     subscribes = (Received,)
 
 
-class Beta(Agent):
+class Beta(_Quiet):
     name = "beta"
     subscribes = (Noted,)
     reads_ingress = False
 
 
-class Counter(Agent):
+class Counter(_Quiet):
     """Stateful, JSON-exact: counts the run's events by type."""
 
     name = "counter"
+    subscribes = (Never,)
     state_type = dict[str, int]
 
     def initial_state(self) -> dict[str, int]:
@@ -76,8 +86,9 @@ class Box:
     __hash__ = None  # type: ignore[assignment]
 
 
-class Boxer(Agent):
+class Boxer(_Quiet):
     name = "boxer"
+    subscribes = (Never,)
 
     def initial_state(self) -> Box:
         return Box()
