@@ -60,6 +60,20 @@ def validation_response(exc: RequestValidationError) -> Response:
     return json_response(body, 422)
 
 
+def nul_parameter(request: Request) -> Response | None:
+    """A 422 for a query parameter holding a NUL character (valid in a URL and in the
+    schema's strings, but PostgreSQL text cannot hold it: it must not become a 500)."""
+    for name, value in request.query_params.multi_items():
+        if "\x00" in value:
+            body = ErrorBody(
+                code="invalid_request",
+                message="a query parameter cannot hold a NUL character",
+                field=f"query.{name}",
+            )
+            return json_response(body, 422)
+    return None
+
+
 class ReadRoute(APIRoute):
     """A route that renders the read side's errors and validation errors itself."""
 
@@ -67,6 +81,9 @@ class ReadRoute(APIRoute):
         handler = super().get_route_handler()
 
         async def guarded(request: Request) -> Response:
+            refused = nul_parameter(request)
+            if refused is not None:
+                return refused
             try:
                 return await handler(request)
             except ReadSideError as exc:

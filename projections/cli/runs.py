@@ -291,8 +291,12 @@ def runs_show(
     catch_up: CatchUpOption = True,
     app: AppOption = None,
 ) -> None:
-    """One run: its summary, then its timeline as a tree by causation (each event under
-    the event that caused it), with durations, tokens and cost."""
+    """One run: its summary, then its timeline as a tree by causation.
+
+    Each event hangs under the event that caused it (a trigger, then its activations'
+    steps with kind, name, duration, tokens and cost, and the events they emitted, then
+    those events' activations...).
+    """
     try:
         rid = UUID(run_id)
     except ValueError:
