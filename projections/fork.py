@@ -3,29 +3,26 @@ before a step and runs live from that step on, with a change (model, tier, promp
 
 The fork runs in this process as the workers would: :func:`activate` for the
 trigger's subscribers, then for each emitted event's subscribers, breadth-first
-in emit order, until nothing is left. Each activation records its steps in its
-own ``act-<id>`` stream (a reused step is a copy of the parent's, with the
-child's activation id) and commits its outputs with its inbox row in one
-statement, like the worker's commit. The parent run is never written to.
+in emit order, until nothing is left. A step numbered below ``at`` is answered
+from the parent's matching activation (same agent, same trigger type, same
+ordinal among the agent's activations) when it asks for exactly what the
+parent's did (request hash), and recorded in the child as a copy of it (the
+child's activation id; its own duration); every other step runs live. The
+change applies from ``at`` on, at the model-step level (:class:`ForkLLM`).
+
+The fork commits whole, once every activation has run (see :class:`_Fork`): its
+steps in ``act-<id>`` streams, its outputs in ``run-<id>`` (``run.forked`` and
+the trigger first), every activation's inbox row, in the order a worker would
+have committed them. The parent run is never written to.
 
 Numbering: a step's run-level number in the fork is counted as
 :meth:`RunRecord.locate` counts it (activations in the order they commit, steps
 within each), which is the parent's numbering as long as the fork runs the
-parent's activations in the parent's order (a pipeline always does). A step
-numbered below ``at`` is answered from the parent's matching activation (same
-agent, same trigger type, same ordinal among the agent's activations) when it
-asks for exactly what the parent's did (request hash); every other step runs
-live. The change applies from ``at`` on, at the model-step level (:class:`ForkLLM`).
+parent's activations in the parent's order (a pipeline always does).
 
 The system prompt of ``--prompt-file`` is stored as its text in
 ``run.forked``'s ``prompt`` (a reader needs the text to see what changed; its
 sha256 is one ``hashlib`` call away).
-
-Known limit: a relay running beside the fork sees the fork's emitted events as
-they commit and publishes them to the workers, which may handle one before the
-fork does (with the parent's settings, not the change). Each activation's inbox
-row makes a copy arriving after the fork's commit a duplicate; the window before
-it is open. Fork with the deployment's relay stopped when that matters.
 """
 
 from __future__ import annotations
@@ -33,6 +30,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 from collections.abc import Mapping, Sequence
+from datetime import datetime
 from typing import Any
 from uuid import UUID
 
@@ -53,18 +51,17 @@ from runtime.events.builtin import (
     RunForked,
     StepRecorded,
 )
-from runtime.events.ids import circuit_stream, run_stream
+from runtime.events.ids import activation_stream, circuit_stream, run_stream
 from runtime.events.model import (
     Event,
-    LogPosition,
     NewEvent,
     RecordedEvent,
     event_type_of,
     new_event_id,
+    utcnow,
 )
 from runtime.llm.calls import LLM, Caller
-from runtime.log.queries import LogQueries
-from runtime.log.store import ANY_VERSION, NO_STREAM, EventLog
+from runtime.log.store import EventLog
 from runtime.settings import Settings
 from runtime.worker.activation import activate
 
@@ -127,7 +124,6 @@ class ForkSteps(Steps):
 
     def __init__(
         self,
-        log: EventLog,
         *,
         activation_id: UUID,
         run_id: UUID,
@@ -137,14 +133,17 @@ class ForkSteps(Steps):
         at: int,
         parent: Mapping[int, StepRecorded],
     ) -> None:
+        # No log: the steps are kept here and written with the fork's commit.
         super().__init__(
-            log, activation_id=activation_id, run_id=run_id, agent=agent, trigger_id=trigger_id
+            None, activation_id=activation_id, run_id=run_id, agent=agent, trigger_id=trigger_id
         )
         self.first_step = first_step
         self.at = at
         self.parent = parent
         #: Step numbers (within the activation) answered with the parent's result.
         self.copied: list[int] = []
+        #: When each step was taken (its event's ``recorded_at``, written later).
+        self.taken_at: dict[int, datetime] = {}
 
     def run_step(self, n: int) -> int:
         """The run-level number of this activation's step ``n``."""
@@ -158,7 +157,9 @@ class ForkSteps(Steps):
             name,
             request_hash(kind, name, request),
         ):
-            return await super().run(kind, name, request, call)
+            record = await super().run(kind, name, request, call)
+            self.taken_at.setdefault(n, utcnow())
+            return record
         found = source
 
         async def reuse() -> StepOutput:
@@ -172,6 +173,8 @@ class ForkSteps(Steps):
 
         record = await super().run(kind, name, request, reuse)
         self.copied.append(n)
+        self.reused += 1  # answered from a record (the parent's), as the model layer logs it
+        self.taken_at.setdefault(n, utcnow())
         return record
 
     @property
@@ -321,11 +324,10 @@ class ForkReport:
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class _Pending:
-    """An activation to run: an agent and its trigger (committed already, at ``position``)."""
+    """An activation to run: an agent and its trigger (the root, or an emitted event)."""
 
     agent: Agent
     event: NewEvent
-    position: LogPosition | None
 
 
 def _deliverable(event: NewEvent) -> bool:
@@ -343,24 +345,43 @@ def _subscribers(agents: Mapping[str, Agent], event_type: str, *, ingress: bool)
 
 
 class _Fork:
-    """One fork's execution state (its activations so far, their step numbering)."""
+    """One fork: its activations, run one after the other, and what its commit will write.
+
+    Nothing is written until every activation has run; then ONE transaction
+    appends, in the order a worker would have committed them, each activation's
+    steps (``act-<id>``) and its outputs (the run stream, ``run.forked`` and the
+    trigger first), and every activation's inbox row. So a relay beside the fork
+    sees the fork's events only once each of their activations is marked handled:
+    a worker given one finds it committed (a duplicate) instead of running it
+    again with the parent's settings, as it did for one fork in five before, when
+    each activation committed on its own. A fork that stops halfway (a crash, a
+    server gone) leaves nothing but the circuit transitions its tools caused.
+    """
 
     def __init__(self, log: EventLog, plan: ForkPlan, services: ForkServices, change: Change):
         self.log = log
         self.plan = plan
         self.services = services
         self.change = change
-        self.queries = LogQueries(log)
         self.run_id = new_event_id()
         self.next_step = 1
         #: agent -> the parent's activations of it, in commit order.
         self.parent_of: dict[str, list[RecordedActivation]] = collections.defaultdict(list)
         for a in plan.parent.activations:
             self.parent_of[a.agent].append(a)
-        self.ordinal: dict[str, int] = collections.Counter()
-        self.version = 0
+        self.ordinal: collections.Counter[str] = collections.Counter()
         self.report: list[ForkedActivation] = []
-        self.usage = [0, 0, 0, 0, 0.0]  # model calls, tool calls, in, out, usd
+        self.usage = [0, 0, 0, 0, 0.0]  # live: model calls, tool calls, tokens in, out, usd
+        #: Tokens and dollars of the fork's steps so far (the budget check's run spend).
+        self.spent: tuple[int, float] = (0, 0.0)
+        #: The appends of the commit, in order: (stream, events, expected version).
+        self.writes: list[tuple[str, list[NewEvent], int]] = []
+        self.versions: dict[str, int] = collections.Counter()
+        #: The events the commit will write, in order, as the log will hold them (but for
+        #: position, transaction and hashes): what ``ctx.state`` folds.
+        self.planned: list[RecordedEvent] = []
+        self.index: dict[UUID, int] = {}
+        self.inbox: list[tuple[str, UUID, UUID, str, UUID]] = []
 
     def trigger(self) -> NewEvent:
         root = self.plan.parent.root
@@ -370,7 +391,6 @@ class _Fork:
             run_id=self.run_id,
             causation_id=None,
             producer=root.producer,
-            trace=None,
         )
 
     def forked(self) -> NewEvent:
@@ -387,6 +407,8 @@ class _Fork:
         return NewEvent(body=body, run_id=self.run_id, producer="fork")
 
     def match(self, agent: str, trigger_type: str) -> RecordedActivation | None:
+        """The parent's activation this one stands for: the same agent and ordinal, and
+        a trigger of the same type."""
         k = self.ordinal[agent]
         self.ordinal[agent] += 1
         mine = self.parent_of.get(agent, [])
@@ -394,27 +416,44 @@ class _Fork:
             return mine[k]
         return None
 
+    def write(self, stream: str, events: list[NewEvent]) -> None:
+        """Add an append to the commit, and its events to what later activations fold."""
+        if not events:
+            return
+        self.writes.append((stream, events, self.versions[stream]))
+        for e in events:
+            self.versions[stream] += 1
+            self.index[e.event_id] = len(self.planned)
+            body = e.body
+            self.planned.append(
+                RecordedEvent(len(self.planned) + 1, 0, e.event_id, stream, self.versions[stream],
+                              event_type_of(body), type(body).__schema_version__, e.run_id,
+                              e.causation_id, e.producer, e.recorded_at, e.trace, body, b"", b"")
+            )  # fmt: skip
+
     async def run(self) -> ForkReport:
         root = self.trigger()
         head = [self.forked(), root]
         ingress = (root.producer or "").startswith("ingress:")
         queue = collections.deque(
-            _Pending(a, root, None)
+            _Pending(a, root)
             for a in _subscribers(
                 self.plan.agents, self.plan.parent.root.event_type, ingress=ingress
             )
         )
         if not queue:
-            await self.log.append(run_stream(self.run_id), head, NO_STREAM)
+            self.write(run_stream(self.run_id), head)
         while queue:
             item = queue.popleft()
-            outputs, positions = await self.activation(item, head)
+            outputs = await self.activation(item, head)
             head = []
-            for event, position in zip(outputs, positions, strict=True):
-                if not _deliverable(event):
-                    continue
-                for a in _subscribers(self.plan.agents, event_type_of(event.body), ingress=False):
-                    queue.append(_Pending(a, event, position))
+            for event in outputs:
+                if _deliverable(event):
+                    for a in _subscribers(
+                        self.plan.agents, event_type_of(event.body), ingress=False
+                    ):
+                        queue.append(_Pending(a, event))
+        await self.commit()
         calls, tools, tin, tout, usd = self.usage
         return ForkReport(
             run_id=self.run_id,
@@ -434,17 +473,26 @@ class _Fork:
             cost_usd=round(float(usd), 10),
         )
 
-    async def activation(
-        self, item: _Pending, head: list[NewEvent]
-    ) -> tuple[list[NewEvent], list[LogPosition]]:
-        """Run one activation and commit it (after ``head``: the run's first events);
-        its committed outputs and their positions."""
+    async def commit(self) -> None:
+        """Everything in one transaction: the appends in order, then the inbox rows."""
+        inbox = f'"{self.log.schema}".inbox'
+        async with self.log.pool.acquire() as conn, conn.transaction():
+            for stream, events, expected in self.writes:
+                await self.log.append(stream, events, expected, conn=conn)
+            await conn.executemany(
+                f"INSERT INTO {inbox} (consumer, event_id, activation_id, outcome, run_id) "
+                "VALUES ($1, $2, $3, $4, $5)",
+                self.inbox,
+            )
+
+    async def activation(self, item: _Pending, head: list[NewEvent]) -> list[NewEvent]:
+        """Run one activation and add it to the commit (after ``head``: the run's first
+        events); its outputs."""
         agent, event = item.agent, item.event
         trigger_type = event_type_of(event.body)
         aid = activation_id_for(agent.name, event.event_id)
         parent = self.match(agent.name, trigger_type)
         steps = ForkSteps(
-            self.log,
             activation_id=aid,
             run_id=self.run_id,
             agent=agent.name,
@@ -464,15 +512,9 @@ class _Fork:
             entry_id="-",
         )
         history: list[RecordedEvent] = []
-        if item.position is not None and type(agent).evolve is not Agent.evolve:
+        if event.event_id != self.run_id:
             # The worker's rule: the run's events committed before the trigger.
-            history = [
-                e for e in await self.log.read_run(self.run_id) if e.log_position < item.position
-            ]
-
-        async def spend() -> tuple[int, float]:
-            return await self.queries.run_spend(self.run_id, excluding_stream=steps.stream)
-
+            history = self.planned[: self.index[event.event_id]]
         error: str | None = None
         with structlog.contextvars.bound_contextvars(
             agent=agent.name, run_id=str(self.run_id), activation_id=str(aid)
@@ -485,21 +527,25 @@ class _Fork:
                     steps=steps,
                     services=self.services,
                     history=history,
-                    spent=spend,
+                    spent=self.spent,
                 )
                 outcome, outputs, emitted = result.outcome, result.outputs, result.emitted
             except Exception as exc:
                 # The handler failed where the parent did not (or did again): recorded
-                # in the fork as a dead letter, the fork goes on with the others.
+                # in the fork as a dead letter; the fork goes on with the others.
                 error = f"{type(exc).__name__}: {exc}"
                 outcome, emitted = "dead_lettered", []
                 outputs = [self.dead_letter(agent, aid, event, trigger_type, exc)]
-        marker = (agent.name, event.event_id, aid, outcome, self.run_id)
-        events = [*head, *outputs]
-        expected = NO_STREAM if head else ANY_VERSION
-        committed = await self.log.append_marked(run_stream(self.run_id), events, marker, expected)
-        positions = committed.positions[len(head) :]
-        self.account(steps)
+        taken = [steps.recorded[n] for n in range(1, steps.count + 1) if n in steps.recorded]
+        self.write(
+            activation_stream(aid),
+            [NewEvent(body=s, run_id=self.run_id, causation_id=event.event_id,
+                      producer=agent.name, recorded_at=steps.taken_at.get(s.step, utcnow()))
+             for s in taken],
+        )  # fmt: skip
+        self.write(run_stream(self.run_id), [*head, *outputs])
+        self.inbox.append((agent.name, event.event_id, aid, outcome, self.run_id))
+        self.account(steps, taken)
         self.report.append(
             ForkedActivation(
                 agent=agent.name,
@@ -516,7 +562,7 @@ class _Fork:
             )
         )
         self.next_step += steps.count
-        return outputs, positions
+        return outputs
 
     def dead_letter(
         self, agent: Agent, aid: UUID, event: NewEvent, trigger_type: str, exc: Exception
@@ -538,12 +584,16 @@ class _Fork:
             body=body, run_id=self.run_id, causation_id=event.event_id, producer=agent.name
         )
 
-    def account(self, steps: ForkSteps) -> None:
-        """Add the activation's live steps to the fork's model and tool calls and spend."""
+    def account(self, steps: ForkSteps, taken: list[StepRecorded]) -> None:
+        """The live steps' calls and usage; every step's usage into the run's spend."""
+        tokens, usd = self.spent
+        for record in taken:
+            if record.usage is not None:
+                tokens += record.usage.tokens
+                usd += record.usage.cost_usd
+        self.spent = (tokens, usd)
         for n in steps.live:
-            record = steps.recorded.get(n)
-            if record is None:
-                continue
+            record = steps.recorded[n]
             if record.kind == "llm":
                 self.usage[0] += 1
             else:
@@ -557,7 +607,7 @@ class _Fork:
 async def fork(
     log: EventLog, plan: ForkPlan, *, services: ForkServices, change: Change
 ) -> ForkReport:
-    """Run the fork :func:`plan_fork` checked: a new run, committed activation by activation.
+    """Run the fork :func:`plan_fork` checked and commit it: a new run, whole or not at all.
 
     ``services.llm`` should be a :class:`ForkLLM` with the same ``at`` and ``change``
     (the change applies to model requests there)."""

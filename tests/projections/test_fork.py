@@ -149,6 +149,18 @@ async def test_a_fork_at_the_responders_step_calls_only_the_responders_model(
     # The child: run.forked first in its run stream, then the trigger; every event its own.
     child = await log.read_run(report.run_id)
     assert all(e.run_id == report.run_id for e in child)
+    # In the log, in the order a worker commits: each activation's steps, then its outputs.
+    assert [e.event_type for e in child] == [
+        "step.recorded",
+        "step.recorded",
+        "run.forked",
+        "email.received",
+        "triage.classified",
+        "activation.completed",
+        "step.recorded",
+        "reply.drafted",
+        "activation.completed",
+    ]
     stream = await log.read_stream(f"run-{report.run_id}")
     assert isinstance(stream[0].body, RunForked)
     assert stream[0].body.parent_run_id == parent and stream[0].body.at_step == RESPONDER_LLM
@@ -451,3 +463,49 @@ async def test_a_handler_that_fails_in_the_fork_is_recorded_there(
         ("responder", "dead_lettered"),
         ("triage", "completed"),
     ]
+
+
+async def test_a_fork_beside_running_workers_commits_whole_and_runs_nowhere_else(
+    redis: aioredis.Redis, log: EventLog, mc: ModelClient, settings: Settings
+) -> None:
+    """The deployment's relay publishes the fork's emitted events to the workers; they must
+    find them handled (the fork's commit has their inbox rows) and call nothing."""
+    llm = LLM(mc.client, settings, offline=True, policy=RetryPolicy(max_attempts=2))
+    run_id = await send(redis, email())
+    async with running(AGENTS, redis, log, llm=llm):
+        await wait_for(lambda: _has(log, "reply.drafted"), what="the drafted reply")
+        await wait_for(lambda: _has(log, "activation.completed", 2), what="two completions")
+        requests = model_requests(mc)
+        forks = [
+            await run_fork(log, redis, mc, settings, run_id, RESPONDER_LLM, Change(model="m-x"))
+            for _ in range(5)
+        ]
+        # Each fork's classified email reaches the responder's stream; wait until the
+        # worker has taken (and settled) every one of them.
+        await wait_for(lambda: _settled(redis, len(forks) + 1), what="the workers' duplicates")
+    assert model_requests(mc) - requests == len(forks)  # the forks' own calls, nothing more
+    for report in forks:
+        record = await load_run(log, report.run_id)
+        assert [(a.agent, a.outcome) for a in record.activations] == [
+            ("triage", "completed"),
+            ("responder", "completed"),
+        ]
+        types = [e.event_type for e in record.events]
+        assert types.count("activation.completed") == 2
+        assert "activation.dead_lettered" not in types
+        steps = steps_of(record.events)
+        assert steps[("responder", 1)].request["model"] == "m-x"
+
+
+async def _settled(redis: aioredis.Redis, delivered: int) -> bool:
+    from runtime.streams.keys import agent_stream
+
+    stream = agent_stream("responder")
+    entries = await redis.xrange(stream, "-", "+") or []
+    if len(entries) < delivered:
+        return False
+    [group] = [
+        g for g in await redis.xinfo_groups(stream) if g["name"] in ("responder", b"responder")
+    ]
+    read_all = group["last-delivered-id"] == entries[-1][0]
+    return bool(read_all and int(group["pending"]) == 0)
