@@ -509,3 +509,32 @@ async def _settled(redis: aioredis.Redis, delivered: int) -> bool:
     ]
     read_all = group["last-delivered-id"] == entries[-1][0]
     return bool(read_all and int(group["pending"]) == 0)
+
+
+async def test_replay_of_a_fork_that_changes_no_code_is_identical(
+    redis: aioredis.Redis,
+    log: EventLog,
+    mc: ModelClient,
+    settings: Settings,
+    parent: uuid.UUID,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A fork is a run like another: replaying it with the app's code reproduces it (its
+    copied steps, the state folded over what its commit wrote, its outputs)."""
+    from projections.replay import replay_run
+
+    report = await run_fork(log, redis, mc, settings, parent, RESPONDER_LLM)
+    replayed = await replay_run(log, AGENTS, report.run_id, settings=settings, snapshots=False)
+    assert replayed.identical, replayed.divergent
+    # An agent that folds the run's events: the fork's ctx.state is what replay folds.
+    monkeypatch.setenv("ORDERS_CALLS", str(tmp_path / "calls.txt"))
+    orders = [Fulfilment(), Auditor()]
+    run_id = await send(redis, OrderPlaced(order_id="o2", sku="SKU-2"))
+    async with running(orders, redis, log):
+        await wait_for(lambda: _has(log, "orders.audited"), what="the audit")
+    plan = await plan_fork(log, run_id, 1, orders)
+    llm = ForkLLM(mc.client, settings, offline=True, at=1, change=Change())
+    child = await fork(log, plan, services=ForkServices(log, redis, llm, settings), change=Change())
+    replayed = await replay_run(log, orders, child.run_id, settings=settings, snapshots=False)
+    assert replayed.identical, replayed.divergent
