@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable, Coroutine
 from typing import Any
 
+import asyncpg
 import msgspec
 from fastapi import Request, Response
 from fastapi.exceptions import RequestValidationError
@@ -90,6 +91,12 @@ class ReadRoute(APIRoute):
                 return error_response(exc)
             except RequestValidationError as exc:
                 return validation_response(exc)
+            except asyncpg.DataError as exc:
+                # SQLSTATE class 22 or a parameter asyncpg cannot encode: every value in the
+                # queries is a parameter, so this is a value the client sent (a cursor
+                # number past 64 bits...), not a fault of ours.
+                body = ErrorBody(code="invalid_query", message=f"a value is out of range: {exc}")
+                return json_response(body, 422)
 
         return guarded
 

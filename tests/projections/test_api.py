@@ -33,6 +33,7 @@ from schemathesis.specs.openapi.checks import positive_data_acceptance
 
 from projections.api import create_api
 from projections.engine import Projector, registered
+from projections.queries import encode_cursor
 from runtime.agents.agent import Agent
 from runtime.effects.retry import RetryPolicy
 from runtime.events.model import RecordedEvent
@@ -366,6 +367,15 @@ async def test_unknown_runs_are_404_and_bad_ids_422(
     empty = (await api.get("/audit", params={"run_id": str(missing)})).json()
     assert empty == {"items": [], "next_cursor": None}
     assert_error(await api.get("/nowhere"), 404, "not_found")
+    # Cursors that parse but hold numbers past 64 bits.
+    huge = str(2**70)
+    for path, cursor in [
+        (f"/runs/{two_runs[0]}/events", f"1:{huge}"),
+        (f"/runs/{two_runs[0]}/events", f"{huge}:1"),
+        ("/audit", encode_cursor(int(huge), 1)),
+        ("/dead-letters", encode_cursor(1, int(huge))),
+    ]:
+        assert_error(await api.get(path, params={"cursor": cursor}), 422, "invalid_query")
     # PostgreSQL text cannot hold NUL: refused before any query, never a 500.
     for path, name in [("/audit", "q"), ("/runs", "agent"), ("/usage", "model")]:
         body = assert_error(await api.get(path, params={name: "a\x00b"}), 422, "invalid_request")
