@@ -632,7 +632,7 @@ class ReadModels:
         if until is not None:
             w.add("at < {}", until)
         if text is not None and text.strip():
-            w.add("search @@ websearch_to_tsquery('simple', {})", text)
+            w.add("to_tsvector('simple', summary) @@ websearch_to_tsquery('simple', {})", text)
         if cursor is not None:
             tx, position = decode_cursor(cursor, int, int)
             w.add("(tx, position) < ({}, {})", tx, position)

@@ -50,7 +50,7 @@ def clip(text: str, limit: int = 160) -> str:
 def summary(e: RecordedEvent) -> str:
     """A one-line description of an event, for timelines and the audit log."""
     b = e.body
-    if isinstance(b, StepRecorded):
+    if type(b) is StepRecorded:
         head = f"{b.kind} {b.name}"
         u = b.usage
         if u is not None:
@@ -60,35 +60,35 @@ def summary(e: RecordedEvent) -> str:
         if b.error is not None:
             head += f" failed: {b.error.type}: {b.error.message}"
         return clip(f"step {b.step}: {head}")
-    if isinstance(b, ActivationCompleted):
+    if type(b) is ActivationCompleted:
         return clip(f"{b.agent} {b.outcome} {b.trigger_type} in {b.steps} steps, "
                     f"{len(b.emitted)} emitted, {b.duration_ms:.0f} ms")  # fmt: skip
-    if isinstance(b, ActivationDeadLettered):
+    if type(b) is ActivationDeadLettered:
         return clip(f"{b.agent} dead-lettered {b.trigger_type} after {b.deliveries} "
                     f"deliveries: {b.error_type}: {b.error}")  # fmt: skip
-    if isinstance(b, DeadLetterRedriven):
+    if type(b) is DeadLetterRedriven:
         forced = " (forced)" if b.forced else ""
         return clip(f"redriven to {b.agent}{forced}, generation {b.generation}")
-    if isinstance(b, RunBudgetExceeded):
+    if type(b) is RunBudgetExceeded:
         return clip(f"{b.agent} stopped by the run's budget at step {b.step}: spent "
                     f"{b.spent_tokens} tokens ${b.spent_usd:.4f}, asked {b.requested_tokens} "
                     f"tokens ${b.requested_usd:.4f}")  # fmt: skip
-    if isinstance(b, CircuitTransitioned):
+    if type(b) is CircuitTransitioned:
         reason = f": {b.reason}" if b.reason else ""
         return clip(f"circuit {b.name} {b.from_state} -> {b.to_state} "
                     f"after {b.failures} failures{reason}")  # fmt: skip
-    if isinstance(b, ApprovalRequested):
+    if type(b) is ApprovalRequested:
         return clip(f"{b.agent} asks for approval: {b.subject}")
-    if isinstance(b, ApprovalDecided):
+    if type(b) is ApprovalDecided:
         verdict = "approved" if b.approved else "rejected"
         by = f" by {b.by}" if b.by else ""
         note = f": {b.comment}" if b.comment else ""
         return clip(f"{verdict}{by}{note}")
-    if isinstance(b, TimerScheduled):
+    if type(b) is TimerScheduled:
         return clip(f"{b.agent} timer {b.name} due {b.due_at.isoformat()}")
-    if isinstance(b, TimerFired):
+    if type(b) is TimerFired:
         return clip(f"timer {b.name} fired for {b.agent}")
-    if isinstance(b, RunForked):
+    if type(b) is RunForked:
         changes = [f"{k} {v}" for k, v in (("model", b.model), ("tier", b.tier)) if v]
         if b.prompt:
             changes.append("prompt")

@@ -43,21 +43,22 @@ class AuditProjection(Projection):
     timers, circuit transitions (actor ``breaker``), dead letters, redrives, budget
     stops, activation completions and forks. ``actor`` is the agent, the producer
     or the approver; ``subject`` what it was about (the model, the tool, the
-    approval's subject, the circuit); ``summary`` is searchable text (``search``,
-    a generated ``tsvector`` with a GIN index: word queries stay index scans at any
-    size, where ``ILIKE '%word%'`` reads every row).
+    approval's subject, the circuit); ``summary`` is searchable text (a GIN index on
+    ``to_tsvector('simple', summary)``: word queries stay index scans at any size,
+    where ``ILIKE '%word%'`` reads every row; an index rather than a stored
+    ``tsvector`` column, so a rebuild's bulk load does not compute it row by row
+    and the index is built once, after the load).
     """
 
     name: ClassVar[str] = "audit"
-    version: ClassVar[int] = 1
+    version: ClassVar[int] = 2
     types: ClassVar[frozenset[str] | None] = None
     tables: ClassVar[dict[str, str]] = {
         "audit_log": (
             "(position bigint PRIMARY KEY, tx bigint NOT NULL, run_id uuid,"
             " at timestamptz NOT NULL, actor text NOT NULL, action text NOT NULL,"
             " event_type text NOT NULL, event_id uuid NOT NULL, subject text,"
-            " summary text NOT NULL, detail jsonb NOT NULL,"
-            " search tsvector GENERATED ALWAYS AS (to_tsvector('simple', summary)) STORED)"
+            " summary text NOT NULL, detail jsonb NOT NULL)"
         )
     }
     indexes: ClassVar[tuple[str, ...]] = (
@@ -67,14 +68,14 @@ class AuditProjection(Projection):
         "CREATE INDEX ON {audit_log} (action, tx DESC, position DESC)",
         "CREATE INDEX ON {audit_log} (event_type, tx DESC, position DESC)",
         "CREATE INDEX ON {audit_log} (at)",
-        "CREATE INDEX ON {audit_log} USING gin (search)",
+        "CREATE INDEX ON {audit_log} USING gin (to_tsvector('simple', summary))",
     )
 
     async def apply(
         self, conn: asyncpg.Connection, events: Sequence[RecordedEvent], tables: Tables
     ) -> None:
         subjects: dict[str, str] = {}  # approval id -> its subject
-        asked = [str(e.body.approval_id) for e in events if isinstance(e.body, ApprovalDecided)]
+        asked = [str(e.body.approval_id) for e in events if type(e.body) is ApprovalDecided]
         if asked:  # the request may be in an earlier batch: one query, only then
             rows = await conn.fetch(
                 f"SELECT detail->>'approval_id', subject FROM {tables['audit_log']} "
@@ -84,7 +85,7 @@ class AuditProjection(Projection):
             subjects.update((r[0], r[1]) for r in rows)
         out = []
         for e in events:
-            if isinstance(e.body, ApprovalRequested):
+            if type(e.body) is ApprovalRequested:
                 subjects[str(e.body.approval_id)] = e.body.subject
             row = _row(e, subjects)
             if row is not None:
@@ -98,7 +99,7 @@ def _row(e: RecordedEvent, subjects: dict[str, str]) -> tuple[Any, ...] | None:
     actor = e.producer
     subject: str | None = None
     detail: dict[str, Any]
-    if isinstance(b, StepRecorded):
+    if type(b) is StepRecorded:
         u = b.usage
         action = "llm.call" if b.kind == "llm" else f"{b.kind}.call"
         actor = b.agent
@@ -111,38 +112,38 @@ def _row(e: RecordedEvent, subjects: dict[str, str]) -> tuple[Any, ...] | None:
             "cost_usd": u.cost_usd if u else None, "duration_ms": b.duration_ms,
             "attempts": len(b.attempts), "error": b.error,
         }  # fmt: skip
-    elif isinstance(b, ActivationCompleted):
+    elif type(b) is ActivationCompleted:
         action, actor, subject = "activation.completed", b.agent, b.trigger_type
         detail = {"activation_id": b.activation_id, "trigger_id": b.trigger_id,
                   "steps": b.steps, "emitted": len(b.emitted), "outcome": b.outcome,
                   "duration_ms": b.duration_ms}  # fmt: skip
-    elif isinstance(b, ActivationDeadLettered):
+    elif type(b) is ActivationDeadLettered:
         action, actor, subject = "activation.dead_lettered", b.agent, b.trigger_type
         detail = {"activation_id": b.activation_id, "trigger_id": b.trigger_id,
                   "error_type": b.error_type, "error": b.error, "error_code": b.error_code,
                   "deliveries": b.deliveries}  # fmt: skip
-    elif isinstance(b, DeadLetterRedriven):
+    elif type(b) is DeadLetterRedriven:
         action, subject = "dead_letter.redriven", b.agent
         actor = actor or "operator"
         detail = {"trigger_id": b.trigger_id, "dead_letter_id": b.dead_letter_id,
                   "generation": b.generation, "forced": b.forced}  # fmt: skip
-    elif isinstance(b, RunBudgetExceeded):
+    elif type(b) is RunBudgetExceeded:
         action, actor, subject = "run.budget_exceeded", b.agent, "budget"
         detail = msgspec.to_builtins(b)
-    elif isinstance(b, CircuitTransitioned):
+    elif type(b) is CircuitTransitioned:
         action, subject = "circuit.transitioned", b.name
         actor = actor or "breaker"
         detail = {"from_state": b.from_state, "to_state": b.to_state, "failures": b.failures,
                   "reason": b.reason}  # fmt: skip
-    elif isinstance(b, RunForked):
+    elif type(b) is RunForked:
         action, subject = "run.forked", str(b.parent_run_id)
         actor = actor or "operator"
         detail = msgspec.to_builtins(b)
-    elif isinstance(b, ApprovalRequested):
+    elif type(b) is ApprovalRequested:
         action, subject = "approval.requested", b.subject
         actor = actor or b.agent
         detail = {"approval_id": b.approval_id, "agent": b.agent}
-    elif isinstance(b, ApprovalDecided):
+    elif type(b) is ApprovalDecided:
         action = "approval.decided"
         actor = b.by or actor or "human"
         subject = subjects.get(str(b.approval_id))

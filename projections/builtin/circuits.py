@@ -51,7 +51,7 @@ class CircuitTransitionsProjection(Projection):
                 e.run_id,
             )
             for e in events
-            if isinstance(b := e.body, CircuitTransitioned)
+            if type(b := e.body) is CircuitTransitioned
         ]
         if rows:
             await copy_rows(conn, tables, "circuit_transitions",

@@ -72,7 +72,7 @@ class DeadLettersProjection(Projection):
         earlier: list[tuple[Any, ...]] = []  # redrives of rows committed before this batch
         for e in events:
             b = e.body
-            if isinstance(b, ActivationDeadLettered):
+            if type(b) is ActivationDeadLettered:
                 row = [
                     e.position, e.tx, e.event_id, b.agent, b.trigger_id, b.trigger_type,
                     b.activation_id, e.run_id, b.stream, b.entry_id, b.error_type, b.error,
@@ -82,7 +82,7 @@ class DeadLettersProjection(Projection):
                 ]  # fmt: skip
                 rows.append(row)
                 new[(b.agent, b.trigger_id)] = row
-            elif isinstance(b, DeadLetterRedriven):
+            elif type(b) is DeadLetterRedriven:
                 target = new.pop((b.agent, b.trigger_id), None)
                 if target is not None:
                     target[16:20] = ["redriven", e.recorded_at, b.generation, b.forced]

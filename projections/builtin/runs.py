@@ -194,7 +194,7 @@ class RunsProjection(Projection):
         if _ingress(e):
             return self._ingress_routes.get(e.event_type, [])
         targets = self._routes.get(e.event_type, [])
-        if isinstance(e.body, TimerFired):
+        if type(e.body) is TimerFired:
             return [a for a in targets if a == e.body.agent]
         return targets
 
@@ -245,7 +245,7 @@ class RunsProjection(Projection):
         if t not in BOOKKEEPING and self.knows_subscribers:
             for agent in self._targets(e):
                 _expect(o, f"{agent}/{e.event_id}")
-        if isinstance(b, StepRecorded):
+        if type(b) is StepRecorded:
             run.agents.add(b.agent)
             if b.kind == "llm":
                 run.llm_calls += 1
@@ -266,7 +266,7 @@ class RunsProjection(Projection):
                 run.input_tokens += u.input_tokens
                 run.output_tokens += u.output_tokens
                 run.cost_usd += u.cost_usd
-        elif isinstance(b, ActivationCompleted):
+        elif type(b) is ActivationCompleted:
             run.agents.add(b.agent)
             run.activations += 1
             run.finished_at = e.recorded_at
@@ -276,7 +276,7 @@ class RunsProjection(Projection):
             key = f"{b.agent}/{b.trigger_id}"
             o.dead.pop(key, None)
             _done(o, key)
-        elif isinstance(b, ActivationDeadLettered):
+        elif type(b) is ActivationDeadLettered:
             run.agents.add(b.agent)
             run.finished_at = e.recorded_at
             run.error = b.error
@@ -284,26 +284,26 @@ class RunsProjection(Projection):
             key = f"{b.agent}/{b.trigger_id}"
             o.dead[key] = [b.error_type, "open"]
             _done(o, key)
-        elif isinstance(b, DeadLetterRedriven):
+        elif type(b) is DeadLetterRedriven:
             entry = o.dead.get(f"{b.agent}/{b.trigger_id}")
             if entry is not None:
                 entry[1] = "redriven"
-        elif isinstance(b, RunBudgetExceeded):
+        elif type(b) is RunBudgetExceeded:
             run.agents.add(b.agent)
             o.budget = True
-        elif isinstance(b, ApprovalRequested):
+        elif type(b) is ApprovalRequested:
             o.approvals.append(str(b.approval_id))
-        elif isinstance(b, ApprovalDecided):
+        elif type(b) is ApprovalDecided:
             approval = str(b.approval_id)
             if approval in o.approvals:
                 o.approvals.remove(approval)
-        elif isinstance(b, TimerScheduled):
+        elif type(b) is TimerScheduled:
             o.timers.append(str(b.timer_id))
-        elif isinstance(b, TimerFired):
+        elif type(b) is TimerFired:
             timer = str(b.timer_id)
             if timer in o.timers:
                 o.timers.remove(timer)
-        elif isinstance(b, RunForked):
+        elif type(b) is RunForked:
             run.parent_run_id = b.parent_run_id
             run.fork_step = b.at_step
 

@@ -55,7 +55,7 @@ class TimelineProjection(Projection):
 
 def _row(e: RecordedEvent) -> tuple[Any, ...]:
     b = e.body
-    if isinstance(b, StepRecorded):
+    if type(b) is StepRecorded:
         u = b.usage
         return (
             e.run_id, e.position, e.tx, e.event_id, e.event_type, e.stream_id, e.causation_id,
@@ -63,7 +63,7 @@ def _row(e: RecordedEvent) -> tuple[Any, ...]:
             b.duration_ms, u.input_tokens if u else None, u.output_tokens if u else None,
             u.cost_usd if u else None, e.recorded_at, summary(e),
         )  # fmt: skip
-    if isinstance(b, ActivationCompleted):
+    if type(b) is ActivationCompleted:
         return (
             e.run_id, e.position, e.tx, e.event_id, e.event_type, e.stream_id, e.causation_id,
             b.agent, b.activation_id, None, None, None, None, b.duration_ms, None, None, None,

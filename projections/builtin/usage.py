@@ -53,7 +53,7 @@ class UsageProjection(Projection):
         offline: list[bool] = []
         for e in events:
             b = e.body
-            if not isinstance(b, StepRecorded) or b.usage is None:
+            if type(b) is not StepRecorded or b.usage is None:
                 continue
             u = b.usage
             days.append(e.recorded_at.astimezone(UTC).date())
