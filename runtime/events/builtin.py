@@ -149,7 +149,7 @@ class RunForked(Event, tag="run.forked"):
     trigger_id: UUID
     model: str | None = None
     tier: str | None = None
-    #: sha256 of the system prompt given with ``--prompt-file`` (the text is in ``prompt``).
+    #: The system prompt given with ``--prompt-file`` (its text), used from ``at_step`` on.
     prompt: str | None = None
     input_changed: bool = False
 

@@ -108,9 +108,7 @@ async def migrate(settings: Settings) -> MigrateReport:
                     )
                 # The read models' schema: the runtime role creates, swaps and drops
                 # its tables there (projections are rebuilt from the log at will).
-                await conn.execute(
-                    f"CREATE SCHEMA IF NOT EXISTS {read} AUTHORIZATION {owner}"
-                )
+                await conn.execute(f"CREATE SCHEMA IF NOT EXISTS {read} AUTHORIZATION {owner}")
                 await conn.execute(f"SET LOCAL ROLE {owner}")
             else:
                 notes.append(
