@@ -99,6 +99,8 @@ class ActivationReplay(msgspec.Struct, frozen=True, kw_only=True):
     outcome: str
     emitted: int
     divergence: Divergence | None = None
+    #: Why the outcome was not compared (a dead letter the handler did not cause).
+    note: str = ""
 
     @property
     def identical(self) -> bool:
@@ -396,9 +398,14 @@ async def replay_activation(
         outcome, emitted = result.outcome, result.emitted
     except Exception as exc:  # the handler's own failure: compared with the record below
         error, outcome = exc, "dead_lettered"
-    divergence = steps.divergence or _outcome(a, outcome, error)
-    if divergence is None and error is None:
-        divergence = compare_emitted([e.body for e in a.emitted], [e.body for e in emitted])
+    note = _circumstantial(a)
+    if note:
+        # The record's ending was not the handler's verdict: only its steps compare.
+        divergence = steps.divergence
+    else:
+        divergence = steps.divergence or _outcome(a, outcome, error)
+        if divergence is None and error is None:
+            divergence = compare_emitted([e.body for e in a.emitted], [e.body for e in emitted])
     return ActivationReplay(
         agent=a.agent,
         activation_id=a.activation_id,
@@ -409,7 +416,25 @@ async def replay_activation(
         outcome=a.outcome,
         emitted=len(a.emitted),
         divergence=divergence,
+        note=note,
     )
+
+
+def _circumstantial(a: RecordedActivation) -> str:
+    """Why a dead letter says nothing about the handler, or "" when it does.
+
+    A handler that ran past its timeout, or whose workers died under it until
+    its deliveries ran out, was dead-lettered by circumstance: a replay, which
+    calls nothing, cannot reproduce either, so only its steps are compared.
+    """
+    dead = a.dead_lettered
+    if dead is None:
+        return ""
+    if dead.error_type == "HandlerTimeout":
+        return f"dead-lettered by its timeout ({dead.error}): only its steps are compared"
+    if dead.error_type == "RuntimeError" and "without completing" in dead.error:
+        return f"dead-lettered after its workers died ({dead.error}): only its steps are compared"
+    return ""
 
 
 def _outcome(a: RecordedActivation, outcome: str, error: BaseException | None) -> Divergence | None:

@@ -100,7 +100,8 @@ def _activation_lines(a: ActivationReplay) -> list[str]:
     head = f"  {escape(a.agent):<16} {escape(a.trigger_type):<28} {steps:<9}"
     d = a.divergence
     if d is None:
-        return [f"{head} [green]identical[/]"]
+        note = f" [dim]({escape(a.note)})[/]" if a.note else ""
+        return [f"{head} [green]identical[/]{note}"]
     return [f"{head} [bold red]DIVERGED {d.where}[/]: {escape(d.message)}", *_diff_lines(d.diff)]
 
 
