@@ -17,6 +17,7 @@ import pytest
 import redis.asyncio as aioredis
 
 from projections.errors import ImportRefused, UnknownRun
+from projections.replay import replay_run
 from projections.transfer import export_run, import_run, parse_export
 from runtime.effects.retry import RetryPolicy
 from runtime.errors import ConcurrencyConflict
@@ -144,6 +145,29 @@ def _without_place(line: bytes) -> dict[str, object]:
     event: dict[str, object] = json.loads(line)
     del event["position"], event["tx"]
     return event
+
+
+class Retriaged(Triage):
+    system = "You triage a support inbox, differently."
+
+
+async def test_an_imported_run_replays_identical_there(
+    target: EventLog, target_settings: Settings, exported: tuple[uuid.UUID, list[bytes]]
+) -> None:
+    """Export, import into another installation, replay there with the same agents: identical,
+    with the model never called (replay's own guard) and nothing written."""
+    run_id, lines = exported
+    await import_run(target, parse_export(lines))
+    count = await total(target)
+    result = await replay_run(target, [Triage(), Responder()], run_id, settings=target_settings)
+    assert [a.agent for a in result.activations] == ["triage", "responder"]
+    assert result.identical, result.divergent
+    assert await total(target) == count
+    # A changed agent is caught there too: the import carried the recorded requests.
+    diverged = await replay_run(
+        target, [Retriaged(), Responder()], run_id, settings=target_settings
+    )
+    assert not diverged.identical
 
 
 async def test_importing_twice_is_idempotent(
