@@ -36,8 +36,10 @@ class AgentStateProjection(Projection):
     run (table ``agent_states``, one row per run and stateful agent: those that
     override ``evolve``), as the worker folds ``ctx.state``.
 
-    The state is stored as JSON (``state``), and a batch continues from it, decoded
-    to the agent's ``state_type`` (else the type of its initial state). A state that
+    The state is stored as JSON (``state``, ``json`` and not ``jsonb``: the text as
+    encoded, keys in their order, so a dict state decoded for the next batch is the
+    very state the fold had), and a batch continues from it, decoded to the agent's
+    ``state_type`` (else the type of its initial state). A state that
     does not survive that round trip (``exact`` false) is folded again from the
     run's events in the log instead, so the row never depends on how the log was
     cut into batches. Every ``snapshot_every`` events of a run a snapshot is saved
@@ -50,7 +52,7 @@ class AgentStateProjection(Projection):
     types: ClassVar[frozenset[str] | None] = None
     tables: ClassVar[dict[str, str]] = {
         "agent_states": (
-            "(run_id uuid NOT NULL, agent text NOT NULL, state jsonb, exact boolean NOT NULL,"
+            "(run_id uuid NOT NULL, agent text NOT NULL, state json, exact boolean NOT NULL,"
             " event_count bigint NOT NULL, last_tx bigint NOT NULL,"
             " last_position bigint NOT NULL, last_event_id uuid NOT NULL,"
             " updated_at timestamptz NOT NULL, PRIMARY KEY (run_id, agent))"
@@ -153,7 +155,7 @@ class AgentStateProjection(Projection):
                              f.event_id, f.at))  # fmt: skip
         t = tables["agent_states"]
         await conn.executemany(
-            f"INSERT INTO {t} ({_COLUMNS}) VALUES ($1, $2, $3::jsonb, $4, $5, $6, $7, $8, $9) "
+            f"INSERT INTO {t} ({_COLUMNS}) VALUES ($1, $2, $3::json, $4, $5, $6, $7, $8, $9) "
             "ON CONFLICT (run_id, agent) DO UPDATE SET state = excluded.state, "
             "exact = excluded.exact, event_count = excluded.event_count, "
             "last_tx = excluded.last_tx, last_position = excluded.last_position, "
