@@ -48,7 +48,7 @@ class AgentStateProjection(Projection):
     """
 
     name: ClassVar[str] = "agent_state"
-    version: ClassVar[int] = 1
+    version: ClassVar[int] = 2
     types: ClassVar[frozenset[str] | None] = None
     tables: ClassVar[dict[str, str]] = {
         "agent_states": (
