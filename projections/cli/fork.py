@@ -6,23 +6,19 @@ import os
 import sys
 import uuid
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import msgspec
 import typer
 from rich.markup import escape
 
-from projections.diff import RunDiff, Totals, diff_runs
-from projections.fork import (
-    Change,
-    ForkLLM,
-    ForkReport,
-    ForkServices,
-    decode_input,
-    fork,
-    plan_fork,
-)
 from runtime.agents.agent import Agent
+
+if TYPE_CHECKING:
+    # The model SDK comes with these: imported by the commands that need them, so every
+    # other `agentrt` command starts without it.
+    from projections.diff import RunDiff, Totals
+    from projections.fork import ForkReport
 from runtime.agents.loading import load_app
 from runtime.cli import err, fail, open_log, out, run, with_servers
 from runtime.errors import AppLoadError, SettingsError
@@ -190,6 +186,14 @@ def register(app: typer.Typer) -> None:
                 fail(exc)
 
         async def go() -> ForkReport:
+            from projections.fork import (
+                Change,
+                ForkLLM,
+                ForkServices,
+                decode_input,
+                fork,
+                plan_fork,
+            )
             from runtime.llm.client import model_client
             from runtime.streams.keys import connect_redis
 
@@ -231,6 +235,8 @@ def register(app: typer.Typer) -> None:
         settings = with_servers(_settings(ctx))
 
         async def go() -> RunDiff:
+            from projections.diff import diff_runs
+
             lg = await open_log(settings)
             try:
                 return await diff_runs(lg, a, b)

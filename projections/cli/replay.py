@@ -14,15 +14,18 @@ import sys
 import uuid
 from collections.abc import Sequence
 from datetime import UTC, date, datetime, timedelta
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import msgspec
 import typer
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-from projections.replay import ActivationReplay, RunReplay, replay_run
 from runtime.agents.agent import Agent
+
+if TYPE_CHECKING:
+    # Replay brings the model layer (and its SDK): imported when a replay runs.
+    from projections.replay import ActivationReplay, RunReplay
 from runtime.agents.loading import load_app
 from runtime.cli import err, fail, open_log, out, run, with_servers
 from runtime.errors import AppLoadError
@@ -145,6 +148,8 @@ def summarize(reports: Sequence[RunReplay]) -> ReplaySummary:
 
 async def _one(settings: Settings, agents: list[Agent], run_id: uuid.UUID, app: str,
                as_json: bool) -> bool:  # fmt: skip
+    from projections.replay import replay_run
+
     lg = await open_log(settings)
     try:
         report = await replay_run(lg, agents, run_id, settings=settings, app=app)
@@ -166,6 +171,8 @@ async def _many(
     app: str,
     as_json: bool,
 ) -> bool:
+    from projections.replay import replay_run
+
     lg = await open_log(settings)
     reports: list[RunReplay] = []
     try:

@@ -55,14 +55,17 @@ import typing
 import uuid
 from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
-from typing import Annotated, Any, Generic, ParamSpec, TypeVar, overload
+from typing import TYPE_CHECKING, Annotated, Any, Generic, ParamSpec, TypeVar, overload
 
-import anthropic.types
 import msgspec
 import structlog
 from structlog.typing import FilteringBoundLogger
 
 from runtime.errors import ToolInputError, ToolOutputError, ToolTimeout, UnknownTool
+
+if TYPE_CHECKING:
+    # Only annotations: importing the SDK costs two seconds at every `agentrt` start.
+    import anthropic.types
 
 __all__ = [
     "DEFAULT_TIMEOUT",
