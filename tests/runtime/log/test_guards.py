@@ -73,7 +73,9 @@ async def test_status_reports_guards_and_a_disabled_trigger(
 async def test_migrate_is_idempotent_and_records_versions(settings: Settings) -> None:
     report = await migrate(settings)
     assert report.applied == []
-    assert report.already_applied == ["0001_event_log", "0002_agents", "0003_guards"]
+    assert report.already_applied == [
+        "0001_event_log", "0002_agents", "0003_guards", "0004_snapshots",
+    ]  # fmt: skip
     assert report.roles_separated
 
 
