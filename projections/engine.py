@@ -227,6 +227,9 @@ class Projector:
         self.settings = settings
         self.projections = _validate(projections)
         self.batch = batch or settings.projection_batch
+        #: Pages of a rebuild are larger: fewer statements per event, and a crash only
+        #: restarts the rebuild (the live tables never saw its pages).
+        self.rebuild_batch = max(self.batch, min(self.batch * 5, 5000)) if batch is None else batch
         self.schema = settings.read_schema
         s = _ident(self.schema)
         self._cp = f"{s}.projection_checkpoints"
@@ -524,10 +527,11 @@ class Projector:
         report()
         # Fold to the head, page by page, while the live tables keep serving. The next
         # page is read while this one is folded.
-        page = await self.log.read_all(position, self.batch)
+        size = self.rebuild_batch
+        page = await self.log.read_all(position, size)
         while page:
             position = page[-1].log_position
-            ahead = asyncio.ensure_future(self.log.read_all(position, self.batch))
+            ahead = asyncio.ensure_future(self.log.read_all(position, size))
             try:
                 await self._fold_shadows(chosen, page, shadows)
             except BaseException:
@@ -565,20 +569,34 @@ class Projector:
         page: Sequence[RecordedEvent],
         shadows: Mapping[str, Tables],
     ) -> None:
+        """Fold a page into each shadow, each projection in its own transaction on its own
+        connection, all at once: the server writes one projection's rows while this process
+        folds the next one's. (The shadows are private to the rebuild: nothing reads them,
+        and each moves its own marker, so their transactions need not be one.)"""
         last = page[-1]
-        async with self.pool.acquire() as conn, conn.transaction():
-            for p in chosen:
-                types = p.types
-                events = page if types is None else [e for e in page if e.event_type in types]
+
+        async def fold(p: Projection) -> None:
+            types = p.types
+            events = page if types is None else [e for e in page if e.event_type in types]
+            async with self.pool.acquire() as conn, conn.transaction():
                 if events:
                     await p.apply(conn, events, shadows[p.name])
-            await conn.execute(
-                f"UPDATE {self._cp} SET tx = $2::text::xid8, position = $3, event_id = $4, "
-                "events = events + $5, last_event_at = $6, updated_at = now() "
-                "WHERE name = ANY($1::text[])",
-                [p.name + _REBUILDING for p in chosen], str(last.tx), last.position,
-                last.event_id, len(page), last.recorded_at,
-            )  # fmt: skip
+                await conn.execute(
+                    f"UPDATE {self._cp} SET tx = $2::text::xid8, position = $3, event_id = $4, "
+                    "events = events + $5, last_event_at = $6, updated_at = now() "
+                    "WHERE name = $1",
+                    p.name + _REBUILDING, str(last.tx), last.position, last.event_id,
+                    len(page), last.recorded_at,
+                )  # fmt: skip
+
+        tasks = [asyncio.ensure_future(fold(p)) for p in chosen]
+        try:
+            await asyncio.gather(*tasks)
+        except BaseException:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            raise
 
     async def _swap(
         self, p: Projection, shadow: Tables, live: Tables, marker: str, position: LogPosition

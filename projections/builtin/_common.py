@@ -43,12 +43,31 @@ async def copy_rows(
 
 def clip(text: str, limit: int = 160) -> str:
     """One line of at most ``limit`` characters."""
+    if len(text) <= limit and text.isprintable() and "  " not in text:
+        # The common case, without splitting and joining: the only whitespace is single
+        # ASCII spaces (isprintable() is False for every other kind).
+        return text.strip(" ")
     line = " ".join(text.split())
     return line if len(line) <= limit else line[: limit - 1] + "…"
 
 
+#: event id -> its summary, for the events of the page being folded: the timeline and the
+#: audit log both describe every event (a rebuild folds them at once). Bounded.
+_summaries: dict[Any, str] = {}
+_SUMMARIES_KEPT = 20_000
+
+
 def summary(e: RecordedEvent) -> str:
     """A one-line description of an event, for timelines and the audit log."""
+    text = _summaries.get(e.event_id)
+    if text is None:
+        if len(_summaries) >= _SUMMARIES_KEPT:
+            _summaries.clear()
+        text = _summaries[e.event_id] = _summary(e)
+    return text
+
+
+def _summary(e: RecordedEvent) -> str:
     b = e.body
     if type(b) is StepRecorded:
         head = f"{b.kind} {b.name}"
