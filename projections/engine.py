@@ -19,8 +19,8 @@ read schema (``<schema>_read``). The :class:`Projector` runs a set of them:
   tables were built with, is rebuilt when the projector starts (or only
   flagged, with ``AGENTRT_PROJECTION_VERSION_CHANGE=flag``).
 
-Projections register like agents: the built-ins, the ``projections`` attribute
-of the ``--app`` module, and the ``agentrt.projections`` entry-point group.
+Which projections run is :mod:`projections.registry`'s business: the built-ins,
+the ``--app`` module's, the ``agentrt.projections`` entry-point group's.
 """
 
 from __future__ import annotations
@@ -28,20 +28,17 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-import importlib
 import re
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from datetime import UTC, datetime
-from importlib.metadata import entry_points
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import asyncpg
 import msgspec
 import structlog
 
 from projections.errors import ProjectionBusy, UnknownProjection
-from runtime.agents.agent import Agent
 from runtime.errors import AppLoadError
 from runtime.events.model import START, LogPosition, RecordedEvent
 from runtime.log.store import EventLog
@@ -49,8 +46,6 @@ from runtime.settings import Settings
 
 log = structlog.get_logger(__name__)
 
-#: Projections other packages declare (an instance, a class, or a list of them).
-ENTRY_POINT_GROUP = "agentrt.projections"
 _NAME = re.compile(r"^[a-z][a-z0-9_]{0,40}$")
 #: Suffix of a rebuild's shadow tables.
 SHADOW = "__rebuild"
@@ -687,66 +682,3 @@ class Projector:
                 )
             )
         return out
-
-
-# -- registration -------------------------------------------------------------------
-
-
-def _as_projections(obj: Any, where: str) -> list[Projection]:
-    items = obj if isinstance(obj, (list, tuple)) else [obj]
-    out: list[Projection] = []
-    for item in items:
-        if isinstance(item, type) and issubclass(item, Projection):
-            out.append(item())
-        elif isinstance(item, Projection):
-            out.append(item)
-        else:
-            raise AppLoadError(where, f"{item!r} is not a Projection")
-    return out
-
-
-def load_app_projections(target: str) -> tuple[list[Agent], list[Projection]]:
-    """The agents and projections of ``module[:attr]``: its ``agents`` (as ``--app``
-    loads them for a worker, if it has any) and its ``projections`` attribute."""
-    from runtime.agents.loading import load_app
-
-    module_name = target.partition(":")[0]
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as exc:
-        raise AppLoadError(target, f"cannot import {module_name!r}: {exc}") from None
-    agents: list[Agent] = []
-    try:
-        agents = load_app(target)
-    except AppLoadError as exc:
-        if "defines no agents" not in exc.message:
-            raise
-    found = getattr(module, "projections", [])
-    return agents, _as_projections(found, target)
-
-
-def registered(
-    app: str | None = None, *, agents: Sequence[Agent] = (), builtin: bool = True
-) -> list[Projection]:
-    """The built-in projections, those of ``app`` and those of the entry-point group.
-
-    The app's agents feed the built-ins that need them (agent state folds with
-    their ``evolve``; runs know who subscribes to what).
-    """
-    from projections.builtin import builtin_projections
-
-    app_agents = list(agents)
-    extra: list[Projection] = []
-    if app is not None:
-        loaded, extra = load_app_projections(app)
-        app_agents = app_agents or loaded
-    out = list(builtin_projections(app_agents)) if builtin else []
-    out += extra
-    for ep in entry_points(group=ENTRY_POINT_GROUP):
-        try:
-            out += _as_projections(ep.load(), f"entry point {ep.name} ({ep.value})")
-        except AppLoadError:
-            raise
-        except Exception as exc:  # a plugin's import error: say which, keep the others
-            log.warning("projection.plugin_failed", entry_point=ep.name, error=str(exc))
-    return out

@@ -6,7 +6,8 @@
 
 from __future__ import annotations
 
-from projections.api.app import Backend, create_api, mount
+from projections.api.app import create_api, mount
 from projections.api.auth import configured_token, ensure_token
+from projections.api.backend import Backend
 
 __all__ = ["Backend", "configured_token", "create_api", "ensure_token", "mount"]

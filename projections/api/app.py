@@ -9,7 +9,6 @@ whose users never query pays nothing.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from typing import Any
@@ -20,12 +19,10 @@ from fastapi import FastAPI, Request, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from projections.api.auth import bearer_check, configured_token
-from projections.api.http import ErrorBody, Unavailable, json_response
+from projections.api.backend import Backend
+from projections.api.http import ErrorBody, json_response
 from projections.api.openapi import install_components
 from runtime.agents.agent import Agent
-from runtime.errors import ServiceUnavailable, SettingsError
-from runtime.log.pool import open_runtime_pool
-from runtime.log.store import EventLog
 from runtime.settings import Settings
 
 log = structlog.get_logger(__name__)
@@ -42,44 +39,6 @@ describe the routes and hold no data.
 Lists are cursor-paginated: pass a response's `next_cursor` as `cursor` for the next
 page; `next_cursor` is null on the last page.
 """
-
-
-class Backend:
-    """What the routes read through: one pool (given, opened at start, or opened on first
-    use), the log and the read models over it, and the agents time travel folds with."""
-
-    def __init__(
-        self, settings: Settings, agents: Iterable[Agent] = (), pool: asyncpg.Pool | None = None
-    ) -> None:
-        self.settings = settings
-        self.agents: tuple[Agent, ...] = tuple(agents)
-        self._pool = pool
-        self._owned = False
-        self._lock = asyncio.Lock()
-
-    async def pool(self) -> asyncpg.Pool:
-        if self._pool is None:
-            async with self._lock:
-                if self._pool is None:
-                    self._pool = await self._open()
-                    self._owned = True
-        return self._pool
-
-    async def _open(self) -> asyncpg.Pool:
-        try:
-            return await open_runtime_pool(self.settings, min_size=0, max_size=4, attempts=2)
-        except SettingsError as exc:
-            raise Unavailable(f"the query API has no database: {exc.message}") from None
-        except ServiceUnavailable as exc:
-            raise Unavailable(exc.message) from None
-
-    async def log(self) -> EventLog:
-        return EventLog(await self.pool(), schema=self.settings.db_schema)
-
-    async def close(self) -> None:
-        pool, self._pool = self._pool, None
-        if pool is not None and self._owned:
-            await pool.close()
 
 
 def install(app: FastAPI, backend: Backend) -> None:

@@ -32,7 +32,7 @@ from projections.queries import (
 from projections.timetravel import RunState, state_at
 
 if TYPE_CHECKING:  # the backend is the app module's (which imports this one)
-    from projections.api.app import Backend
+    from projections.api.backend import Backend
 
 #: The result types whose schemas the OpenAPI document carries.
 SCHEMA_TYPES: tuple[Any, ...] = (

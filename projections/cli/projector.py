@@ -21,7 +21,8 @@ from rich.progress import (
 from rich.table import Table
 
 from projections.engine import Progress as RebuildProgress
-from projections.engine import ProjectionStatus, Projector, registered
+from projections.engine import ProjectionStatus, Projector
+from projections.registry import registered
 from runtime.cli import err, open_log, out, run, with_servers
 from runtime.settings import Settings
 
@@ -49,7 +50,7 @@ def _settings(ctx: typer.Context) -> Settings:
 @asynccontextmanager
 async def opened(settings: Settings, app: str | None) -> AsyncIterator[Projector]:
     """A projector over the migrated log, with the built-in projections and the app's."""
-    projections = registered(app)
+    projections = registered(app, settings=settings)
     log = await open_log(settings)
     try:
         yield Projector(log, projections, settings)

@@ -1,6 +1,6 @@
 """``agentrt runs``: the runs table, one run's timeline, export and import.
 
-``runs_app`` is shared: ``projections.cli.transfer`` adds ``export`` and ``import`` to it.
+``export`` and ``import`` come from ``projections.cli.transfer``.
 Both views read the read models (:class:`projections.queries.ReadModels`) after one
 catch-up of the projections they read, so what the terminal shows is never behind the log.
 """
@@ -59,7 +59,9 @@ JsonOption = Annotated[bool, typer.Option("--json", help="JSON instead of a tabl
 
 def register(app: typer.Typer) -> None:
     """Add ``agentrt runs ...`` to ``app``."""
-    from projections.cli import transfer  # noqa: F401  (adds export/import to runs_app)
+    from projections.cli import transfer
+
+    transfer.register(runs_app)
 
     app.add_typer(runs_app, name="runs")
 
@@ -80,7 +82,8 @@ async def read(
     ``catch_up`` (only those: a catch-up here never rebuilds the others, e.g. the agent
     state that ``agentrt projector --app`` folds with the app's code)."""
     from projections.builtin import builtin_projections
-    from projections.engine import Projector, load_app_projections
+    from projections.engine import Projector
+    from projections.registry import load_app_projections
 
     log = await open_log(settings)
     try:

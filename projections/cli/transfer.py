@@ -1,4 +1,5 @@
-"""``agentrt runs export RUN_ID`` and ``agentrt runs import FILE`` (on ``runs_app``)."""
+"""``agentrt runs export RUN_ID`` and ``agentrt runs import FILE``: ``register(runs_app)``
+adds them to the ``runs`` group (projections/cli/runs.py)."""
 
 from __future__ import annotations
 
@@ -9,14 +10,17 @@ from uuid import UUID
 
 import typer
 
-from projections.cli.runs import runs_app
 from projections.errors import ImportRefused
 from projections.transfer import export_run, import_run, parse_export
 from runtime.cli import err, open_log, out, run, with_servers
 
 
-def register(app: typer.Typer) -> None:
-    """Nothing to add to ``app``: these commands hang on ``runs_app`` (see runs.py)."""
+def register(runs_app: typer.Typer) -> None:
+    """Add ``export`` and ``import`` to the ``runs`` group (once)."""
+    if any(c.callback is runs_export for c in runs_app.registered_commands):
+        return
+    runs_app.command("export")(runs_export)
+    runs_app.command("import")(runs_import)
 
 
 def _run_id(text: str) -> UUID:
@@ -28,7 +32,6 @@ def _run_id(text: str) -> UUID:
         ) from None
 
 
-@runs_app.command("export")
 def runs_export(
     ctx: typer.Context,
     run_id: Annotated[str, typer.Argument(help="The run to export (its id)")],
@@ -57,7 +60,6 @@ def runs_export(
     err.print(f"exported run {rid}: {len(lines) - 1} events to {output}")
 
 
-@runs_app.command("import")
 def runs_import(
     ctx: typer.Context,
     file: Annotated[

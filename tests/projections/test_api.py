@@ -32,8 +32,9 @@ from hypothesis import settings as hsettings
 from schemathesis.specs.openapi.checks import positive_data_acceptance
 
 from projections.api import create_api
-from projections.engine import Projector, registered
+from projections.engine import Projector
 from projections.queries import encode_cursor
+from projections.registry import registered
 from runtime.agents.agent import Agent
 from runtime.effects.retry import RetryPolicy
 from runtime.events.model import RecordedEvent
