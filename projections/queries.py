@@ -22,6 +22,7 @@ import asyncpg
 import msgspec
 
 from projections.errors import InvalidQuery, UnknownProjection, UnknownRun
+from runtime.events.causation import causation_order
 from runtime.events.model import LogPosition
 from runtime.settings import Settings
 
@@ -338,41 +339,6 @@ _TIMELINE_COLUMNS = (
     "activation_id, step, kind, name, model, duration_ms, input_tokens, output_tokens, "
     "cost_usd, recorded_at, summary"
 )
-
-
-def causation_order(
-    rows: Sequence[Sequence[Any]], *, id_at: int, cause_at: int
-) -> list[tuple[int, int, Any]]:
-    """Depth-first by causation, siblings in the order given (log order): the
-    (index, depth, parent id) of every row. A row whose cause is not among the rows
-    is a root; a cycle (impossible in a sound log) cannot hide rows: what the walk
-    misses is appended as roots."""
-    index = {row[id_at]: i for i, row in enumerate(rows)}
-    children: dict[int, list[int]] = {}
-    roots: list[int] = []
-    for i, row in enumerate(rows):
-        parent = index.get(row[cause_at])
-        if parent is None or parent == i:
-            roots.append(i)
-        else:
-            children.setdefault(parent, []).append(i)
-    out: list[tuple[int, int, Any]] = []
-    seen = bytearray(len(rows))
-    for root in roots:
-        stack = [(root, 0, None)]
-        while stack:
-            i, depth, parent_id = stack.pop()
-            if seen[i]:
-                continue
-            seen[i] = 1
-            out.append((i, depth, parent_id))
-            kids = children.get(i)
-            if kids:
-                me = rows[i][id_at]
-                stack.extend((k, depth + 1, me) for k in reversed(kids))
-    if len(out) < len(rows):
-        out.extend((i, 0, None) for i in range(len(rows)) if not seen[i])
-    return out
 
 
 class ReadModels:
