@@ -184,8 +184,11 @@ def demo(ctx: typer.Context) -> None:
     if not run(go()):
         raise typer.Exit(1)
     Console().print(
-        "\nnext: `agentrt log tail` follows the log, `agentrt worker --app webhooks.demo.agents` "
-        "runs these agents, `agentrt services down` stops the servers."
+        "\nnext: `agentrt runs` lists these runs and `agentrt runs show RUN` draws one; "
+        "`agentrt replay RUN --app webhooks.demo.agents` re-runs it against the record; "
+        "`agentrt fork RUN --at 3 --app webhooks.demo.agents --tier fast` branches it; "
+        "`agentrt api` serves them as JSON; `agentrt log tail` follows the log; "
+        "`agentrt services down` stops the servers."
     )
 
 
