@@ -19,6 +19,7 @@ if TYPE_CHECKING:
     # other `agentrt` command starts without it.
     from projections.diff import RunDiff, Totals
     from projections.fork import ForkReport
+from projections.cli.common import settings_of
 from runtime.agents.loading import load_app
 from runtime.cli import err, fail, open_log, out, run, with_servers
 from runtime.errors import AppLoadError, SettingsError
@@ -28,8 +29,7 @@ JsonOption = Annotated[bool, typer.Option("--json", help="One JSON object instea
 
 
 def _settings(ctx: typer.Context) -> Settings:
-    obj = ctx.find_root().obj
-    return obj if isinstance(obj, Settings) else Settings.from_env()
+    return settings_of(ctx, quiet=True)
 
 
 def _run_id(value: str, name: str) -> uuid.UUID:

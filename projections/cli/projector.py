@@ -20,6 +20,7 @@ from rich.progress import (
 )
 from rich.table import Table
 
+from projections.cli.common import settings_of
 from projections.engine import Progress as RebuildProgress
 from projections.engine import ProjectionStatus, Projector
 from projections.registry import registered
@@ -41,10 +42,8 @@ AppOption = Annotated[
 ]
 
 
-def _settings(ctx: typer.Context) -> Settings:
-    obj = ctx.find_root().obj
-    settings = obj if isinstance(obj, Settings) else Settings.from_env()
-    return with_servers(settings)
+def _settings(ctx: typer.Context, *, quiet: bool = False) -> Settings:
+    return with_servers(settings_of(ctx, quiet=quiet))
 
 
 @asynccontextmanager
@@ -98,7 +97,7 @@ def register(app: typer.Typer) -> None:
         as_json: Annotated[bool, typer.Option("--json", help="One JSON document")] = False,
     ) -> None:
         """Each projection's version, checkpoint and lag (events and seconds behind the log)."""
-        settings = _settings(ctx)
+        settings = _settings(ctx, quiet=True)
 
         async def go() -> list[ProjectionStatus]:
             async with opened(settings, app_module) as projector:
@@ -137,7 +136,7 @@ def register(app: typer.Typer) -> None:
 
         The live tables keep serving queries meanwhile; the swap is one transaction.
         """
-        settings = _settings(ctx)
+        settings = _settings(ctx, quiet=True)
 
         async def go() -> int:
             async with opened(settings, app_module) as projector:

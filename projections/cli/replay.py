@@ -26,6 +26,7 @@ from runtime.agents.agent import Agent
 if TYPE_CHECKING:
     # Replay brings the model layer (and its SDK): imported when a replay runs.
     from projections.replay import ActivationReplay, RunReplay
+from projections.cli.common import settings_of
 from runtime.agents.loading import load_app
 from runtime.cli import err, fail, open_log, out, run, with_servers
 from runtime.errors import AppLoadError
@@ -71,8 +72,7 @@ def parse_when(value: str, *, end: bool = False, now: datetime | None = None) ->
 
 
 def _settings(ctx: typer.Context) -> Settings:
-    obj = ctx.find_root().obj
-    return obj if isinstance(obj, Settings) else Settings.from_env()
+    return settings_of(ctx, quiet=True)
 
 
 def _agents(target: str) -> list[Agent]:

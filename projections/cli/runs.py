@@ -20,6 +20,7 @@ from rich.markup import escape
 from rich.table import Table
 from rich.tree import Tree
 
+from projections.cli.common import settings_of
 from projections.queries import STATUSES, Page, ReadModels, RunRow, TimelineEntry
 from runtime.cli import err, open_log, out, run, with_servers
 from runtime.settings import Settings
@@ -67,8 +68,7 @@ def register(app: typer.Typer) -> None:
 
 
 def _settings(ctx: typer.Context) -> Settings:
-    obj = ctx.find_root().obj
-    return with_servers(obj if isinstance(obj, Settings) else Settings.from_env())
+    return with_servers(settings_of(ctx, quiet=True))
 
 
 async def read(
@@ -123,8 +123,10 @@ def tokens(inp: int | None, outp: int | None) -> str:
     return f"{inp or 0}→{outp or 0}"
 
 
-def when(at: datetime | None) -> str:
-    return "-" if at is None else at.astimezone().strftime("%Y-%m-%d %H:%M:%S")
+def when(at: datetime | None, *, short: bool = False) -> str:
+    if at is None:
+        return "-"
+    return at.astimezone().strftime("%m-%d %H:%M:%S" if short else "%Y-%m-%d %H:%M:%S")
 
 
 def status(s: str) -> str:
@@ -132,29 +134,25 @@ def status(s: str) -> str:
 
 
 def runs_table(rows: Sequence[RunRow]) -> Table:
-    table = Table(show_edge=False, pad_edge=False, header_style="bold")
-    table.add_column("run", no_wrap=True)
+    # No box: a run id is 36 characters and must never be cut (it is what users copy).
+    table = Table(box=None, pad_edge=False, header_style="bold", padding=(0, 1))
+    forks = any(r.parent_run_id is not None for r in rows)
+    table.add_column("run", no_wrap=True, min_width=36)
     table.add_column("started", no_wrap=True)
     table.add_column("status", no_wrap=True)
-    table.add_column("trigger")
-    table.add_column("agents")
+    table.add_column("trigger", overflow="fold", min_width=14)
+    table.add_column("agents", overflow="fold", min_width=10)
     table.add_column("duration", justify="right", no_wrap=True)
     table.add_column("tokens", justify="right", no_wrap=True)
-    table.add_column("cost", justify="right", no_wrap=True)
+    table.add_column("cost", justify="right", no_wrap=True, min_width=7)
     table.add_column("llm/tool", justify="right", no_wrap=True)
-    table.add_column("parent", no_wrap=True)
+    if forks:  # only when a row has one: the table stays readable at 120 columns
+        table.add_column("parent @step", no_wrap=True)
     for r in rows:
-        trigger = " ".join(x for x in (r.source, r.trigger_type) if x) or "-"
-        parent = "-"
-        if r.parent_run_id is not None:
-            parent = (
-                f"{r.parent_run_id} @{r.fork_step}"
-                if r.fork_step is not None
-                else str(r.parent_run_id)
-            )
-        table.add_row(
+        trigger = r.trigger_type or r.source or "-"
+        cells = [
             str(r.run_id),
-            when(r.started_at),
+            when(r.started_at, short=True),
             status(r.status),
             escape(trigger),
             escape(", ".join(r.agents)) or "-",
@@ -162,8 +160,14 @@ def runs_table(rows: Sequence[RunRow]) -> Table:
             tokens(r.input_tokens, r.output_tokens),
             cost(r.cost_usd),
             f"{r.llm_calls}/{r.tool_calls}",
-            parent,
-        )
+        ]
+        if forks:
+            parent = "-"
+            if r.parent_run_id is not None:
+                step = f" @{r.fork_step}" if r.fork_step is not None else ""
+                parent = f"{r.parent_run_id}{step}"
+            cells.append(parent)
+        table.add_row(*cells)
     return table
 
 
