@@ -27,13 +27,14 @@ import httpx2
 import msgspec
 
 from projections.errors import AgentMissing
+from projections.fork import Change
 from projections.record import RecordedActivation, RunRecord, load_run
 from runtime.agents.agent import Agent
 from runtime.agents.context import FROM_START, Trigger
 from runtime.effects.breaker import CircuitBreaker, Transition
 from runtime.effects.steps import StepCall, Steps, request_hash
 from runtime.errors import StepDivergence
-from runtime.events.builtin import StepRecorded
+from runtime.events.builtin import RunForked, StepRecorded
 from runtime.events.ids import activation_stream
 from runtime.events.model import Event, LogPosition, NewEvent, RecordedEvent, event_type_of
 from runtime.llm.calls import LLM
@@ -148,6 +149,10 @@ class ReplaySteps(Steps):
         self._first_step = record.first_step
         self.divergence: Divergence | None = None
 
+    def run_step(self, n: int) -> int:
+        """The run-level number of this activation's step ``n``."""
+        return self._first_step + n - 1
+
     async def run(self, kind: str, name: str, request: Any, call: StepCall) -> StepRecorded:
         n = self.count + 1
         recorded = self.recorded.get(n)
@@ -214,6 +219,32 @@ class _RefuseTransport(httpx2.AsyncBaseTransport):
     async def handle_async_request(self, request: httpx2.Request) -> httpx2.Response:
         self.requests += 1
         raise ReplayRefused(f"a replay made a model request: {request.method} {request.url}")
+
+
+class _ForkedLLM(LLM):
+    """The model layer of a forked run's replay: from the fork step on, requests carry the
+    fork's recorded change (``run.forked``: model, prompt), as they did when it ran, so a
+    fork replays identical under the code that made it."""
+
+    def __init__(self, base: LLM, at: int, change: Change) -> None:
+        super().__init__(base.client, base.settings, offline=base.offline)
+        self.at = at
+        self.change = change
+
+    async def step(self, ctx: Any, request: Any) -> StepRecorded:
+        steps = ctx.steps
+        if isinstance(steps, ReplaySteps) and steps.run_step(steps.next_step) >= self.at:
+            request = self.change.rewrite(request)
+        return await super().step(ctx, request)
+
+
+def _fork_change(record: RunRecord) -> tuple[int, Change] | None:
+    """The recorded change of a forked run (None for any other run)."""
+    for e in record.events:
+        b = e.body
+        if isinstance(b, RunForked) and (b.model is not None or b.prompt is not None):
+            return b.at_step, Change(model=b.model, tier=b.tier, prompt=b.prompt)
+    return None
 
 
 class ReplayServices:
@@ -485,6 +516,9 @@ async def replay_record(
     by_name = check_agents(record, agents, app)
     settings = settings or Settings.from_env()
     services = ReplayServices(settings, offline=_offline(record, settings))
+    forked = _fork_change(record)
+    if forked is not None:
+        services._llm = _ForkedLLM(services._llm, *forked)
     try:
         reports = [
             await replay_activation(record, a, by_name[a.agent], services, snapshots)

@@ -5,6 +5,7 @@ untouched; bad input changes nothing."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import os
 import subprocess
@@ -216,6 +217,21 @@ async def test_the_model_change_applies_from_the_fork_step_only(
     assert steps[("triage", 1)].request == theirs[("triage", 1)].request
     assert steps[("responder", 1)].request["model"] == "claude-other"
     assert theirs[("responder", 1)].request["model"] != "claude-other"
+    # Its replay applies the recorded change from the same step on: identical (without
+    # that, the app's code asks for its own model at the responder's step).
+    from projections import replay as replay_mod
+
+    replayed = await replay_mod.replay_run(log, AGENTS, report.run_id, settings=settings)
+    assert replayed.identical, replayed.divergent
+    record = await load_run(log, report.run_id)
+    bare = await replay_mod.replay_record(
+        dataclasses.replace(
+            record, events=[e for e in record.events if not isinstance(e.body, RunForked)]
+        ),
+        AGENTS,
+        settings=settings,
+    )
+    assert not bare.identical
 
 
 async def test_each_check_comes_before_anything_is_written(
