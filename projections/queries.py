@@ -273,7 +273,18 @@ def _parse(value: str, kind: type) -> Any:
     if kind is UUID:
         return UUID(value)
     if kind is int:
-        return int(value)
+        return _bigint(int(value))
+    return value
+
+
+#: Positions and transaction ids are PostgreSQL bigints: a cursor past them is refused here,
+#: not left to the server (PostgreSQL 15 wraps an xid8 past 64 bits instead of failing).
+_BIGINT_MAX = 2**63 - 1
+
+
+def _bigint(value: int) -> int:
+    if not 0 <= value <= _BIGINT_MAX:
+        raise ValueError(f"{value} is outside 0..{_BIGINT_MAX}")
     return value
 
 
@@ -501,6 +512,7 @@ class ReadModels:
         if after is not None:
             try:
                 start = LogPosition.parse(after)
+                _bigint(start.tx), _bigint(start.position)
             except ValueError as exc:
                 raise InvalidQuery(str(exc)) from None
         rows = await self._pool.fetch(
