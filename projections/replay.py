@@ -36,9 +36,9 @@ from runtime.effects.steps import StepCall, Steps, request_hash
 from runtime.errors import StepDivergence
 from runtime.events.builtin import RunForked, StepRecorded
 from runtime.events.ids import activation_stream
-from runtime.events.model import Event, LogPosition, NewEvent, RecordedEvent, event_type_of
+from runtime.events.model import Event, NewEvent, RecordedEvent, event_type_of
 from runtime.llm.calls import LLM
-from runtime.log.snapshots import SnapshotStore, decode_state
+from runtime.log.snapshots import SnapshotStore
 from runtime.log.store import EventLog
 from runtime.settings import Settings
 from runtime.worker.activation import activate
@@ -388,17 +388,14 @@ async def _state(
     history = record.history_before(a.trigger)
     if snapshots is None or not history:
         return FROM_START, history
-    at = a.trigger.log_position
-    snap = await snapshots.nearest(
-        record.run_id, agent.name, agent.fold_version, LogPosition(at.tx, at.position - 1)
-    )
-    if snap is None:
+    found = await snapshots.load(
+        record.run_id, agent.name, agent.fold_version, agent.state_decode_type(),
+        before=a.trigger.log_position,
+    )  # fmt: skip
+    if found is None:
         return FROM_START, history
-    try:
-        state = decode_state(snap.state, agent.state_decode_type())
-    except msgspec.MsgspecError:  # a cache: fold from the start instead
-        return FROM_START, history
-    return state, [e for e in history if e.log_position > snap.position]
+    state, at = found
+    return state, [e for e in history if e.log_position > at]
 
 
 async def replay_activation(

@@ -16,15 +16,12 @@ from typing import Any
 from uuid import UUID
 
 import msgspec
-import structlog
 
 from projections.errors import AgentMissing, StepOutOfRange, UnknownRun
 from runtime.agents.agent import Agent
 from runtime.events.model import LogPosition, RecordedEvent
-from runtime.log.snapshots import SnapshotStore, decode_state
+from runtime.log.snapshots import SnapshotStore
 from runtime.log.store import EventLog
-
-log = structlog.get_logger(__name__)
 
 
 class AgentState(msgspec.Struct, frozen=True, kw_only=True):
@@ -115,19 +112,19 @@ async def _agent_state(
     prefix: Sequence[RecordedEvent],
     store: SnapshotStore | None,
 ) -> AgentState:
-    snap = await store.nearest(run_id, agent.name, agent.fold_version, upto) if store else None
-    if snap is not None:
-        try:
-            state = decode_state(snap.state, agent.state_decode_type())
-        except msgspec.MsgspecError as exc:  # a cache: fold from the start instead
-            log.warning("snapshot.unreadable", agent=agent.name, error=str(exc))
-        else:
-            tail = [e for e in prefix if e.log_position > snap.position]
-            return AgentState(
-                agent=agent.name,
-                state=msgspec.to_builtins(_fold(agent, state, tail)),
-                folded=len(tail),
-                snapshot_position=snap.position.position,
-            )
+    found = None
+    if store is not None:
+        found = await store.load(
+            run_id, agent.name, agent.fold_version, agent.state_decode_type(), upto=upto
+        )
+    if found is not None:
+        state, at = found
+        tail = [e for e in prefix if e.log_position > at]
+        return AgentState(
+            agent=agent.name,
+            state=msgspec.to_builtins(_fold(agent, state, tail)),
+            folded=len(tail),
+            snapshot_position=at.position,
+        )
     state = _fold(agent, agent.initial_state(), prefix)
     return AgentState(agent=agent.name, state=msgspec.to_builtins(state), folded=len(prefix))

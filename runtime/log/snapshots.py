@@ -16,8 +16,11 @@ from uuid import UUID
 
 import asyncpg
 import msgspec
+import structlog
 
 from runtime.events.model import LogPosition
+
+log = structlog.get_logger(__name__)
 
 _encoder = msgspec.json.Encoder()
 
@@ -91,6 +94,32 @@ class SnapshotStore:
             event_count=int(row[3]),
             state=bytes(row[4]),
         )
+
+    async def load(
+        self,
+        run_id: UUID,
+        agent: str,
+        fold_version: str,
+        state_type: Any,
+        *,
+        upto: LogPosition | None = None,
+        before: LogPosition | None = None,
+    ) -> tuple[Any, LogPosition] | None:
+        """The decoded state of the nearest snapshot at or before ``upto`` (or strictly
+        before ``before``) and where it was taken; None when there is none, or when it does
+        not decode (a cache: the caller folds from the start instead)."""
+        if upto is None:
+            if before is None:
+                raise TypeError("load() needs upto= or before=")
+            upto = LogPosition(before.tx, before.position - 1)
+        snap = await self.nearest(run_id, agent, fold_version, upto)
+        if snap is None:
+            return None
+        try:
+            return decode_state(snap.state, state_type), snap.position
+        except msgspec.MsgspecError as exc:
+            log.warning("snapshot.unreadable", agent=agent, run_id=str(run_id), error=str(exc))
+            return None
 
     async def save(
         self, snapshots: Sequence[Snapshot], *, conn: asyncpg.Connection | None = None

@@ -32,7 +32,6 @@ from typing import TYPE_CHECKING, Any
 from uuid import UUID
 
 import asyncpg
-import msgspec
 import redis.asyncio as aioredis
 import structlog
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -54,9 +53,9 @@ from runtime.errors import (
     UnknownEventType,
 )
 from runtime.events.ids import activation_stream, circuit_stream
-from runtime.events.model import Event, LogPosition, NewEvent, RecordedEvent
+from runtime.events.model import Event, NewEvent, RecordedEvent
 from runtime.log.queries import LogQueries
-from runtime.log.snapshots import SnapshotStore, decode_state
+from runtime.log.snapshots import SnapshotStore
 from runtime.log.store import EventLog
 from runtime.ops import metrics
 from runtime.streams.keys import agent_stream, ingress_stream, log_wake_channel
@@ -570,20 +569,14 @@ class Worker:
         if d.run_id == d.event_id and not d.in_log:
             return FROM_START, []
         if d.position is not None:
-            before = d.position
-            snap = await self._snapshots.nearest(
-                d.run_id, agent.name, agent.fold_version,
-                LogPosition(before.tx, before.position - 1),
+            found = await self._snapshots.load(
+                d.run_id, agent.name, agent.fold_version, agent.state_decode_type(),
+                before=d.position,
             )  # fmt: skip
-            if snap is not None:
-                try:
-                    state = decode_state(snap.state, agent.state_decode_type())
-                except msgspec.MsgspecError as exc:  # a cache: fold from the start instead
-                    log.warning("snapshot.unreadable", error=str(exc))
-                else:
-                    tail = await self.log.read_run_between(d.run_id, snap.position, before)
-                    return state, tail
-            return FROM_START, await self.log.read_run_between(d.run_id, None, before)
+            if found is not None:
+                state, at = found
+                return state, await self.log.read_run_between(d.run_id, at, d.position)
+            return FROM_START, await self.log.read_run_between(d.run_id, None, d.position)
         events = await self.log.read_run(d.run_id)
         out = []
         for e in events:
