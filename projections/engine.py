@@ -127,6 +127,11 @@ class Projection:
     #: Built after a rebuild's bulk load, before the swap.
     indexes: ClassVar[tuple[str, ...]] = ()
 
+    def wanted(self, events: Sequence[RecordedEvent]) -> Sequence[RecordedEvent]:
+        """The events of ``types`` among ``events`` (all of them when ``types`` is None)."""
+        types = self.types
+        return events if types is None else [e for e in events if e.event_type in types]
+
     def version_key(self) -> str:
         """What the checkpoint records as the version its tables were built with."""
         return str(self.version)
@@ -309,9 +314,8 @@ class Projector:
                 at = cp[1]
                 if at >= upto:
                     continue  # another process folded this page already
-                types = p.types
                 fresh = [e for e in page if (e.tx, e.position) > at]
-                events = fresh if types is None else [e for e in fresh if e.event_type in types]
+                events = p.wanted(fresh)
                 if events:
                     await p.apply(conn, events, self.live_tables(p))
                 moved.append((p.name, len(fresh)))
@@ -571,8 +575,7 @@ class Projector:
         last = page[-1]
 
         async def fold(p: Projection) -> None:
-            types = p.types
-            events = page if types is None else [e for e in page if e.event_type in types]
+            events = p.wanted(page)
             async with self.pool.acquire() as conn, conn.transaction():
                 if events:
                     await p.apply(conn, events, shadows[p.name])
@@ -608,13 +611,12 @@ class Projector:
                 p.version_key(),
             )
             await conn.execute(f"SELECT 1 FROM {self._cp} WHERE name = $1 FOR UPDATE", p.name)
-            types = p.types
             last: RecordedEvent | None = None
             while True:  # the events committed since the shadow's last page
                 page = await self.log.read_all(position, self.batch)
                 if not page:
                     break
-                tail = page if types is None else [e for e in page if e.event_type in types]
+                tail = p.wanted(page)
                 if tail:
                     await p.apply(conn, tail, shadow)
                 folded += len(page)
