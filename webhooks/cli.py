@@ -12,7 +12,7 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
-from runtime.cli import configure_logging, err, open_log, out, run, with_servers
+from runtime.cli import configure_logging, err, open_log, out, run, settings_of, with_servers
 from runtime.settings import Settings
 from webhooks import auth
 from webhooks.config import ResolvedSource, load
@@ -25,11 +25,6 @@ _CONTENT_TYPES = {
     ".eml": "message/rfc822",
     ".form": "application/x-www-form-urlencoded",
 }
-
-
-def _settings(ctx: typer.Context) -> Settings:
-    obj = ctx.find_root().obj
-    return obj if isinstance(obj, Settings) else Settings.from_env()
 
 
 def _source(settings: Settings, name: str, config: Path | None) -> ResolvedSource:
@@ -77,7 +72,7 @@ def sign_command(
     config: Annotated[Path | None, typer.Option(help="Sources file")] = None,
 ) -> None:
     """Print the headers a sender must add to post FILE to SOURCE (for curl)."""
-    src = _source(_settings(ctx), source, config)
+    src = _source(settings_of(ctx), source, config)
     body = file.read_bytes()
     for name, value in signed_headers(src, body, content_type_for(file)).items():
         out.print(f"{name}: {value}")
@@ -96,7 +91,7 @@ def send_command(
     """Sign FILE for SOURCE and POST it; print the response."""
     import httpx
 
-    src = _source(_settings(ctx), source, config)
+    src = _source(settings_of(ctx), source, config)
     body = file.read_bytes()
     headers = signed_headers(src, body, content_type_for(file))
     try:
@@ -124,7 +119,7 @@ def serve(
     """Run the webhook ingress (uvicorn with uvloop and httptools)."""
     import uvicorn
 
-    settings = _settings(ctx)
+    settings = settings_of(ctx)
     path = config or settings.webhooks_config
     try:
         load(path)

@@ -3,36 +3,15 @@
 from __future__ import annotations
 
 import dataclasses
-import os
 import shlex
-import sys
 from pathlib import Path
 from typing import Annotated
 
 import typer
 from rich.markup import escape
 
-from runtime.agents.agent import Agent
-from runtime.agents.loading import load_app
-from runtime.cli import err, fail, run, with_servers
-from runtime.errors import AppLoadError
+from runtime.cli import err, load_agents, run, settings_of, with_servers
 from runtime.log import migrations
-from runtime.settings import Settings
-
-
-def settings_of(ctx: typer.Context) -> Settings:
-    obj = ctx.find_root().obj
-    return obj if isinstance(obj, Settings) else Settings.from_env()
-
-
-def load_agents(target: str) -> list[Agent]:
-    """The agents of ``--app`` (the current directory importable, as for ``agentrt worker``)."""
-    if os.getcwd() not in sys.path and "" not in sys.path:
-        sys.path.insert(0, os.getcwd())
-    try:
-        return load_app(target)
-    except AppLoadError as exc:
-        fail(exc)
 
 
 def usage_note(url: str, path: Path | None) -> str:

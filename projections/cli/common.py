@@ -7,15 +7,14 @@ import os
 
 import typer
 
-from runtime.cli import configure_logging
+from runtime.cli import configure_logging, settings_of
 from runtime.settings import Settings
 
 
-def settings_of(ctx: typer.Context, *, quiet: bool = False) -> Settings:
+def command_settings(ctx: typer.Context, *, quiet: bool = False) -> Settings:
     """The root command's settings. ``quiet``: log warnings and errors only, unless a level
     was asked for (``--log-level`` or ``AGENTRT_LOG_LEVEL``)."""
-    obj = ctx.find_root().obj
-    settings = obj if isinstance(obj, Settings) else Settings.from_env()
+    settings = settings_of(ctx)
     if quiet and "AGENTRT_LOG_LEVEL" not in os.environ and settings.log_level == "info":
         configure_logging("warning", json=settings.log_json)
     return settings

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import sys
 import uuid
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
@@ -12,24 +10,21 @@ import msgspec
 import typer
 from rich.markup import escape
 
-from runtime.agents.agent import Agent
-
 if TYPE_CHECKING:
     # The model SDK comes with these: imported by the commands that need them, so every
     # other `agentrt` command starts without it.
     from projections.diff import RunDiff, Totals
     from projections.fork import ForkReport
-from projections.cli.common import settings_of
-from runtime.agents.loading import load_app
-from runtime.cli import err, fail, open_log, out, run, with_servers
-from runtime.errors import AppLoadError, SettingsError
+from projections.cli.common import command_settings
+from runtime.cli import err, fail, load_agents, open_log, out, run, with_servers
+from runtime.errors import SettingsError
 from runtime.settings import Settings
 
 JsonOption = Annotated[bool, typer.Option("--json", help="One JSON object instead of the text")]
 
 
 def _settings(ctx: typer.Context) -> Settings:
-    return settings_of(ctx, quiet=True)
+    return command_settings(ctx, quiet=True)
 
 
 def _run_id(value: str, name: str) -> uuid.UUID:
@@ -37,16 +32,6 @@ def _run_id(value: str, name: str) -> uuid.UUID:
         return uuid.UUID(value)
     except ValueError:
         raise typer.BadParameter(f"not a run id (a UUID): {value!r}", param_hint=name) from None
-
-
-def _agents(target: str) -> list[Agent]:
-    # Like `agentrt worker`: the current directory is importable.
-    if os.getcwd() not in sys.path and "" not in sys.path:
-        sys.path.insert(0, os.getcwd())
-    try:
-        return load_app(target)
-    except AppLoadError as exc:
-        fail(exc)
 
 
 def _read(path: Path, option: str) -> bytes:
@@ -175,7 +160,7 @@ def register(app: typer.Typer) -> None:
             raise typer.BadParameter("give --model or --tier, not both", param_hint="--model")
         prompt = _prompt(prompt_file)
         raw_input = _read(input_file, "--input-file") if input_file is not None else None
-        agents = _agents(app_target)
+        agents = load_agents(app_target)
         settings = with_servers(_settings(ctx), redis=True)
         if tier is not None:
             from runtime.llm.client import model_for

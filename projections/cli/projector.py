@@ -20,11 +20,11 @@ from rich.progress import (
 )
 from rich.table import Table
 
-from projections.cli.common import settings_of
+from projections.cli.common import command_settings
 from projections.engine import Progress as RebuildProgress
 from projections.engine import ProjectionStatus, Projector
 from projections.registry import registered
-from runtime.cli import err, open_log, out, run, with_servers
+from runtime.cli import err, importable_cwd, open_log, out, run, with_servers
 from runtime.settings import Settings
 
 projections_app = typer.Typer(
@@ -43,12 +43,13 @@ AppOption = Annotated[
 
 
 def _settings(ctx: typer.Context, *, quiet: bool = False) -> Settings:
-    return with_servers(settings_of(ctx, quiet=quiet))
+    return with_servers(command_settings(ctx, quiet=quiet))
 
 
 @asynccontextmanager
 async def opened(settings: Settings, app: str | None) -> AsyncIterator[Projector]:
     """A projector over the migrated log, with the built-in projections and the app's."""
+    importable_cwd()  # --app names a module of the project, as for `agentrt worker`
     projections = registered(app, settings=settings)
     log = await open_log(settings)
     try:

@@ -8,7 +8,6 @@ range (for a CI job: exit 1 on any divergence). ``--app`` may come from
 
 from __future__ import annotations
 
-import os
 import re
 import sys
 import uuid
@@ -26,10 +25,8 @@ from runtime.agents.agent import Agent
 if TYPE_CHECKING:
     # Replay brings the model layer (and its SDK): imported when a replay runs.
     from projections.replay import ActivationReplay, RunReplay
-from projections.cli.common import settings_of
-from runtime.agents.loading import load_app
-from runtime.cli import err, fail, open_log, out, run, with_servers
-from runtime.errors import AppLoadError
+from projections.cli.common import command_settings
+from runtime.cli import err, load_agents, open_log, out, run, with_servers
 from runtime.log.queries import LogQueries
 from runtime.settings import Settings
 
@@ -72,17 +69,7 @@ def parse_when(value: str, *, end: bool = False, now: datetime | None = None) ->
 
 
 def _settings(ctx: typer.Context) -> Settings:
-    return settings_of(ctx, quiet=True)
-
-
-def _agents(target: str) -> list[Agent]:
-    # Like `agentrt worker`: the current directory is importable.
-    if os.getcwd() not in sys.path and "" not in sys.path:
-        sys.path.insert(0, os.getcwd())
-    try:
-        return load_app(target)
-    except AppLoadError as exc:
-        fail(exc)
+    return command_settings(ctx, quiet=True)
 
 
 # -- printing ---------------------------------------------------------------------------
@@ -258,7 +245,7 @@ def register(app: typer.Typer) -> None:
                 raise typer.BadParameter(f"{run_id!r} is not a run id (a UUID)") from None
         start = parse_when(since) if since is not None else None
         end = parse_when(until, end=True) if until is not None else None
-        agents = _agents(app_target)
+        agents = load_agents(app_target)
         settings = with_servers(_settings(ctx), redis=False)
         label = f"--app {app_target}"
         if target_run is not None:

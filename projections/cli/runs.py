@@ -7,7 +7,6 @@ catch-up of the projections they read, so what the terminal shows is never behin
 
 from __future__ import annotations
 
-import os
 import sys
 from collections.abc import Awaitable, Callable, Sequence
 from datetime import datetime
@@ -20,9 +19,9 @@ from rich.markup import escape
 from rich.table import Table
 from rich.tree import Tree
 
-from projections.cli.common import settings_of
+from projections.cli.common import command_settings
 from projections.queries import STATUSES, Page, ReadModels, RunRow, TimelineEntry
-from runtime.cli import err, open_log, out, run, with_servers
+from runtime.cli import err, importable_cwd, open_log, out, run, with_servers
 from runtime.settings import Settings
 
 T = TypeVar("T")
@@ -68,7 +67,7 @@ def register(app: typer.Typer) -> None:
 
 
 def _settings(ctx: typer.Context) -> Settings:
-    return with_servers(settings_of(ctx, quiet=True))
+    return with_servers(command_settings(ctx, quiet=True))
 
 
 async def read(
@@ -88,8 +87,7 @@ async def read(
     log = await open_log(settings)
     try:
         if catch_up:
-            if app and os.getcwd() not in sys.path and "" not in sys.path:
-                sys.path.insert(0, os.getcwd())
+            importable_cwd()
             agents = load_app_projections(app)[0] if app else []
             chosen = [p for p in builtin_projections(agents, settings) if p.name in catch_up]
             folded = await Projector(log, chosen, settings).catch_up()

@@ -12,7 +12,7 @@ import typer
 
 from projections.errors import ImportRefused
 from projections.transfer import export_run, import_run, parse_export
-from runtime.cli import err, open_log, out, run, with_servers
+from runtime.cli import err, open_log, out, run, settings_of, with_servers
 
 
 def register(runs_app: typer.Typer) -> None:
@@ -41,7 +41,7 @@ def runs_export(
 ) -> None:
     """Export a run as JSON lines: every event with its hash chain, to import elsewhere."""
     rid = _run_id(run_id)
-    settings = with_servers(ctx.find_root().obj)
+    settings = with_servers(settings_of(ctx))
 
     async def go() -> list[bytes]:
         log = await open_log(settings)
@@ -67,7 +67,7 @@ def runs_import(
     ],
 ) -> None:
     """Import an exported run, after verifying every event's hash and every stream's chain."""
-    settings = with_servers(ctx.find_root().obj)
+    settings = with_servers(settings_of(ctx))
 
     async def go() -> None:
         if str(file) == "-":

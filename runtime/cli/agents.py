@@ -17,9 +17,8 @@ from rich.markup import escape
 from rich.table import Table
 
 from runtime.agents.agent import Agent
-from runtime.agents.loading import load_app
-from runtime.cli.helpers import err, fail, open_log, out, run, with_servers
-from runtime.errors import AppLoadError, RedriveRefused
+from runtime.cli.helpers import err, load_agents, open_log, out, run, with_servers
+from runtime.errors import RedriveRefused
 from runtime.log.store import EventLog
 from runtime.ops.process import settle_gc
 from runtime.settings import Settings
@@ -39,16 +38,6 @@ AppOption = Annotated[
         "or `mypkg.agents:attr`",
     ),
 ]
-
-
-def _agents(target: str) -> list[Agent]:
-    # Like uvicorn and celery: the current directory is importable.
-    if os.getcwd() not in sys.path and "" not in sys.path:
-        sys.path.insert(0, os.getcwd())
-    try:
-        return load_app(target)
-    except AppLoadError as exc:
-        fail(exc)
 
 
 FromStartOption = Annotated[
@@ -141,7 +130,7 @@ def register(app: typer.Typer) -> None:
         ] = 0,
     ) -> None:
         """Run agents: consumer groups, durable steps, one transaction per activation."""
-        agents = _agents(app_target)
+        agents = load_agents(app_target)
         settings = with_servers(ctx.obj, redis=True)
         try:
             options = WorkerOptions(
@@ -207,7 +196,7 @@ def register(app: typer.Typer) -> None:
         the app's routes: an agent or subscription added later starts at the
         current position (or, with --from-start, gets the log it missed).
         """
-        agents = _agents(app_target)
+        agents = load_agents(app_target)
         settings = with_servers(ctx.obj, redis=True)
 
         async def go() -> None:

@@ -8,8 +8,10 @@ A plugin's commands (``webhooks``, ``projections``, a user's package) import the
 from __future__ import annotations
 
 import asyncio
+import os
+import sys
 from collections.abc import Coroutine
-from typing import Any, NoReturn, TypeVar
+from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 
 import typer
 from rich.console import Console
@@ -21,6 +23,9 @@ from runtime.log.pool import open_runtime_pool
 from runtime.log.store import EventLog
 from runtime.ops.embedded import EmbeddedServices
 from runtime.settings import Settings
+
+if TYPE_CHECKING:
+    from runtime.agents.agent import Agent
 
 T = TypeVar("T")
 
@@ -72,3 +77,29 @@ async def open_log(settings: Settings) -> EventLog:
         err.print(f"[yellow]note:[/] {escape(note)}")
     pool = await open_runtime_pool(settings)
     return EventLog(pool, schema=settings.db_schema)
+
+
+def settings_of(ctx: typer.Context) -> Settings:
+    """The settings the root command read (the environment's when run without it)."""
+    obj = ctx.find_root().obj
+    return obj if isinstance(obj, Settings) else Settings.from_env()
+
+
+def importable_cwd() -> None:
+    """Make the current directory importable, as uvicorn and celery do, so ``--app mymod``
+    finds a module of the project the command is run in."""
+    if os.getcwd() not in sys.path and "" not in sys.path:
+        sys.path.insert(0, os.getcwd())
+
+
+def load_agents(target: str) -> list[Agent]:
+    """The agents of ``--app`` (:func:`runtime.agents.loading.load_app`), the current
+    directory importable; a bad app is a clear error and exit 1."""
+    from runtime.agents.loading import load_app
+    from runtime.errors import AppLoadError
+
+    importable_cwd()
+    try:
+        return load_app(target)
+    except AppLoadError as exc:
+        fail(exc)
