@@ -32,7 +32,7 @@ import re
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from datetime import UTC, datetime
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import asyncpg
 import msgspec
@@ -655,11 +655,15 @@ class Projector:
         )
         now = datetime.now(UTC)
         out = []
+        measured: dict[tuple[int, int], tuple[Any, ...]] = {}
         for p in self.projections.values():
             row = rows.get(p.name)
             building = rows.get(p.name + _REBUILDING)
             tx, pos = (int(row["tx"]), row["position"]) if row is not None else (0, 0)
-            lag, oldest = await self.pool.fetchrow(lag_sql, str(tx), pos)
+            lags = measured.get((tx, pos))
+            if lags is None:  # projections at one checkpoint share its lag: counted once
+                lags = measured[(tx, pos)] = tuple(await self.pool.fetchrow(lag_sql, str(tx), pos))
+            lag, oldest = lags
             if building is not None:
                 state = "rebuilding"
             elif row is None:
