@@ -396,7 +396,9 @@ def partition_key(setting: str, decoded: Decoded) -> str:
         part = part.replace("~1", "/").replace("~0", "~")
         if isinstance(value, dict) and part in value:
             value = value[part]
-        elif isinstance(value, list) and part.isdigit() and int(part) < len(value):
+        elif (
+            isinstance(value, list) and part.isascii() and part.isdigit() and int(part) < len(value)
+        ):
             value = value[int(part)]
         else:
             raise InvalidPayload(
@@ -409,7 +411,7 @@ def partition_key(setting: str, decoded: Decoded) -> str:
 async def read_limited(request: Request, limit: int) -> bytes:
     """The body, refused with 413 as soon as it passes ``limit`` bytes (chunked too)."""
     declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > limit:
+    if declared is not None and declared.isascii() and declared.isdigit() and int(declared) > limit:
         raise PayloadTooLarge(f"body of {declared} bytes is over the {limit} byte limit")
     chunks: list[bytes] = []
     size = 0

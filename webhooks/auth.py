@@ -59,7 +59,7 @@ def verify_standard(
     if missing:
         raise Unauthorized(f"missing header(s): {', '.join(missing)}", code="signature_missing")
     assert msg_id is not None and stamp is not None and header is not None
-    if not stamp.isdigit() or len(stamp) > 12:
+    if not (stamp.isascii() and stamp.isdigit()) or len(stamp) > 12:
         raise Unauthorized(
             "webhook-timestamp must be whole seconds since the epoch", code="timestamp_invalid"
         )
@@ -100,7 +100,7 @@ def verify_mailgun(
     """Mailgun: hex HMAC-SHA256 of timestamp + token with the webhook signing key."""
     if not timestamp or not token or not signature:
         raise Unauthorized("missing timestamp, token or signature field", code="signature_missing")
-    if not timestamp.isdigit() or len(timestamp) > 12:
+    if not (timestamp.isascii() and timestamp.isdigit()) or len(timestamp) > 12:
         raise Unauthorized("timestamp must be whole seconds", code="timestamp_invalid")
     current = time.time() if now is None else now
     if abs(int(timestamp) - current) > TOLERANCE_SECONDS:

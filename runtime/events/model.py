@@ -86,6 +86,11 @@ class UnknownEvent(Event, tag="agentrt.unknown"):
     data: msgspec.Raw
 
 
+def _digits(text: str) -> bool:
+    """ASCII digits only: ``str.isdigit`` also takes ``²`` and other digits ``int()`` refuses."""
+    return text.isascii() and text.isdigit()
+
+
 class LogPosition(NamedTuple):
     """Where an event sits in the log's one stable order.
 
@@ -105,7 +110,7 @@ class LogPosition(NamedTuple):
     @classmethod
     def parse(cls, text: str) -> LogPosition:
         tx, sep, position = text.partition(":")
-        if not sep or not tx.isdigit() or not position.isdigit():
+        if not sep or not _digits(tx) or not _digits(position):
             raise ValueError(f"{text!r} is not a log position (expected TX:POSITION)")
         return cls(int(tx), int(position))
 

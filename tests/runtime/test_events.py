@@ -127,7 +127,7 @@ def test_log_position_round_trips_through_text(tx: int, pos: int) -> None:
     assert LogPosition.parse(str(p)) == p
 
 
-@pytest.mark.parametrize("text", ["", "12", "a:1", "1:b", "1:2:3", "-1:2"])
+@pytest.mark.parametrize("text", ["", "12", "a:1", "1:b", "1:2:3", "-1:2", "²:1", "1:٣"])
 def test_log_position_rejects_garbage(text: str) -> None:
     with pytest.raises(ValueError, match="not a log position"):
         LogPosition.parse(text)

@@ -10,7 +10,7 @@ import time
 from datetime import UTC, datetime
 
 import pytest
-from hypothesis import given
+from hypothesis import example, given
 from hypothesis import strategies as st
 from standardwebhooks import Webhook
 
@@ -111,6 +111,9 @@ def test_timestamps_within_tolerance_both_ways_pass() -> None:
     ),
     st.binary(max_size=64),
 )
+# Found by this test on CI: "²".isdigit() is True, int("²") raises ValueError (a 500).
+@example({"webhook-id": "0", "webhook-timestamp": "²", "webhook-signature": "0"}, b"")
+@example({"webhook-id": "0", "webhook-timestamp": "١٢٣", "webhook-signature": "v1,x"}, b"")
 def test_no_header_garbage_raises_anything_but_401(headers: dict[str, str], body: bytes) -> None:
     # Anything but a 401 (an exception of another kind) fails the test.
     with contextlib.suppress(Unauthorized):
@@ -131,6 +134,10 @@ def test_mailgun_signature_and_tolerance() -> None:
     with pytest.raises(Unauthorized) as info:
         auth.verify_mailgun(key, "", token, sig)
     assert info.value.code == "signature_missing"
+    for stamp in ("²", "١٢٣", "12a"):  # digits int() refuses are not a timestamp either
+        with pytest.raises(Unauthorized) as info:
+            auth.verify_mailgun(key, stamp, token, sig)
+        assert info.value.code == "timestamp_invalid"
 
 
 def test_basic_auth() -> None:
