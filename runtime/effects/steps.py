@@ -18,6 +18,8 @@ from runtime.events.builtin import StepRecorded
 from runtime.events.ids import activation_stream
 from runtime.events.model import NewEvent
 from runtime.events.values import AttemptRecord, StepError, Usage
+from runtime.log import chain
+from runtime.log.group import GroupWriter
 from runtime.log.store import EventLog
 
 log = structlog.get_logger(__name__)
@@ -75,6 +77,11 @@ class Steps:
     With ``log=None`` the steps are only those given as ``recorded`` (replay,
     fork, time travel: no SQL); a step beyond them is executed and kept here,
     not written, and its number listed in ``executed``.
+
+    With a ``writer`` (the worker's :class:`~runtime.log.group.GroupWriter`)
+    a step's record joins the other activations' in one statement: the same
+    guarantee (``run`` returns only once it is durable, or with the result
+    another worker recorded first), a share of a flush instead of one each.
     """
 
     def __init__(
@@ -88,12 +95,17 @@ class Steps:
         recorded: dict[int, StepRecorded] | None = None,
         lazy: bool = False,
         guard: StepGuard | None = None,
+        writer: GroupWriter | None = None,
     ) -> None:
         """``lazy``: read the recorded steps from the log only when the first step is taken
         (an activation that takes none then costs no read). ``guard``: called before
         the record is read and before each executed step (the worker's claim)."""
         self._log = log
         self._guard = guard
+        self._writer = writer if log is not None else None
+        #: version -> hash of the activation stream's events known here (the chain
+        #: link a group-written step needs); 0 is the empty stream's.
+        self._hashes: dict[int, bytes] = {0: chain.GENESIS}
         self._loaded = not lazy or log is None
         self.activation_id = activation_id
         self.run_id = run_id
@@ -129,6 +141,7 @@ class Steps:
         while True:
             page = await event_log.read_stream(self.stream, after, limit=1000)
             for ev in page:
+                self._hashes[ev.stream_version] = ev.hash
                 if isinstance(ev.body, StepRecorded):
                     self.recorded.setdefault(ev.stream_version, ev.body)
             if len(page) < 1000:
@@ -179,21 +192,15 @@ class Steps:
                 body=body, run_id=self.run_id, causation_id=self.trigger_id, producer=self.agent
             )
             self.executed.append(n)
-            try:
-                if self._log is not None:
-                    # Shielded: a handler cancelled now (its timeout, a stop)
-                    # still leaves the result it paid for in the log.
-                    await asyncio.shield(self._append(event, n))
-            except ConcurrencyConflict:
-                # Another worker recorded this step first: its result is the one.
-                assert self._log is not None
-                page = await self._log.read_stream(self.stream, n, limit=1)
-                if not page or not isinstance(page[0].body, StepRecorded):
-                    raise
-                winner = page[0].body
-                log.warning("step.lost_race", step=n, kind=kind, name=name)
-                self._check(winner, kind, name, wanted)
-                body = winner
+            if self._log is not None:
+                # Shielded: a handler cancelled now (its timeout, a stop)
+                # still leaves the result it paid for in the log.
+                winner = await asyncio.shield(self._record(event, n))
+                if winner is not None:
+                    # Another worker recorded this step first: its result is the one.
+                    log.warning("step.lost_race", step=n, kind=kind, name=name)
+                    self._check(winner, kind, name, wanted)
+                    body = winner
             self.recorded[n] = body
             log.info("step.recorded", kind=kind, name=name, ms=body.duration_ms,
                      failed=body.error is not None, retries=len(body.attempts))  # fmt: skip
@@ -205,6 +212,28 @@ class Steps:
         if self._log is not None and await self._log.read_stream(self.stream, n, limit=1):
             raise ClaimLost(f"activation {self.activation_id}: step {n} was recorded by "
                             "another worker while this one's claim had lapsed")  # fmt: skip
+
+    async def _record(self, event: NewEvent, n: int) -> StepRecorded | None:
+        """Write step ``n``; the step another worker recorded there first, if one did."""
+        prev = self._hashes.get(n - 1)
+        if self._writer is not None and prev is not None:
+            written = await self._writer.append(self.stream, event, n, prev)
+            self._hashes[n] = written.hash
+            if written.winner is None:
+                return None
+            if not isinstance(written.winner.body, StepRecorded):
+                raise ConcurrencyConflict(self.stream, n - 1, None)
+            return written.winner.body
+        try:
+            await self._append(event, n)
+        except ConcurrencyConflict:
+            assert self._log is not None
+            page = await self._log.read_stream(self.stream, n, limit=1)
+            if not page or not isinstance(page[0].body, StepRecorded):
+                raise
+            self._hashes[n] = page[0].hash
+            return page[0].body
+        return None
 
     async def _append(self, event: NewEvent, n: int) -> None:
         """Append the step's record, retrying a dropped connection: the result may have

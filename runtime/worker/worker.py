@@ -54,6 +54,7 @@ from runtime.errors import (
 )
 from runtime.events.ids import activation_stream, circuit_stream
 from runtime.events.model import Event, NewEvent, RecordedEvent
+from runtime.log.group import GroupWriter
 from runtime.log.queries import LogQueries
 from runtime.log.snapshots import SnapshotStore
 from runtime.log.store import EventLog
@@ -135,6 +136,7 @@ class Worker:
         options: WorkerOptions | None = None,
         breaker_threshold: int = 5,
         breaker_reset: float = 30.0,
+        breaker_cache: float = 0.5,
     ) -> None:
         if not agents:
             raise ValueError("a worker needs at least one agent")
@@ -162,6 +164,7 @@ class Worker:
         self._breakers: dict[str, CircuitBreaker] = {}
         self._breaker_threshold = breaker_threshold
         self._breaker_reset = breaker_reset
+        self._breaker_cache = breaker_cache
         self._stopping = asyncio.Event()
         #: Activations running at once (entries read beyond it wait, leases renewed).
         self._gate = asyncio.Semaphore(opts.concurrency)
@@ -171,6 +174,8 @@ class Worker:
         #: (group name, stream, entry id) -> task, from the read on: leases and draining.
         self._inflight: dict[tuple[str, str, str], asyncio.Task[None]] = {}
         self.queries = LogQueries(log)
+        #: Step records of the activations running here, written together (group commit).
+        self.step_writer = GroupWriter(log)
         self._snapshots = SnapshotStore(log.pool, log.schema)
         self._renew = redis.register_script(RENEW_LEASES)
         #: (stream, group) -> entry ids committed and waiting for the next XACK.
@@ -200,6 +205,7 @@ class Worker:
                 name,
                 failure_threshold=self._breaker_threshold,
                 reset_timeout=self._breaker_reset,
+                cache_ttl=self._breaker_cache,
             )
         return b
 
@@ -289,6 +295,7 @@ class Worker:
             # is abandoned (named in the log), never waited for.
             await _bounded([*readers, *helpers], "readers")
             await self._drain()
+            await self.step_writer.drain()
             self._closing = True
             self._ack_wake.set()
             acker.cancel()
@@ -505,11 +512,13 @@ class Worker:
         # them at its first step, if it takes one, once it holds the claim.
         if claimed and has_steps:
             steps = Steps(self.log, activation_id=aid, run_id=d.run_id, agent=agent.name,
-                          trigger_id=d.event_id, lazy=True, guard=claim)  # fmt: skip
+                          trigger_id=d.event_id, lazy=True, guard=claim,
+                          writer=self.step_writer)  # fmt: skip
             await steps.ensure_loaded()
         else:
             steps = Steps(self.log, activation_id=aid, run_id=d.run_id, agent=agent.name,
-                          trigger_id=d.event_id, lazy=not claimed, guard=claim)  # fmt: skip
+                          trigger_id=d.event_id, lazy=not claimed, guard=claim,
+                          writer=self.step_writer)  # fmt: skip
         history: list[RecordedEvent] = []
         folded: Any = FROM_START
         if agent.folds_state:
