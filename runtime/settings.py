@@ -117,6 +117,8 @@ class Settings:
     breaker_failure_threshold: int = 5
     #: Seconds an open breaker waits before letting one probe call through.
     breaker_reset_timeout: float = 30.0
+    #: Seconds a worker trusts a closed breaker without asking Redis (0: ask every call).
+    breaker_cache: float = 0.5
     #: Seconds a handler may run (per activation) unless its agent sets ``timeout``;
     #: past it the handler is cancelled and the delivery counts as failed.
     handler_timeout: float = 300.0
@@ -227,6 +229,7 @@ ENV_KEYS: dict[str, str] = {
     "llm_max_attempts": "AGENTRT_LLM_MAX_ATTEMPTS",
     "breaker_failure_threshold": "AGENTRT_BREAKER_FAILURES",
     "breaker_reset_timeout": "AGENTRT_BREAKER_RESET",
+    "breaker_cache": "AGENTRT_BREAKER_CACHE",
     "handler_timeout": "AGENTRT_HANDLER_TIMEOUT",
     "relay_name": "AGENTRT_RELAY_NAME",
     "relay_backfill": "AGENTRT_RELAY_BACKFILL",
@@ -313,7 +316,8 @@ def _parse(field: str, key: str, raw: Any) -> Any:
         if number < (0 if field == "run_budget_tokens" else 1):
             raise SettingsError(key, f"{number} is too small")
         return number
-    if field in ("run_budget_usd", "llm_timeout", "breaker_reset_timeout", "handler_timeout"):
+    if field in ("run_budget_usd", "llm_timeout", "breaker_reset_timeout", "handler_timeout",
+                 "breaker_cache"):
         amount = _finite(key, raw)
         if amount < 0 or (field in ("llm_timeout", "handler_timeout") and amount == 0):
             raise SettingsError(key, f"{amount} must be positive")

@@ -170,6 +170,7 @@ def register(app: typer.Typer) -> None:
                     options=options,
                     breaker_threshold=settings.breaker_failure_threshold,
                     breaker_reset=settings.breaker_reset_timeout,
+                    breaker_cache=settings.breaker_cache,
                 )
                 settle_gc()
                 tasks = [asyncio.create_task(w.run(stop))]

@@ -28,6 +28,21 @@ been closed by a successful probe, nor count twice.
 
 Calls that change the state return a :class:`Transition` (``before_call``
 puts it on the permit) so the caller can append a ``circuit.*`` event.
+
+A closed breaker need not cost two round trips per call. With ``cache_ttl``
+(the worker's ``AGENTRT_BREAKER_CACHE``) a breaker that Redis reported
+closed is trusted here for that many seconds: ``before_call`` grants a
+permit locally, and a success is not reported while no failure is counted
+(the script would change nothing). Failures are always reported at once,
+and a failure reported under an older generation (the breaker changed
+elsewhere) ends the trust at once. The bound: a breaker opened by another
+worker is seen here within ``cache_ttl`` or at this worker's next failure,
+whichever is first; a success here resets another worker's failure count
+within ``cache_ttl``. Open and half-open are never cached, and the trust is
+capped at ``reset_timeout``, so by the time an open breaker may be probed no
+worker still trusts a closed state from before it opened: one probe at a
+time holds as before, and every transition is still made (and logged) by
+the scripts.
 """
 
 from __future__ import annotations
@@ -36,6 +51,7 @@ import asyncio
 import contextlib
 import enum
 import secrets
+import time
 from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime
 from typing import Any
@@ -248,6 +264,7 @@ class CircuitBreaker:
         failure_threshold: int = 5,
         reset_timeout: float = 30.0,
         probe_timeout: float = 60.0,
+        cache_ttl: float = 0.0,
     ) -> None:
         if not name:
             raise ValueError("a breaker needs a name")
@@ -255,11 +272,20 @@ class CircuitBreaker:
             raise ValueError("failure_threshold must be at least 1")
         if reset_timeout < 0 or probe_timeout <= 0:
             raise ValueError("reset_timeout must be >= 0 and probe_timeout > 0")
+        if cache_ttl < 0:
+            raise ValueError("cache_ttl must be >= 0")
         self.name = name
         self.key = breaker_key(name)
         self.failure_threshold = failure_threshold
         self.reset_timeout = reset_timeout
         self.probe_timeout = probe_timeout
+        #: Seconds a closed state read from Redis is trusted here (see the module doc).
+        self.cache_ttl = min(cache_ttl, reset_timeout)
+        #: Monotonic time until which the breaker is trusted closed (0: ask Redis).
+        self._closed_until = 0.0
+        #: The generation and failure count Redis reported with that closed state.
+        self._gen = 0
+        self._failures = 0
         self._redis = redis
         self._before_call = redis.register_script(_BEFORE_CALL)
         self._record = redis.register_script(_RECORD)
@@ -272,14 +298,33 @@ class CircuitBreaker:
     def _reset_ms(self) -> int:
         return round(self.reset_timeout * 1000)
 
+    def _trusted(self) -> bool:
+        return self._closed_until > 0 and time.monotonic() < self._closed_until
+
+    def _trust(self, sent: float, generation: int, failures: int) -> None:
+        """Redis reported the breaker closed in a reply to a request sent at ``sent``."""
+        if self.cache_ttl > 0:
+            self._closed_until = sent + self.cache_ttl
+            self._gen, self._failures = generation, failures
+
+    def _distrust(self) -> None:
+        self._closed_until = 0.0
+
     async def before_call(self) -> Permit:
         """A permit for one call, or :class:`CircuitOpen` if the breaker refuses it."""
+        if self._trusted():
+            return Permit(name=self.name, generation=self._gen)
         token = secrets.token_hex(8)
+        sent = time.monotonic()
         reply = await self._before_call(
             keys=[self.key], args=[self._reset_ms, round(self.probe_timeout * 1000), token]
         )
         verdict, gen, wait_ms, now_ms, failures, from_state = reply
         verdict = _text(verdict)
+        if verdict == "pass":
+            self._trust(sent, int(gen), int(failures))
+        else:
+            self._distrust()
         if verdict in ("open", "busy"):
             raise CircuitOpen(self.name, int(wait_ms) / 1000)
         transition = None
@@ -300,6 +345,9 @@ class CircuitBreaker:
 
     async def record_success(self, permit: Permit) -> Transition | None:
         """Count a success; returns the transition if it closed the breaker."""
+        if (not permit.probe and self._trusted() and permit.generation == self._gen
+                and self._failures == 0):  # fmt: skip
+            return None  # closed with no failure counted: the script would change nothing
         return await self._report("success", permit)
 
     async def record_failure(self, permit: Permit) -> Transition | None:
@@ -318,12 +366,18 @@ class CircuitBreaker:
     async def _report(self, outcome: str, permit: Permit) -> Transition | None:
         if permit.name != self.name:
             raise ValueError(f"permit for {permit.name!r} reported to breaker {self.name!r}")
+        sent = time.monotonic()
         reply = await self._record(
             keys=[self.key],
             args=[outcome, permit.generation, permit.probe_token or "", self.failure_threshold],
         )
-        verdict, _gen, failures, now_ms, from_state = reply
+        verdict, gen, failures, now_ms, from_state = reply
         verdict, from_state = _text(verdict), _text(from_state)
+        if verdict == "closed" or (verdict == "counted" and not permit.probe):
+            # Still (or again) closed under this generation, with this many failures.
+            self._trust(sent, int(gen), int(failures))
+        elif verdict != "counted":
+            self._distrust()  # opened, or a report under an older generation: ask next time
         if not from_state:
             if verdict == "stale":
                 log.debug("breaker.stale_report", breaker=self.name, outcome=outcome)

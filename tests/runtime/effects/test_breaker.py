@@ -7,6 +7,7 @@ import sys
 import uuid
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
+from typing import Any
 
 import pytest
 import redis.asyncio as aioredis
@@ -57,6 +58,7 @@ def breaker(redis: aioredis.Redis, name: str, **options: float) -> CircuitBreake
         failure_threshold=int(settings["failure_threshold"]),
         reset_timeout=settings["reset_timeout"],
         probe_timeout=settings.get("probe_timeout", 5.0),
+        cache_ttl=settings.get("cache_ttl", 0.0),
     )
 
 
@@ -438,3 +440,121 @@ async def test_nonsense_settings_are_refused(
         breaker(redis, "x", **options)
     with pytest.raises(ValueError, match="name"):
         CircuitBreaker(redis, "")
+
+
+# -- a closed state trusted locally for cache_ttl seconds ------------------------------
+
+
+class Counted:
+    """A breaker's script, counting its round trips (the real script still runs)."""
+
+    def __init__(self, script: Any) -> None:
+        self.script, self.calls = script, 0
+
+    async def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        self.calls += 1
+        return await self.script(*args, **kwargs)
+
+
+def counted(b: CircuitBreaker) -> tuple[Counted, Counted]:
+    before, record = Counted(b._before_call), Counted(b._record)
+    b._before_call, b._record = before, record  # type: ignore[assignment]
+    return before, record
+
+
+async def test_a_trusted_closed_breaker_costs_no_round_trip(
+    redis: aioredis.Redis, name: str
+) -> None:
+    b = breaker(redis, name, cache_ttl=5.0, reset_timeout=30.0)
+    before, record = counted(b)
+    for _ in range(100):
+        async with b.call():
+            pass
+    assert (before.calls, record.calls) == (1, 0)
+    # Uncached, the same hundred calls cost two round trips each.
+    plain = breaker(redis, name)
+    plain_before, plain_record = counted(plain)
+    for _ in range(100):
+        async with plain.call():
+            pass
+    assert (plain_before.calls, plain_record.calls) == (100, 100)
+
+
+async def test_failures_are_reported_at_once_and_open_it(redis: aioredis.Redis, name: str) -> None:
+    b = breaker(redis, name, cache_ttl=5.0, reset_timeout=30.0)
+    _, record = counted(b)
+    transitions = await fail(b, 3)
+    assert record.calls == 3 and transitions[-1] is not None
+    assert transitions[-1].to_state is State.OPEN
+    with pytest.raises(CircuitOpen):
+        await b.before_call()
+
+
+async def test_a_breaker_opened_elsewhere_is_seen_within_the_ttl(
+    redis: aioredis.Redis, name: str
+) -> None:
+    here = breaker(redis, name, cache_ttl=0.3, reset_timeout=30.0)
+    there = breaker(redis, name)
+    await here.before_call()  # trusted closed from now on, for 0.3 s
+    await fail(there, 3)
+    await here.before_call()  # the documented bound: still trusted
+    await asyncio.sleep(0.35)
+    with pytest.raises(CircuitOpen):
+        await here.before_call()
+
+
+async def test_a_stale_failure_ends_the_trust_at_once(redis: aioredis.Redis, name: str) -> None:
+    here = breaker(redis, name, cache_ttl=30.0, reset_timeout=60.0)
+    there = breaker(redis, name)
+    permit = await here.before_call()
+    await fail(there, 3)
+    assert await here.record_failure(permit) is None  # an older generation: ignored...
+    with pytest.raises(CircuitOpen):  # ...and this worker asks again
+        await here.before_call()
+
+
+async def test_a_success_resets_failures_counted_elsewhere_within_the_ttl(
+    redis: aioredis.Redis, name: str
+) -> None:
+    here = breaker(redis, name, cache_ttl=0.2, reset_timeout=30.0)
+    there = breaker(redis, name)
+    await here.before_call()
+    await fail(there, 2)
+    await here.record_success(await here.before_call())  # trusted: not reported yet
+    assert (await here.state()).failures == 2
+    await asyncio.sleep(0.25)
+    await here.record_success(await here.before_call())  # learns of them, resets them
+    assert (await here.state()).failures == 0
+
+
+async def test_trust_is_capped_at_reset_timeout_so_one_probe_holds(
+    redis_url: str, name: str
+) -> None:
+    clients = [aioredis.Redis.from_url(redis_url) for _ in range(2)]
+    try:
+        breakers = [breaker(clients[i % 2], name, cache_ttl=30.0) for i in range(10)]
+        assert breakers[0].cache_ttl == breakers[0].reset_timeout == 0.2
+        for b in breakers:
+            await b.before_call()  # every one trusts the closed state
+        await open_and_wait(breakers[0])
+        results = await asyncio.gather(*(b.before_call() for b in breakers), return_exceptions=True)
+    finally:
+        for client in clients:
+            await client.aclose()
+    assert len([r for r in results if isinstance(r, Permit)]) == 1
+
+
+async def test_uncapped_trust_would_let_calls_past_the_probe(redis: aioredis.Redis,
+                                                             name: str) -> None:  # fmt: skip
+    """The cap is what keeps the single probe: without it (a broken variant), a worker
+    still trusting the closed state from before the breaker opened lets calls through
+    beside the probe."""
+    here = breaker(redis, name, reset_timeout=0.2)
+    here.cache_ttl = 30.0  # BROKEN on purpose: past reset_timeout
+    there = breaker(redis, name)
+    await here.before_call()
+    await open_and_wait(there)
+    probe = await there.before_call()
+    assert probe.probe
+    extra = await here.before_call()  # should have been refused: the probe is in flight
+    assert not extra.probe
