@@ -97,7 +97,7 @@ class Claim:
         delay = _POLL_FIRST
         while True:
             sent = time.monotonic()
-            if await self._claims.redis.set(self.key, self.token, nx=True, px=self._claims.ttl_ms):
+            if await self._claims.take(self.key, self.token):
                 self._claims.held[self.key] = self
                 self.valid_until = sent + self._claims.valid_for
                 return self.waited
@@ -119,7 +119,7 @@ class Claim:
             return False
         # Lapsed: its key expired (nobody renewed it in time) or is another's.
         sent = time.monotonic()
-        if not await self._claims.redis.set(self.key, self.token, nx=True, px=self._claims.ttl_ms):
+        if not await self._claims.take(self.key, self.token):
             raise ClaimLost(f"{self.key}: another worker took the activation over")
         self._claims.held[self.key] = self
         self.valid_until = sent + self._claims.valid_for
@@ -165,6 +165,52 @@ class Claims:
         self.releasing: list[tuple[str, str]] = []
         self._renew = redis.register_script(RENEW_HELD)
         self._release = redis.register_script(RELEASE_HELD)
+        #: (key, token, answer) of takes waiting for the next pipelined round trip.
+        self._takes: list[tuple[str, str, asyncio.Future[bool]]] = []
+        self._taker: asyncio.Task[None] | None = None
+
+    async def take(self, key: str, token: str) -> bool:
+        """``SET key token NX PX ttl``: True if the key is now ours.
+
+        The takes of activations starting at the same moment share one
+        pipelined round trip (one per loop turn while one is in flight), as
+        their step records share a flush.
+        """
+        answer: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+        self._takes.append((key, token, answer))
+        if self._taker is None:
+            self._taker = asyncio.create_task(self._take_all(), name="claims")
+        return await answer
+
+    async def _take_all(self) -> None:
+        try:
+            while self._takes:
+                batch, self._takes = self._takes, []
+                try:
+                    async with self.redis.pipeline(transaction=False) as pipe:
+                        for key, token, _ in batch:
+                            pipe.set(key, token, nx=True, px=self.ttl_ms)
+                        replies = await pipe.execute(raise_on_error=False)
+                except BaseException as exc:
+                    for *_, answer in batch:
+                        if not answer.done():
+                            answer.set_exception(exc)
+                    if not isinstance(exc, Exception):
+                        raise
+                    continue
+                for (*_, answer), reply in zip(batch, replies, strict=True):
+                    if answer.done():
+                        continue
+                    if isinstance(reply, Exception):
+                        answer.set_exception(reply)
+                    else:
+                        answer.set_result(bool(reply))
+        finally:
+            self._taker = None
+            for *_, answer in self._takes:
+                if not answer.done():
+                    answer.set_exception(RuntimeError("claims: the taker stopped"))
+            self._takes.clear()
 
     def claim(self, agent: str, trigger_id: UUID) -> Claim:
         return Claim(self, agent, trigger_id)

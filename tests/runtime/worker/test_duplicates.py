@@ -157,6 +157,33 @@ async def test_without_the_claim_both_copies_call_the_tool(
     assert await _run_two_copies(redis, log, claims=NoClaims) == 2
 
 
+async def test_claims_taken_at_once_share_a_round_trip_and_exclude(
+    redis: aioredis.Redis,
+) -> None:
+    counting = _CountsPipelines(redis)
+    claims = Claims(counting, ttl=5.0)  # type: ignore[arg-type]
+    agent_claims = [claims.claim("a", uuid.uuid4()) for _ in range(20)]
+    same = uuid.uuid4()
+    rivals = [claims.claim("a", same) for _ in range(2)]
+    got = await asyncio.gather(*(c._claims.take(c.key, c.token) for c in agent_claims + rivals))
+    assert counting.pipelines == 1  # the 22 SETs in one round trip
+    assert all(got[:20]) and sorted(got[20:]) == [False, True]
+
+
+class _CountsPipelines:
+    """The client, counting the pipelines (round trips) made through it."""
+
+    def __init__(self, redis: aioredis.Redis) -> None:
+        self._redis, self.pipelines = redis, 0
+
+    def pipeline(self, *args: Any, **kwargs: Any) -> Any:
+        self.pipelines += 1
+        return self._redis.pipeline(*args, **kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._redis, name)
+
+
 async def test_a_step_after_the_claim_was_lost_is_not_executed(redis: aioredis.Redis) -> None:
     claims = Claims(redis, ttl=0.5)
     claim = claims.claim("biller", uuid.uuid4())
