@@ -23,7 +23,11 @@ migrations); ``audit verify`` recomputes them here.
 from __future__ import annotations
 
 import hashlib
-from datetime import UTC, datetime
+import struct
+from collections.abc import Sequence
+from datetime import UTC, datetime, timedelta
+from itertools import repeat
+from typing import Any
 from uuid import UUID
 
 import msgspec
@@ -35,15 +39,17 @@ SEAL_FORMAT = 2
 ORDER_CHUNK = 65536
 GENESIS = bytes(32)
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_MICROSECOND = timedelta(microseconds=1)
 _header = msgspec.json.Encoder()
 _sha256 = hashlib.sha256
+#: int8, big-endian: a stream version as :func:`link` hashes it.
+_int8 = struct.Struct(">q").pack
 
 
 def epoch_micros(moment: datetime) -> int:
     if moment.tzinfo is None:
         raise ValueError("recorded_at must be timezone-aware")
-    delta = moment - _EPOCH
-    return (delta.days * 86_400 + delta.seconds) * 1_000_000 + delta.microseconds
+    return (moment - _EPOCH) // _MICROSECOND
 
 
 def content_hash(
@@ -88,11 +94,58 @@ def content_hash_raw(
     return h.digest()
 
 
+def content_hashes(
+    ids: Sequence[UUID],
+    types: Sequence[str],
+    versions: Sequence[int],
+    runs: Sequence[UUID | None],
+    causes: Sequence[UUID | None],
+    producers: Sequence[str | None],
+    recorded: Sequence[datetime],
+    traces: Sequence[str | None],
+    datas: Sequence[bytes],
+) -> list[bytes]:
+    """:func:`content_hash_raw` of each event of a batch, given by column: the same
+    hashes in fewer Python calls (one encoder call for every header).
+
+    Every ``recorded`` must be timezone-aware (the caller checks; a naive one
+    raises ``TypeError`` here).
+    """
+    micros = [(at - _EPOCH) // _MICROSECOND for at in recorded]
+    headers = list(
+        zip(repeat(CHAIN_FORMAT), ids, types, versions, runs, causes, producers, micros, traces)
+    )
+    # One JSON value per line, each ending in the newline the format puts between
+    # header and body: JSON text escapes every line break inside its strings.
+    lines = _header.encode_lines(headers).splitlines(keepends=True)
+    if len(lines) != len(headers):  # pragma: no cover - JSON has no raw line breaks
+        raise AssertionError("a chain header spans more than one line")
+    sha256 = _sha256
+    return [sha256(line + data).digest() for line, data in zip(lines, datas, strict=True)]
+
+
 def link(prev_hash: bytes, stream_version: int, content: bytes, stream_id: str) -> bytes:
     """The chained hash; mirrored in SQL by the append function (see migrations)."""
-    return hashlib.sha256(
-        prev_hash + stream_version.to_bytes(8, "big", signed=True) + content + stream_id.encode()
-    ).digest()
+    return _sha256(prev_hash + _int8(stream_version) + content + stream_id.encode()).digest()
+
+
+def links(prev_hash: bytes, version: int, contents: Sequence[bytes], stream_id: str) -> list[bytes]:
+    """The chain along a batch whose first event takes ``version + 1``: ``prev_hash``
+    then :func:`link` of each event in turn (``len(contents) + 1`` hashes)."""
+    sid = stream_id.encode()
+    tails: Any = map(
+        bytes.__add__,
+        map(_int8, range(version + 1, version + 1 + len(contents))),
+        map(bytes.__add__, contents, repeat(sid)),
+    )
+    out = [prev_hash]
+    append = out.append
+    sha256 = _sha256
+    h = prev_hash
+    for tail in tails:
+        h = sha256(h + tail).digest()
+        append(h)
+    return out
 
 
 def heads_digest(prev_digest: bytes, heads: list[tuple[str, int, bytes]]) -> bytes:

@@ -8,6 +8,8 @@ import dataclasses
 from collections import OrderedDict
 from collections.abc import AsyncGenerator, AsyncIterator, Sequence
 from datetime import datetime
+from itertools import repeat
+from operator import attrgetter
 from typing import Any
 from uuid import UUID
 
@@ -58,6 +60,11 @@ _HEAD_CACHE = 4096
 
 
 _body_encoder = msgspec.json.Encoder()
+#: A NewEvent's fields, in the order _encode takes them apart.
+_new_event_fields = attrgetter(
+    "body", "event_id", "run_id", "causation_id", "producer", "trace", "recorded_at"
+)
+_tzinfo = attrgetter("tzinfo")
 
 
 def _as_new(item: Any, i: int) -> NewEvent:
@@ -142,6 +149,21 @@ class _Batch:
             self.traces[i] if self.traces is not None else None,
             self.datas[i], prev_hash, hash_,
         )  # fmt: skip
+
+    def rows(self, version: int, links: list[bytes]) -> list[tuple[Any, ...]]:
+        """Every event as :meth:`row` gives it, the first at ``version + 1``, chained
+        by ``links`` (as :func:`chain.links` returns them): one ``zip``, no call per row."""
+        none = repeat(None)
+        return list(zip(
+            self.ids, repeat(self.stream_id), range(version + 1, version + 1 + len(self.ids)),
+            self.types, self.versions,
+            none if self.runs is None else self.runs,
+            none if self.causes is None else self.causes,
+            none if self.producers is None else self.producers,
+            self.recorded,
+            none if self.traces is None else self.traces,
+            self.datas, links, links[1:],
+        ))  # fmt: skip
 
 
 class AppendResult(msgspec.Struct, frozen=True):
@@ -475,16 +497,12 @@ class EventLog:
             if row is not None:
                 return self._result(stream_id, row)
             raise ConcurrencyConflict(stream_id, expected, version)
-        link = chain.link
-        records = []
-        v = version
-        for i in range(n):
-            v += 1
-            prev, h = h, link(h, v, contents[i], stream_id)
-            records.append(batch.row(i, v, prev, h))
+        links = chain.links(h, version, contents, stream_id)
+        h = links[-1]
         await conn.copy_records_to_table(
-            "events", schema_name=self.schema, columns=_COPY_COLUMNS, records=records
-        )
+            "events", schema_name=self.schema, columns=_COPY_COLUMNS,
+            records=batch.rows(version, links),
+        )  # fmt: skip
         tx, positions = await conn.fetchrow(self._sql_positions, stream_id, version, version + n)
         self._remember_head(stream_id, version + n, h)
         return AppendResult(stream_id, version + n, [LogPosition(tx, p) for p in positions], True)
@@ -517,71 +535,72 @@ class EventLog:
     def _encode(
         self, stream_id: str, events: Sequence[NewEvent | Event], expected: int | None
     ) -> _Batch:
-        ids: list[Any] = []
-        types: list[str] = []
-        versions: list[int] = []
-        runs: list[Any] = []
-        causes: list[Any] = []
-        producers: list[str | None] = []
-        recorded: list[Any] = []
-        traces: list[str | None] = []
-        datas: list[str] = []
-        contents: list[bytes] = []
+        """The batch, column by column: the body encoder and the chain's header
+        encoder run once for the whole batch, the content hashes in one pass."""
+        if not events:
+            raise InvalidAppend(f"append to {stream_id!r}: no events given")
+        if set(map(type, events)) != {NewEvent}:
+            events = [_as_new(item, i) for i, item in enumerate(events)]
+        bodies, ids, runs, causes, producers, traces, recorded = map(
+            list, zip(*map(_new_event_fields, events), strict=True)
+        )
+        n = len(bodies)
+        classes = list(map(type, bodies))
         tags: dict[type, tuple[str, int]] = {}
-        content_hash = chain.content_hash_raw
-        encode = _body_encoder.encode
-        for i, item in enumerate(events):
-            ev = item if type(item) is NewEvent else _as_new(item, i)
-            body = ev.body
-            cls = type(body)
-            tag = tags.get(cls)
-            if tag is None:
-                if not isinstance(body, Event):
-                    raise InvalidAppend(f"event {i} of the batch is not an agentrt Event: {body!r}")
-                tag = tags[cls] = (event_type_of(body), cls.__schema_version__)
-            etype, version = tag
-            event_id, run_id, cause, producer, at, trace = (
-                ev.event_id, ev.run_id, ev.causation_id, ev.producer, ev.recorded_at, ev.trace
-            )  # fmt: skip
-            if at.tzinfo is None:
-                raise InvalidAppend(f"event {event_id}: recorded_at must be timezone-aware")
-            data = encode(body)
-            ids.append(event_id)
-            types.append(etype)
-            versions.append(version)
-            runs.append(run_id)
-            causes.append(cause)
-            producers.append(producer)
-            recorded.append(at)
-            traces.append(trace)
-            datas.append(data.decode())
-            contents.append(
-                content_hash(event_id, etype, version, run_id, cause, producer, at, trace, data)
-            )
+        for cls, body in dict(zip(classes, bodies, strict=True)).items():
+            if not isinstance(body, Event):
+                i = next(i for i, b in enumerate(bodies) if not isinstance(b, Event))
+                raise InvalidAppend(
+                    f"event {i} of the batch is not an agentrt Event: {bodies[i]!r}"
+                )
+            tags[cls] = (event_type_of(body), body.__schema_version__)
+        if len(tags) == 1:
+            ((etype, version),) = tags.values()
+            types, versions = [etype] * n, [version] * n
+        else:
+            pairs = [tags[cls] for cls in classes]
+            types, versions = [p[0] for p in pairs], [p[1] for p in pairs]
+        if None in set(map(_tzinfo, recorded)):
+            i = next(i for i, at in enumerate(recorded) if at.tzinfo is None)
+            raise InvalidAppend(f"event {ids[i]}: recorded_at must be timezone-aware")
+        # One JSON body per line: JSON text escapes the line breaks in its strings,
+        # so the lines are the bodies, unless one holds a raw value with a line
+        # break of its own (msgspec.Raw), which is then encoded on its own.
+        blob = _body_encoder.encode_lines(bodies)
+        raw = blob.split(b"\n")
+        if len(raw) == n + 1:
+            raw.pop()
+            datas = blob.decode().split("\n")
+            datas.pop()
+        else:
+            raw = [_body_encoder.encode(body) for body in bodies]
+            datas = [data.decode() for data in raw]
+        contents = chain.content_hashes(
+            ids, types, versions, runs, causes, producers, recorded, traces, raw
+        )
         return self._batch(stream_id, expected, ids, types, versions, runs, causes, producers,
                            recorded, traces, datas, contents)  # fmt: skip
 
     def _encode_raw(
         self, stream_id: str, events: Sequence[RawEvent], expected: int | None
     ) -> _Batch:
-        content_hash = chain.content_hash_raw
-        contents: list[bytes] = []
         for i, ev in enumerate(events):
             if type(ev) is not RawEvent:
                 raise InvalidAppend(f"event {i} of the batch is not a RawEvent: {ev!r}")
             if ev.recorded_at.tzinfo is None:
                 raise InvalidAppend(f"event {ev.event_id}: recorded_at must be timezone-aware")
-            contents.append(content_hash(
-                ev.event_id, ev.event_type, ev.schema_version, ev.run_id, ev.causation_id,
-                ev.producer, ev.recorded_at, ev.trace, ev.data,
-            ))  # fmt: skip
-        return self._batch(
-            stream_id, expected, [e.event_id for e in events], [e.event_type for e in events],
+        ids, types, versions, runs, causes, producers, recorded, traces = (
+            [e.event_id for e in events], [e.event_type for e in events],
             [e.schema_version for e in events], [e.run_id for e in events],
             [e.causation_id for e in events], [e.producer for e in events],
             [e.recorded_at for e in events], [e.trace for e in events],
-            [e.data.decode() for e in events], contents,
         )  # fmt: skip
+        raw = [e.data for e in events]
+        contents = chain.content_hashes(
+            ids, types, versions, runs, causes, producers, recorded, traces, raw
+        )
+        return self._batch(stream_id, expected, ids, types, versions, runs, causes, producers,
+                           recorded, traces, [d.decode() for d in raw], contents)  # fmt: skip
 
     def _batch(
         self,
@@ -627,12 +646,7 @@ class EventLog:
             if head is None or head[0] != expected:
                 return None, None
             prev = head[1]
-        links = [prev]
-        h = prev
-        for i, content in enumerate(contents, start=expected + 1):
-            h = chain.link(h, i, content, stream_id)
-            links.append(h)
-        return prev, links
+        return prev, chain.links(prev, expected, contents, stream_id)
 
     # -- reading -----------------------------------------------------------------
 
