@@ -104,6 +104,7 @@ from benchlib import (  # noqa: E402 - scripts/ is the script's own directory
     drop_schemas,
     figure_rows,
     machine,
+    machine_busy,
     quiet_logging,
     server_version,
     with_db,
@@ -378,6 +379,8 @@ class Result:
     rate: float = math.nan
     #: Cores the system's process used during the window.
     cores: float = math.nan
+    #: Cores the whole machine was busy during the window (the servers and other work too).
+    busy: float = math.nan
     #: Transaction ids PostgreSQL assigned during the window, per workflow in it.
     xids_per_wf: float = math.nan
     #: Rows left in the system's schema per completed workflow, by table.
@@ -489,11 +492,11 @@ class Bench:
                     raise RuntimeError(f"agentrt worker did not start; its output:\n{tail}")
                 await asyncio.sleep(0.05)
             await asyncio.sleep(args.warmup)
-            c0, t0, x0, cpu0 = await self.admin.fetchval(count_sql), time.monotonic(), \
-                await self.xid(), proc_cpu(proc.pid)  # fmt: skip
+            c0, t0, x0, cpu0, b0 = await self.admin.fetchval(count_sql), time.monotonic(), \
+                await self.xid(), proc_cpu(proc.pid), machine_busy()  # fmt: skip
             await asyncio.sleep(args.duration)
-            c1, t1, x1, cpu1 = await self.admin.fetchval(count_sql), time.monotonic(), \
-                await self.xid(), proc_cpu(proc.pid)  # fmt: skip
+            c1, t1, x1, cpu1, b1 = await self.admin.fetchval(count_sql), time.monotonic(), \
+                await self.xid(), proc_cpu(proc.pid), machine_busy()  # fmt: skip
         finally:
             with contextlib.suppress(ProcessLookupError):
                 proc.send_signal(signal.SIGTERM)
@@ -506,6 +509,7 @@ class Bench:
         done = c1 - c0
         result.rate = done / (t1 - t0)
         result.cores = (cpu1 - cpu0) / (t1 - t0)
+        result.busy = (b1 - b0) / (t1 - t0)
         result.xids_per_wf = (x1 - x0 - 1) / done if done else math.nan
         if c1 >= backlog:
             result.problems.append(f"the backlog of {backlog} ran out during the window")
@@ -575,7 +579,7 @@ class Bench:
                 cwd=REPO,
             )  # fmt: skip
         assert proc.stdout is not None
-        marks: dict[str, tuple[float, int, float]] = {}
+        marks: dict[str, tuple[float, int, float, float]] = {}
         said: dict[str, str] = {}
         try:
             while True:
@@ -588,23 +592,33 @@ class Bench:
                 line = raw.decode().strip()
                 word, _, rest = line.partition(" ")
                 if word in ("start", "end"):
-                    marks[word] = (time.monotonic(), await self.xid(), proc_cpu(proc.pid))
+                    marks[word] = (
+                        time.monotonic(),
+                        await self.xid(),
+                        proc_cpu(proc.pid),
+                        machine_busy(),
+                    )
                 elif word in ("window", "result", "ready"):
                     said[word] = rest
         finally:
-            if proc.returncode is None:
+            # Its output ended: it is exiting. A signal now would reap it behind asyncio's
+            # back (Popen.send_signal polls first), so only one that hangs gets one.
+            try:
+                await asyncio.wait_for(proc.wait(), 60)
+            except TimeoutError:
                 with contextlib.suppress(ProcessLookupError):
-                    proc.terminate()
-            await proc.wait()
+                    proc.kill()
+                await proc.wait()
         if "result" not in said or "window" not in said or len(marks) < 2:
             tail = log_path.read_text(errors="replace")[-3000:]
             result.problems.append(f"{system} did not finish (exit {proc.returncode})")
             self.err.print(f"[red]{system} failed[/]; its output:\n{escape(tail)}")
             return result
-        (t0, x0, cpu0), (t1, x1, cpu1) = marks["start"], marks["end"]
+        (t0, x0, cpu0, b0), (t1, x1, cpu1, b1) = marks["start"], marks["end"]
         in_window = int(said["window"])
         result.rate = in_window / args.duration
         result.cores = (cpu1 - cpu0) / (t1 - t0)
+        result.busy = (b1 - b0) / (t1 - t0)
         result.xids_per_wf = (x1 - x0 - 1) / in_window if in_window else math.nan
         completed = int(json.loads(said["result"])["completed"])
         result.rows_per_wf = await self.rows_per_workflow(schema, completed)
@@ -770,6 +784,25 @@ def durable_text(results: list[Result], *, described: bool = True) -> list[str]:
     return lines
 
 
+def busy_text(results: list[Result]) -> str:
+    """Per-run ratios and how busy the machine was: how noisy the figures are."""
+    ratios = []
+    for r in sorted({r.repeat for r in results}):
+        mine = {x.system: x.rate for x in results if x.repeat == r and not x.skipped}
+        peers = [v for s, v in mine.items() if s != "agentrt" and v > 0]
+        if peers and mine.get("agentrt", 0) > 0:
+            ratios.append(f"{mine['agentrt'] / max(peers):.2f}x")
+    busy = [r.busy for r in results if not math.isnan(r.busy)]
+    text = f"agentrt / best peer per run: {', '.join(ratios)}. " if len(ratios) > 1 else ""
+    if busy:
+        text += (
+            f"The machine was busy {statistics.median(busy):.2f} cores (median; "
+            f"{min(busy):.2f}..{max(busy):.2f}) of {len(os.sched_getaffinity(0))} during the "
+            "measured windows, the servers and any other work included."
+        )
+    return text
+
+
 def render(results: list[Result], info: RunInfo, out: Console) -> None:
     rows = rows_of(results)
     out.print(f"[bold]agentrt against its peers[/]  {setup_text(info)} ({info.seconds:.0f}s)")
@@ -787,19 +820,20 @@ def render(results: list[Result], info: RunInfo, out: Console) -> None:
         table.add_row(row["name"], value, row["unit"], target, f"[{style}]{mark}[/]", runs)
     out.print(table)
     detail = Table(title="per system and run")
-    for col in ("run", "system", "wf/s", "cores", "write tx/wf", "errors"):
+    for col in ("run", "system", "wf/s", "cores", "machine busy", "write tx/wf", "errors"):
         detail.add_column(col, justify="left" if col == "system" else "right")
     for r in results:
         if r.skipped:
-            detail.add_row(str(r.repeat + 1), LABELS[r.system], "skipped", "", "", "")
+            detail.add_row(str(r.repeat + 1), LABELS[r.system], "skipped", "", "", "", "")
             continue
         detail.add_row(
             str(r.repeat + 1), LABELS[r.system], f"{r.rate:,.0f}", f"{r.cores:.2f}",
-            f"{r.xids_per_wf:.1f}", "[red]yes[/]" if r.problems else "0",
+            f"{r.busy:.2f}", f"{r.xids_per_wf:.1f}", "[red]yes[/]" if r.problems else "0",
         )  # fmt: skip
     out.print(detail)
     for line in durable_text(results):
         out.print(line, markup=False)
+    out.print(busy_text(results), markup=False)
     for s in sorted({r.system for r in results if r.skipped}):
         reason = next(r.skipped for r in results if r.system == s and r.skipped)
         out.print(f"[yellow]skipped {LABELS[s]}:[/] {escape(str(reason))}")
@@ -838,6 +872,7 @@ def readme_block(results: list[Result], info: RunInfo) -> str:
         lines.append(f"| {row['name']} | {value} | {row['unit']} | {target} | {mark} |")
     if note := rows[-1].get("note"):
         lines.append(f"\n{note}.")
+    lines += ["", busy_text(results)]
     lines += [
         "",
         "Measured per workflow (write transactions: the transaction ids PostgreSQL assigned "
@@ -851,6 +886,18 @@ def readme_block(results: list[Result], info: RunInfo) -> str:
 
 
 # -- the run ---------------------------------------------------------------------------
+
+
+def ours(key: bytes) -> bool:
+    """Whether ``key`` is one this benchmark leaves: an ingress partition's stream, a key of
+    its own agent (``{bench_peers}``), its tools' breakers, its relay; anything else belongs
+    to someone else."""
+    if not key.startswith(b"agentrt:"):
+        return False
+    if key.startswith((b"agentrt:relay:peers_", b"agentrt:breaker:step_")):
+        return True  # the relay of a scratch schema, the breakers of the app's tools
+    tag = key[key.find(b"{") + 1 : key.rfind(b"}")] if b"{" in key else b""
+    return tag == AGENT.encode() or (tag[:1] == b"p" and tag[1:].isdigit())
 
 
 async def run(args: argparse.Namespace, srv: Servers, err: Console) -> tuple[list[Result], RunInfo]:
@@ -871,11 +918,12 @@ async def run(args: argparse.Namespace, srv: Servers, err: Console) -> tuple[lis
             raise RuntimeError("Redis was still loading its data after 120s")
         await asyncio.sleep(0.1)
     async for key in redis.scan_iter(count=100):
-        if not key.startswith(b"agentrt:"):
+        if not ours(key):
             await redis.aclose()
             raise SystemExit(
-                f"Redis database {args.redis_db} holds {key!r}, not an agentrt key: refusing to "
-                "flush it; pick an empty database with --redis-db"
+                f"Redis database {args.redis_db} holds {key!r}, not a key of this benchmark "
+                "(another run may be using it): refusing to flush it; pick an empty database "
+                "with --redis-db"
             )
     admin = await connect(srv.database_url)
     results: list[Result] = []
