@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-from typing import Any
+from typing import Any, Generic, Protocol, TypeVar
 
 import asyncpg
 import structlog
@@ -60,6 +60,13 @@ class Written:
     winner: RecordedEvent | None = None
 
 
+class _Waits(Protocol):
+    done: asyncio.Future[Any]
+
+
+P = TypeVar("P", bound=_Waits)
+
+
 @dataclasses.dataclass(slots=True)
 class _Pending:
     stream_id: str
@@ -70,7 +77,70 @@ class _Pending:
     done: asyncio.Future[Written]
 
 
-class GroupWriter:
+class Batcher(Generic[P]):
+    """One writer for many waiting tasks: what is waiting goes out together.
+
+    The first item finds the writer idle and starts a flush at once; items
+    arriving meanwhile wait behind it and go out together in the next one
+    (at most ``max_batch`` per flush). At most ``max_waiting`` items wait at
+    once; further callers wait for room. A subclass writes a batch and
+    answers every item's ``done`` (:meth:`_write`); an exception out of
+    :meth:`_flush` is given to every item of the batch still unanswered.
+    """
+
+    def __init__(self, *, max_batch: int, max_waiting: int) -> None:
+        if max_batch < 1 or max_waiting < 1:
+            raise ValueError("max_batch and max_waiting must be at least 1")
+        self.max_batch = max_batch
+        self._room = asyncio.Semaphore(max_waiting)
+        self._waiting: list[P] = []
+        self._flusher: asyncio.Task[None] | None = None
+        #: Flushes done (for the benchmark and tests).
+        self.flushes = 0
+
+    async def _submit(self, item: P) -> Any:
+        async with self._room:
+            self._waiting.append(item)
+            if self._flusher is None:
+                self._flusher = asyncio.create_task(self._flush_all(), name=type(self).__name__)
+            return await asyncio.shield(item.done)
+
+    async def drain(self) -> None:
+        """Wait until the items in hand are written (or have failed)."""
+        task = self._flusher
+        if task is not None:
+            await asyncio.shield(task)
+
+    async def _flush_all(self) -> None:
+        try:
+            while self._waiting:
+                batch = self._waiting[: self.max_batch]
+                del self._waiting[: self.max_batch]
+                try:
+                    await self._flush(batch)
+                    self.flushes += 1
+                except BaseException as exc:
+                    for item in batch:
+                        if not item.done.done():
+                            item.done.set_exception(exc)
+                    if not isinstance(exc, Exception):
+                        raise
+        finally:
+            self._flusher = None
+            # Cancelled with items still waiting: they are told, not left hanging.
+            for item in self._waiting:
+                if not item.done.done():
+                    item.done.set_exception(RuntimeError(f"{type(self).__name__} stopped"))
+            self._waiting.clear()
+
+    async def _flush(self, batch: list[P]) -> None:
+        await self._write(batch)
+
+    async def _write(self, batch: list[P]) -> None:
+        raise NotImplementedError
+
+
+class GroupWriter(Batcher[_Pending]):
     """Appends single events at known versions, many per statement (see the module doc)."""
 
     def __init__(
@@ -81,14 +151,11 @@ class GroupWriter:
         max_waiting: int = 4096,
         attempts: int = FLUSH_ATTEMPTS,
     ) -> None:
-        if max_batch < 1 or max_waiting < 1 or attempts < 1:
-            raise ValueError("max_batch, max_waiting and attempts must be at least 1")
+        super().__init__(max_batch=max_batch, max_waiting=max_waiting)
+        if attempts < 1:
+            raise ValueError("attempts must be at least 1")
         self.log = log
-        self.max_batch = max_batch
         self.attempts = attempts
-        self._room = asyncio.Semaphore(max_waiting)
-        self._waiting: list[_Pending] = []
-        self._flusher: asyncio.Task[None] | None = None
         q = f'"{log.schema}"'
         self._sql_insert = (
             f"INSERT INTO {q}.events (event_id, stream_id, stream_version, event_type, "
@@ -104,8 +171,7 @@ class GroupWriter:
             f"prev_hash, hash FROM {q}.events e JOIN unnest($1::text[], $2::bigint[]) "
             "AS w(s, v) ON e.stream_id = w.s AND e.stream_version = w.v"
         )
-        #: Flushes done and rows written (for the benchmark and tests).
-        self.flushes = 0
+        #: Rows written (for the benchmark and tests).
         self.rows = 0
 
     async def append(
@@ -126,39 +192,8 @@ class GroupWriter:
         row = batch.row(0, version, prev_hash, hash_)
         done: asyncio.Future[Written] = asyncio.get_running_loop().create_future()
         item = _Pending(stream_id, version, row, batch.ids[0], hash_, done)
-        async with self._room:
-            self._waiting.append(item)
-            if self._flusher is None:
-                self._flusher = asyncio.create_task(self._flush_all(), name="group-writer")
-            return await asyncio.shield(item.done)
-
-    async def drain(self) -> None:
-        """Wait until the appends in hand are written (or have failed)."""
-        task = self._flusher
-        if task is not None:
-            await asyncio.shield(task)
-
-    async def _flush_all(self) -> None:
-        try:
-            while self._waiting:
-                batch = self._waiting[: self.max_batch]
-                del self._waiting[: self.max_batch]
-                try:
-                    await self._flush(batch)
-                except BaseException as exc:
-                    for item in batch:
-                        if not item.done.done():
-                            item.done.set_exception(exc)
-                    if isinstance(exc, asyncio.CancelledError | KeyboardInterrupt | SystemExit):
-                        raise
-        finally:
-            self._flusher = None
-            if self._waiting:
-                # Cancelled with appends still waiting: they are told, not left hanging.
-                for item in self._waiting:
-                    if not item.done.done():
-                        item.done.set_exception(RuntimeError("the group writer stopped"))
-                self._waiting.clear()
+        written: Written = await self._submit(item)
+        return written
 
     async def _flush(self, batch: list[_Pending]) -> None:
         delay = 0.05
@@ -179,7 +214,6 @@ class GroupWriter:
         pool = self.log.pool
         async with pool.acquire() as conn:
             rows = await conn.fetch(self._sql_insert, *columns)
-            self.flushes += 1
             self.rows += len(rows)
             written = {r[0]: LogPosition(r[1], r[2]) for r in rows}
             missed = [item for item in batch if item.event_id not in written]
@@ -207,3 +241,95 @@ class GroupWriter:
                 result = Written(there.log_position, there.hash, ours, None if ours else there)
             if not item.done.done():
                 item.done.set_result(result)
+
+
+@dataclasses.dataclass(slots=True)
+class _Commit:
+    stream_id: str
+    expected: int | None
+    marker: tuple[Any, ...]
+    batch: Any  # the events, encoded (store._Batch)
+    done: asyncio.Future[str]
+
+
+class MarkedAppends(Batcher[_Commit]):
+    """:meth:`EventLog.append_marked` for many callers at once: each caller's events and
+    inbox row, several callers per transaction (``commit_activations`` in the
+    migrations), each one's outcome reported to it alone.
+
+    ``append`` answers ``committed``, ``duplicate`` (the inbox row was there:
+    nothing of this caller's was written) or ``conflict`` (its append lost a
+    race: nothing of its was written; the caller retries on its own path).
+    Errors (a lost connection) go to every caller of the flush, none of whose
+    rows may be assumed written or not: the caller's retry finds out (the
+    inbox row says). Not retried here for that reason.
+    """
+
+    def __init__(self, log: EventLog, *, max_batch: int = 64, max_waiting: int = 4096) -> None:
+        # 64: each activation is a subtransaction, and PostgreSQL keeps the ids of
+        # 64 per transaction in shared memory before it spills (subxid overflow).
+        super().__init__(max_batch=max_batch, max_waiting=max_waiting)
+        self.log = log
+        self._sql = (
+            f'SELECT * FROM "{log.schema}".commit_activations($1, $2, $3, $4, $5, $6, $7, $8, '
+            "$9, $10, $11, $12, $13, $14, $15, $16, $17, $18)"
+        )
+
+    async def append(
+        self,
+        stream_id: str,
+        events: list[NewEvent],
+        marker: tuple[Any, ...],
+        expected: int | None,
+    ) -> str:
+        """Append ``events`` and insert the inbox row ``marker`` (consumer, event id,
+        activation id, outcome, run id) atomically, in the next shared transaction."""
+        if not events:
+            raise InvalidAppend(f"append to {stream_id!r}: no events given")
+        batch = self.log._encode(stream_id, events, expected)
+        done: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+        outcome: str = await self._submit(_Commit(stream_id, expected, marker, batch, done))
+        return outcome
+
+    async def _write(self, batch: list[_Commit]) -> None:
+        # Streams in one order in every batch: two batches never wait on each other
+        # in a cycle.
+        ordered = sorted(batch, key=lambda c: c.stream_id)
+        ids: list[Any] = []
+        types: list[Any] = []
+        versions: list[Any] = []
+        runs: list[Any] = []
+        causes: list[Any] = []
+        producers: list[Any] = []
+        recorded: list[Any] = []
+        traces: list[Any] = []
+        datas: list[Any] = []
+        contents: list[Any] = []
+        for c in ordered:
+            b = c.batch
+            n = len(b.ids)
+            ids += b.ids
+            types += b.types
+            versions += b.versions
+            runs += b.runs if b.runs is not None else [None] * n
+            causes += b.causes if b.causes is not None else [None] * n
+            producers += b.producers if b.producers is not None else [None] * n
+            recorded += b.recorded
+            traces += b.traces if b.traces is not None else [None] * n
+            datas += b.datas
+            contents += b.contents
+        markers = list(zip(*(c.marker for c in ordered), strict=True))
+        rows = await self.log.pool.fetch(
+            self._sql,
+            [c.stream_id for c in ordered],
+            [c.expected for c in ordered],
+            [len(c.batch.ids) for c in ordered],
+            *markers,
+            ids, types, versions, runs, causes, producers, recorded, traces, datas, contents,
+        )  # fmt: skip
+        for index, outcome, first, last_hash in rows:
+            c = ordered[index - 1]
+            if outcome == "committed":
+                self.log._remember_head(c.stream_id, first + len(c.batch.ids) - 1, last_hash)
+            if not c.done.done():
+                c.done.set_result(outcome)

@@ -12,6 +12,7 @@ import asyncpg
 from runtime.errors import ConcurrencyConflict, DuplicateEventMismatch
 from runtime.events.ids import run_stream
 from runtime.events.model import NewEvent
+from runtime.log.group import MarkedAppends
 from runtime.log.queries import LogQueries
 from runtime.log.store import ANY_VERSION, NO_STREAM, EventLog
 from runtime.worker.delivery import Delivery
@@ -30,13 +31,17 @@ async def commit_activation(
     trigger: NewEvent | None,
     trigger_in_log: bool,
     outcome: str,
+    group: MarkedAppends | None = None,
 ) -> bool:
     """The activation's one transaction; False if its inbox row was there already.
 
     One statement (so one round trip, atomic without BEGIN/COMMIT): the
     trigger if the log lacks it, the outputs, and the inbox row. A lost
     race (another activation of the run appended first, or wrote the
-    trigger) rolls it back whole; it is tried again.
+    trigger) rolls it back whole; it is tried again. With ``group`` the
+    first try shares its transaction with other activations committing at
+    the same moment (each one's outcome its own); a lost race there is tried
+    again on this activation's own.
     """
     marker = (agent, d.inbox_id, aid, outcome, d.run_id)
     for attempt in range(1, COMMIT_ATTEMPTS + 1):
@@ -50,6 +55,13 @@ async def commit_activation(
                 # function). If the stream exists after all (a redrive,
                 # another agent), the retry appends at any version.
                 expected = NO_STREAM
+        if group is not None and attempt == 1:
+            shared = await group.append(run_stream(d.run_id), events, marker, expected)
+            if shared != "conflict":
+                return shared == "committed"
+            if trigger is not None:
+                trigger_in_log = await queries.has_event(d.event_id)
+            continue
         try:
             await log.append_marked(run_stream(d.run_id), events, marker, expected)
             return True

@@ -54,7 +54,7 @@ from runtime.errors import (
 )
 from runtime.events.ids import activation_stream, circuit_stream
 from runtime.events.model import Event, NewEvent, RecordedEvent
-from runtime.log.group import GroupWriter
+from runtime.log.group import GroupWriter, MarkedAppends
 from runtime.log.queries import LogQueries
 from runtime.log.snapshots import SnapshotStore
 from runtime.log.store import EventLog
@@ -176,6 +176,8 @@ class Worker:
         self.queries = LogQueries(log)
         #: Step records of the activations running here, written together (group commit).
         self.step_writer = GroupWriter(log)
+        #: Commits of the activations finishing here, several per transaction.
+        self.commits = MarkedAppends(log)
         self._snapshots = SnapshotStore(log.pool, log.schema)
         self._renew = redis.register_script(RENEW_LEASES)
         #: (stream, group) -> entry ids committed and waiting for the next XACK.
@@ -296,6 +298,7 @@ class Worker:
             await _bounded([*readers, *helpers], "readers")
             await self._drain()
             await self.step_writer.drain()
+            await self.commits.drain()
             self._closing = True
             self._ack_wake.set()
             acker.cancel()
@@ -624,7 +627,7 @@ class Worker:
     ) -> bool:
         """The activation's one transaction (:func:`commit_activation`); False for a duplicate."""
         return await commit_activation(self.log, self.queries, agent, d, aid, outputs, trigger,
-                                       trigger_in_log, outcome)  # fmt: skip
+                                       trigger_in_log, outcome, self.commits)  # fmt: skip
 
     @staticmethod
     def _trigger_event(d: Delivery, body: Event) -> NewEvent:

@@ -18,7 +18,7 @@ from runtime.events.builtin import StepRecorded
 from runtime.events.ids import activation_stream
 from runtime.events.model import LogPosition, NewEvent
 from runtime.log import audit, chain
-from runtime.log.group import GroupWriter, Written, _Pending
+from runtime.log.group import GroupWriter, MarkedAppends, Written, _Pending
 from runtime.log.pool import open_runtime_pool
 from runtime.log.store import EventLog
 from runtime.settings import Settings
@@ -255,3 +255,48 @@ async def test_the_property_catches_a_writer_that_ignores_conflicts(proxied: Any
     plan: Plan = ([2, 2], {(0, 1), (1, 2)}, {})
     with pytest.raises(AssertionError, match="got"):
         await run_plan(log, proxy, plan, IgnoresConflicts)
+
+
+# -- activation commits, several per transaction ----------------------------------------
+
+
+def _marker(consumer: str = "agent") -> tuple[Any, ...]:
+    run = uuid.uuid4()
+    return (consumer, uuid.uuid4(), uuid.uuid4(), "completed", run)
+
+
+async def test_commits_share_a_transaction_and_answer_each_alone(
+    log: EventLog, admin: Any, settings: Settings
+) -> None:
+    await log.append("run-taken", [Noted(text="already")], 0)
+    dup = _marker()
+    await log.append_marked("run-dup-first", [Noted(text="first")], dup, 0)
+    group = MarkedAppends(log)
+    fine = [(f"run-ok-{i}", [NewEvent(body=Noted(text=f"ok{i}"))], _marker()) for i in range(12)]
+    racing = [NewEvent(body=Noted(text="a")), NewEvent(body=Noted(text="b"))]
+    got = await asyncio.gather(
+        *(group.append(s, evs, m, 0) for s, evs, m in fine),
+        group.append("run-taken", [NewEvent(body=Noted(text="late"))], _marker(), 0),
+        group.append("run-dup-second", [NewEvent(body=Noted(text="again"))], dup, None),
+        # Two commits to one new stream in the same batch: one wins.
+        group.append("run-shared", [racing[0]], _marker(), 0),
+        group.append("run-shared", [racing[1]], _marker(), 0),
+    )
+    assert got[:12] == ["committed"] * 12
+    assert got[12:14] == ["conflict", "duplicate"]
+    assert sorted(got[14:]) == ["committed", "conflict"]
+    assert group.flushes <= 3
+    for s, evs, m in fine:
+        assert [e.event_id for e in await log.read_stream(s)] == [evs[0].event_id]
+        assert await admin.fetchval(
+            f'SELECT outcome FROM "{settings.db_schema}".inbox WHERE event_id = $1', m[1]
+        ) == "completed"  # fmt: skip
+    # Nothing of the refused ones was written.
+    assert len(await log.read_stream("run-taken")) == 1
+    assert await log.read_stream("run-dup-second") == []
+    assert len(await log.read_stream("run-shared")) == 1
+    report = await audit.verify(admin, settings.db_schema)
+    assert report.ok, report
+    # The next append to a committed stream links to the head the batch reported.
+    await log.append(fine[0][0], [Noted(text="next")], 1)
+    assert (await audit.verify(admin, settings.db_schema)).ok
