@@ -92,6 +92,11 @@ class RawEvent(msgspec.Struct, frozen=True, kw_only=True):
     recorded_at: datetime
 
 
+def _log_positions(tx: int, positions: Sequence[int]) -> list[LogPosition]:
+    """``[LogPosition(tx, p) for p in positions]``, without a Python call per position."""
+    return list(map(tuple.__new__, repeat(LogPosition), zip(repeat(tx), positions)))
+
+
 def _first(column: list[Any] | None) -> Any:
     return None if column is None else column[0]
 
@@ -236,6 +241,14 @@ class EventLog:
             f"SELECT stream_version, hash FROM {q}.events WHERE stream_id = $1 "
             "ORDER BY stream_version DESC LIMIT 1"
         )
+        # The first and last rows of a COPY: positions come from one sequence, row
+        # by row in the order sent, so when they span exactly n they are every
+        # position in between, in stream order.
+        self._sql_ends = (
+            f"SELECT f.tx_id, f.position, l.position FROM {q}.events f, {q}.events l "
+            "WHERE f.stream_id = $1 AND f.stream_version = $2 "
+            "AND l.stream_id = $1 AND l.stream_version = $3"
+        )
         self._sql_positions = (
             "SELECT (array_agg(tx_id))[1], array_agg(position ORDER BY stream_version) "
             f"FROM {q}.events WHERE stream_id = $1 AND stream_version > $2 "
@@ -335,7 +348,7 @@ class EventLog:
     ) -> AppendResult:
         if conn is not None:
             try:
-                return await self._append_once(conn, stream_id, expected_version, batch)
+                return await self._append_once(conn, stream_id, expected_version, batch, False)
             except asyncpg.UniqueViolationError as exc:
                 # The caller's transaction is aborted: its owner retries it.
                 raise _lost_race(exc, stream_id, expected_version) from exc
@@ -345,9 +358,11 @@ class EventLog:
                 self._heads.pop(stream_id, None)
         attempts = _ANY_VERSION_RETRIES if expected_version is None else 2
         async with self._pool.acquire() as c:
-            for _ in range(attempts):
+            for attempt in range(attempts):
                 try:
-                    return await self._append_once(c, stream_id, expected_version, batch)
+                    return await self._append_once(
+                        c, stream_id, expected_version, batch, attempt == 0
+                    )
                 except asyncpg.UniqueViolationError:
                     # Another writer got there first: with these very events (a
                     # re-append, or a concurrent writer of the same batch), or
@@ -431,9 +446,12 @@ class EventLog:
         stream_id: str,
         expected_version: int | None,
         batch: _Batch,
+        trust_head: bool,
     ) -> AppendResult:
+        """One try. ``trust_head``: a large batch whose chain was computed on the head
+        this log knows goes straight in (the first try on the log's own connection)."""
         if len(batch.ids) >= COPY_THRESHOLD:
-            return await self._append_copy(conn, stream_id, expected_version, batch)
+            return await self._append_copy(conn, stream_id, expected_version, batch, trust_head)
         if batch.links is not None:
             return await self._insert_known_head(conn, stream_id, batch)
         try:
@@ -474,6 +492,7 @@ class EventLog:
         stream_id: str,
         expected: int | None,
         batch: _Batch,
+        trust_head: bool,
     ) -> AppendResult:
         """A large batch: check the head, COPY the rows, read their positions back.
 
@@ -482,30 +501,47 @@ class EventLog:
         transaction is needed around the check: the rows take versions
         head+1.., so a writer that moved the head meanwhile took those very
         versions and the COPY meets the unique (stream_id, stream_version)
-        index; and COPY itself is all or nothing.
+        index; and COPY itself is all or nothing. For the same reason the head
+        need not be read when this log knows it (a new stream, or its own last
+        append there: ``batch.links``) and ``trust_head``: a COPY that meets
+        the index is answered by the caller's retry, which reads the head.
         """
         ids, contents = batch.ids, batch.contents
         n = len(ids)
-        head = await conn.fetchrow(self._sql_head_row, stream_id)
-        version, h = (head[0], head[1]) if head is not None else (0, chain.GENESIS)
-        if expected is not None and version != expected:
-            try:
-                row = await conn.fetchrow(self._sql_existing, ids)
-            except asyncpg.PostgresError as exc:
-                self._raise_typed(exc, stream_id, expected)
-                raise
-            if row is not None:
-                return self._result(stream_id, row)
-            raise ConcurrencyConflict(stream_id, expected, version)
-        links = chain.links(h, version, contents, stream_id)
-        h = links[-1]
+        if trust_head and batch.links is not None:
+            assert expected is not None
+            version, links = expected, batch.links
+        else:
+            head = await conn.fetchrow(self._sql_head_row, stream_id)
+            version, h = (head[0], head[1]) if head is not None else (0, chain.GENESIS)
+            if expected is not None and version != expected:
+                try:
+                    row = await conn.fetchrow(self._sql_existing, ids)
+                except asyncpg.PostgresError as exc:
+                    self._raise_typed(exc, stream_id, expected)
+                    raise
+                if row is not None:
+                    return self._result(stream_id, row)
+                raise ConcurrencyConflict(stream_id, expected, version)
+            known = batch.links
+            links = (
+                known
+                if known is not None and batch.prev == h and batch.expected == version
+                else chain.links(h, version, contents, stream_id)
+            )
         await conn.copy_records_to_table(
             "events", schema_name=self.schema, columns=_COPY_COLUMNS,
             records=batch.rows(version, links),
         )  # fmt: skip
-        tx, positions = await conn.fetchrow(self._sql_positions, stream_id, version, version + n)
-        self._remember_head(stream_id, version + n, h)
-        return AppendResult(stream_id, version + n, [LogPosition(tx, p) for p in positions], True)
+        tx, first, last = await conn.fetchrow(self._sql_ends, stream_id, version + 1, version + n)
+        if last - first + 1 == n:
+            positions: Sequence[int] = range(first, last + 1)
+        else:  # another writer took positions in between
+            tx, positions = await conn.fetchrow(
+                self._sql_positions, stream_id, version, version + n
+            )
+        self._remember_head(stream_id, version + n, links[-1])
+        return AppendResult(stream_id, version + n, _log_positions(tx, positions), True)
 
     def _result(self, stream_id: str, row: asyncpg.Record) -> AppendResult:
         tx, first, positions, inserted, last_hash = row
@@ -620,9 +656,7 @@ class EventLog:
         n = len(ids)
         if len({e.int for e in ids}) != n:
             raise InvalidAppend("an event id appears twice in one batch")
-        prev, links = (
-            (None, None) if n >= COPY_THRESHOLD else self._chain(stream_id, expected, contents)
-        )
+        prev, links = self._chain(stream_id, expected, contents)
         return _Batch(stream_id, expected, ids, types, versions, _nulls(runs), _nulls(causes),
                       _nulls(producers), recorded, _nulls(traces), datas, contents, prev,
                       links)  # fmt: skip

@@ -18,7 +18,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from runtime.errors import InvalidAppend
+from runtime.errors import ConcurrencyConflict, InvalidAppend
 from runtime.events.model import Event, NewEvent, encode_body, event_type_of, new_event_id
 from runtime.log import audit, chain
 from runtime.log.store import COPY_THRESHOLD, NO_STREAM, EventLog
@@ -179,3 +179,58 @@ async def test_large_mixed_batch_verifies(log: EventLog, admin: asyncpg.Connecti
     report = await audit.verify(admin, log.schema)
     assert report.ok, report.problems
     assert report.events == len(events) + len(more)
+
+
+# The COPY path reads positions back as the first and last rows' when they span the
+# batch exactly, and writes on a head it knows without reading it first.
+BIG = COPY_THRESHOLD + 36
+
+
+async def test_copy_positions_with_gaps_are_read_one_by_one(
+    log: EventLog, admin: asyncpg.Connection
+) -> None:
+    """Positions that do not follow each other (another writer took some in between)
+    come back as stored, in stream order."""
+    await admin.execute(
+        f'ALTER TABLE "{log.schema}".events ALTER COLUMN position SET INCREMENT BY 3'
+    )
+    result = await log.append("s-gaps", [Noted(text=str(i)) for i in range(BIG)], NO_STREAM)
+    stored = await log.read_stream("s-gaps")
+    assert [e.log_position for e in stored] == result.positions
+    assert result.positions[1].position - result.positions[0].position == 3
+    await admin.execute(
+        f'ALTER TABLE "{log.schema}".events ALTER COLUMN position SET INCREMENT BY 1'
+    )
+    more = await log.append("s-gaps", [Noted(text=str(i)) for i in range(BIG)], BIG)
+    stored = await log.read_stream("s-gaps", BIG + 1)
+    assert [e.log_position for e in stored] == more.positions
+    assert len({p.tx for p in more.positions}) == 1
+
+
+async def test_copy_on_a_known_head_that_moved(log: EventLog, admin: asyncpg.Connection) -> None:
+    """A new stream that exists already, and a remembered head another writer moved:
+    typed conflicts with the actual version, nothing written; the chain intact."""
+    other = EventLog(log.pool, schema=log.schema)
+    await other.append("s-taken", [Noted(text="first")], NO_STREAM)
+    with pytest.raises(ConcurrencyConflict) as info:
+        await log.append("s-taken", [Noted(text=str(i)) for i in range(BIG)], NO_STREAM)
+    assert (info.value.expected, info.value.actual) == (NO_STREAM, 1)
+
+    await log.append("s-moved", [Noted(text=str(i)) for i in range(BIG)], NO_STREAM)
+    await other.append("s-moved", [Noted(text="theirs")], BIG)
+    late = [NewEvent(body=Noted(text=str(i))) for i in range(BIG)]
+    with pytest.raises(ConcurrencyConflict) as info:
+        await log.append("s-moved", late, BIG)
+    assert (info.value.expected, info.value.actual) == (BIG, BIG + 1)
+    fits = await log.append("s-moved", late, BIG + 1)
+    assert fits.stream_version == 2 * BIG + 1
+    stored = await log.read_stream("s-moved")
+    assert [e.stream_version for e in stored] == list(range(1, 2 * BIG + 2))
+    assert [e.log_position for e in stored[BIG + 1 :]] == fits.positions
+    # Re-appending the same large batch, with its head remembered, is idempotent.
+    again = await log.append("s-moved", late, BIG + 1)
+    assert (again.inserted, again.positions) == (False, fits.positions)
+    assert await log.stream_version("s-taken") == 1
+    report = await audit.verify(admin, log.schema)
+    assert report.ok, report.problems
+    assert report.events == 2 * BIG + 2
