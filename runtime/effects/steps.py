@@ -16,7 +16,7 @@ import structlog
 from runtime.errors import ClaimLost, ConcurrencyConflict, StepDivergence, StepFailed
 from runtime.events.builtin import StepRecorded
 from runtime.events.ids import activation_stream
-from runtime.events.model import NewEvent
+from runtime.events.model import NewEvent, RecordedEvent
 from runtime.events.values import AttemptRecord, StepError, Usage
 from runtime.log import chain
 from runtime.log.group import GroupWriter
@@ -136,18 +136,24 @@ class Steps:
         if self._guard is not None:
             # The claim first: once it is ours nobody else adds to the record.
             await self._guard.before_load()
-        event_log = self._log
-        after = 1
-        while True:
-            page = await event_log.read_stream(self.stream, after, limit=1000)
-            for ev in page:
-                self._hashes[ev.stream_version] = ev.hash
-                if isinstance(ev.body, StepRecorded):
-                    self.recorded.setdefault(ev.stream_version, ev.body)
-            if len(page) < 1000:
-                break
-            after = page[-1].stream_version + 1
+        if self._writer is not None:
+            # With the other activations' reads, in one query.
+            self._learn(await self._writer.reads.read(self.stream))
+        else:
+            after = 1
+            while True:
+                page = await self._log.read_stream(self.stream, after, limit=1000)
+                self._learn(page)
+                if len(page) < 1000:
+                    break
+                after = page[-1].stream_version + 1
         self._loaded = True
+
+    def _learn(self, events: list[RecordedEvent]) -> None:
+        for ev in events:
+            self._hashes[ev.stream_version] = ev.hash
+            if isinstance(ev.body, StepRecorded):
+                self.recorded.setdefault(ev.stream_version, ev.body)
 
     @property
     def next_step(self) -> int:

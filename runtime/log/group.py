@@ -140,6 +140,41 @@ class Batcher(Generic[P]):
         raise NotImplementedError
 
 
+@dataclasses.dataclass(slots=True)
+class _Read:
+    stream_id: str
+    done: asyncio.Future[list[RecordedEvent]]
+
+
+class StreamReads(Batcher[_Read]):
+    """Whole short streams (an activation's steps) read for many callers in one query."""
+
+    def __init__(self, log: EventLog, *, max_batch: int = 256, max_waiting: int = 4096) -> None:
+        super().__init__(max_batch=max_batch, max_waiting=max_waiting)
+        self.log = log
+        self._sql = (
+            "SELECT position, tx_id, event_id, stream_id, stream_version, event_type, "
+            "schema_version, run_id, causation_id, producer, recorded_at, trace, data, "
+            f'prev_hash, hash FROM "{log.schema}".events WHERE stream_id = ANY($1::text[]) '
+            "ORDER BY stream_id, stream_version"
+        )
+
+    async def read(self, stream_id: str) -> list[RecordedEvent]:
+        """Every event of ``stream_id``, in version order."""
+        done: asyncio.Future[list[RecordedEvent]] = asyncio.get_running_loop().create_future()
+        events: list[RecordedEvent] = await self._submit(_Read(stream_id, done))
+        return events
+
+    async def _write(self, batch: list[_Read]) -> None:
+        rows = await self.log.pool.fetch(self._sql, list({r.stream_id for r in batch}))
+        by_stream: dict[str, list[RecordedEvent]] = {}
+        for event in self.log._decode_all(rows):
+            by_stream.setdefault(event.stream_id, []).append(event)
+        for r in batch:
+            if not r.done.done():
+                r.done.set_result(by_stream.get(r.stream_id, []))
+
+
 class GroupWriter(Batcher[_Pending]):
     """Appends single events at known versions, many per statement (see the module doc)."""
 
@@ -156,6 +191,8 @@ class GroupWriter(Batcher[_Pending]):
             raise ValueError("attempts must be at least 1")
         self.log = log
         self.attempts = attempts
+        #: Reads of the activations' recorded steps, batched the same way.
+        self.reads = StreamReads(log)
         q = f'"{log.schema}"'
         self._sql_insert = (
             f"INSERT INTO {q}.events (event_id, stream_id, stream_version, event_type, "

@@ -300,3 +300,14 @@ async def test_commits_share_a_transaction_and_answer_each_alone(
     # The next append to a committed stream links to the head the batch reported.
     await log.append(fine[0][0], [Noted(text="next")], 1)
     assert (await audit.verify(admin, settings.db_schema)).ok
+
+
+async def test_reads_of_many_streams_share_a_query(log: EventLog) -> None:
+    for i in range(1, 6):  # read-0 stays empty
+        await log.append(f"read-{i}", [Noted(text=f"{i}.{k}") for k in range(i)], 0)
+    reads = GroupWriter(log).reads
+    got = await asyncio.gather(*(reads.read(f"read-{i}") for i in range(6)))
+    assert reads.flushes <= 2
+    for i, events in enumerate(got):
+        assert [e.body.text for e in events] == [f"{i}.{k}" for k in range(i)]  # type: ignore[attr-defined]
+        assert [e.stream_version for e in events] == list(range(1, i + 1))
