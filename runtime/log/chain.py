@@ -27,7 +27,6 @@ import struct
 from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 from itertools import repeat
-from typing import Any
 from uuid import UUID
 
 import msgspec
@@ -133,17 +132,12 @@ def links(prev_hash: bytes, version: int, contents: Sequence[bytes], stream_id: 
     """The chain along a batch whose first event takes ``version + 1``: ``prev_hash``
     then :func:`link` of each event in turn (``len(contents) + 1`` hashes)."""
     sid = stream_id.encode()
-    tails: Any = map(
-        bytes.__add__,
-        map(_int8, range(version + 1, version + 1 + len(contents))),
-        map(bytes.__add__, contents, repeat(sid)),
-    )
     out = [prev_hash]
     append = out.append
-    sha256 = _sha256
+    sha256, int8 = _sha256, _int8
     h = prev_hash
-    for tail in tails:
-        h = sha256(h + tail).digest()
+    for v, content in enumerate(contents, version + 1):
+        h = sha256(h + int8(v) + content + sid).digest()
         append(h)
     return out
 

@@ -100,32 +100,34 @@ def test_batch_encoding_equals_event_by_event(
     check(stream_id, expected, events)
 
 
-def test_raw_bodies_with_line_breaks_are_encoded_one_by_one() -> None:
+@pytest.mark.parametrize("n", [4, 40])
+def test_raw_bodies_with_line_breaks_are_encoded_one_by_one(n: int) -> None:
+    """Small batches are encoded event by event anyway; large ones fall back to it."""
     events = [
         NewEvent(body=Noted(text="a\nb")),
         NewEvent(body=Verbatim(raw=msgspec.Raw(b'{\n  "pretty": [1,\n 2]\n}'))),
         NewEvent(body=Verbatim(raw=msgspec.Raw(b"\n7\n"))),
-        NewEvent(body=Noted(text="after")),
+        *(NewEvent(body=Noted(text=str(i))) for i in range(n - 3)),
     ]
     check("s-raw", 0, events)
 
 
-def test_bare_bodies_and_errors_name_the_event() -> None:
+@pytest.mark.parametrize("pad", [0, 30])
+def test_bare_bodies_and_errors_name_the_event(pad: int) -> None:
+    """The same answers event by event (a small batch) and by column (a large one)."""
     log = EventLog(cast(Any, None), schema="unused")
-    bare: list[NewEvent | Event] = [
-        Noted(text="x"),
-        NewEvent(body=Counted(writer=1, seq=2)),
-        Noted(text="y"),
-    ]
-    batch = log._encode("s", bare, 0)
-    assert batch.types == ["test.noted", "test.counted", "test.noted"]
+    more = [Noted(text=str(i)) for i in range(pad)]
+    bare: list[Any] = [Noted(text="x"), NewEvent(body=Counted(writer=1, seq=2)), Noted(text="y")]
+    batch = log._encode("s", [*bare, *more], 0)
+    assert batch.types[:3] == ["test.noted", "test.counted", "test.noted"]
+    assert batch.versions == [1] * (3 + pad)
     with pytest.raises(InvalidAppend, match="event 1 of the batch is not an agentrt Event"):
-        log._encode("s", [Noted(text="x"), "nope"], 0)  # type: ignore[list-item]
+        log._encode("s", [Noted(text="x"), cast(Any, "nope"), *more], 0)
     with pytest.raises(InvalidAppend, match="event 1 of the batch is not an agentrt Event"):
-        log._encode("s", [Noted(text="x"), NewEvent(body="nope")], 0)  # type: ignore[arg-type]
+        log._encode("s", [Noted(text="x"), NewEvent(body=cast(Any, "nope")), *more], 0)
     naive = NewEvent(body=Noted(text="x"), recorded_at=datetime(2020, 1, 1))
     with pytest.raises(InvalidAppend, match=f"event {naive.event_id}: recorded_at"):
-        log._encode("s", [Noted(text="x"), naive], 0)
+        log._encode("s", [Noted(text="x"), naive, *more], 0)
     with pytest.raises(InvalidAppend, match="no events"):
         log._encode("s", [], 0)
 
