@@ -199,9 +199,10 @@ class Steps:
             )
             self.executed.append(n)
             if self._log is not None:
-                # Shielded: a handler cancelled now (its timeout, a stop)
-                # still leaves the result it paid for in the log.
-                winner = await asyncio.shield(self._record(event, n))
+                # A handler cancelled now (its timeout, a stop) still leaves the
+                # result it paid for in the log: the group writer has queued the
+                # row before this first yields; the single path is shielded.
+                winner = await self._record(event, n)
                 if winner is not None:
                     # Another worker recorded this step first: its result is the one.
                     log.warning("step.lost_race", step=n, kind=kind, name=name)
@@ -231,7 +232,7 @@ class Steps:
                 raise ConcurrencyConflict(self.stream, n - 1, None)
             return written.winner.body
         try:
-            await self._append(event, n)
+            await asyncio.shield(self._append(event, n))
         except ConcurrencyConflict:
             assert self._log is not None
             page = await self._log.read_stream(self.stream, n, limit=1)

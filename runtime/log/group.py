@@ -23,7 +23,9 @@ above); only after ``attempts`` failures is the error raised, to every
 caller of that flush, none of which goes on believing its event durable.
 Back-pressure: at most ``max_waiting`` appends wait at once; further callers
 wait for room (a slow database slows the activations, it does not grow this
-queue).
+queue). With room, an append is queued before its caller first yields, so a
+caller cancelled while it waits (a handler's timeout, a stop) still leaves
+its row to be written: the result it paid for is not lost.
 """
 
 from __future__ import annotations
@@ -99,11 +101,14 @@ class Batcher(Generic[P]):
         self.flushes = 0
 
     async def _submit(self, item: P) -> Any:
-        async with self._room:
-            self._waiting.append(item)
-            if self._flusher is None:
-                self._flusher = asyncio.create_task(self._flush_all(), name=type(self).__name__)
-            return await asyncio.shield(item.done)
+        # Returns at once unless max_waiting items wait (then the caller waits here).
+        await self._room.acquire()
+        self._waiting.append(item)
+        if self._flusher is None:
+            self._flusher = asyncio.create_task(self._flush_all(), name=type(self).__name__)
+        # A cancelled caller cancels only its own answer; the item is written
+        # with its batch, and its room given back when it is answered.
+        return await item.done
 
     async def drain(self) -> None:
         """Wait until the items in hand are written (or have failed)."""
@@ -125,12 +130,16 @@ class Batcher(Generic[P]):
                             item.done.set_exception(exc)
                     if not isinstance(exc, Exception):
                         raise
+                finally:
+                    for _ in batch:
+                        self._room.release()
         finally:
             self._flusher = None
             # Cancelled with items still waiting: they are told, not left hanging.
             for item in self._waiting:
                 if not item.done.done():
                     item.done.set_exception(RuntimeError(f"{type(self).__name__} stopped"))
+                self._room.release()
             self._waiting.clear()
 
     async def _flush(self, batch: list[P]) -> None:

@@ -311,3 +311,39 @@ async def test_reads_of_many_streams_share_a_query(log: EventLog) -> None:
     for i, events in enumerate(got):
         assert [e.body.text for e in events] == [f"{i}.{k}" for k in range(i)]  # type: ignore[attr-defined]
         assert [e.stream_version for e in events] == list(range(1, i + 1))
+
+
+class YieldsBeforeQueueing(GroupWriter):
+    """BROKEN on purpose: yields before its row is queued, so a cancel there loses it."""
+
+    async def _submit(self, item: Any) -> Any:
+        await asyncio.sleep(0.05)
+        return await super()._submit(item)
+
+
+async def _cancel_while_recording(log: EventLog, writer: GroupWriter) -> list[Any]:
+    aid = uuid.uuid4()
+    steps = Steps(log, activation_id=aid, run_id=aid, agent="a", trigger_id=aid, writer=writer)
+
+    called = asyncio.Event()
+
+    async def call() -> StepOutput:
+        called.set()
+        return StepOutput(result={"paid": True})
+
+    task = asyncio.create_task(steps.run("tool", "t", {}, call))
+    await called.wait()  # the tool was called; its record is on its way
+    task.cancel()  # the handler's timeout, a stop
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    await asyncio.sleep(0.1)
+    await writer.drain()
+    return [e.body.result for e in await log.read_stream(activation_stream(aid))]
+
+
+async def test_a_step_cancelled_while_its_row_is_queued_is_still_recorded(log: EventLog) -> None:
+    assert await _cancel_while_recording(log, GroupWriter(log)) == [{"paid": True}]
+
+
+async def test_a_writer_that_yields_before_queueing_loses_the_paid_result(log: EventLog) -> None:
+    assert await _cancel_while_recording(log, YieldsBeforeQueueing(log)) == []
