@@ -338,7 +338,7 @@ async def _cancel_while_recording(log: EventLog, writer: GroupWriter) -> list[An
         await task
     await asyncio.sleep(0.1)
     await writer.drain()
-    return [e.body.result for e in await log.read_stream(activation_stream(aid))]
+    return [e.body.result for e in await log.read_stream(activation_stream(aid))]  # type: ignore[attr-defined]
 
 
 async def test_a_step_cancelled_while_its_row_is_queued_is_still_recorded(log: EventLog) -> None:
