@@ -14,6 +14,15 @@ runtime:
   ``agentrt worker`` defaults: concurrency 16, batch 32, the runtime pool
   (10 connections), and no relay (``--no-relay``).
 
+steps:
+  the same worker and options running an agent (``ThreeSteps``) whose handler
+  makes three durable tool steps per activation (``await ctx.tool(...)`` of
+  three trivial ``@tool`` functions that return a small dict at once: each
+  goes through the worker's circuit breaker and is recorded in the log before
+  the handler goes on), then emits one event as ``Echo`` does. Its
+  activations/s are compared with the no-step runtime's in the same run: what
+  three durable steps cost.
+
 ceiling (the same work by hand):
   the same number of processes, each an XREADGROUP loop over the same streams
   with the same batch, the same concurrency and the same pool size, doing per
@@ -38,6 +47,11 @@ throughput (backlog):
   a backlog of entries is XADDed (pipelined) and the workers drain it;
   activations/s counts the commits inside a window after a warm-up.
 
+Then, once per run, a soak: the steps kind in one fresh worker process while
+the producer XADDs at ``--rate`` for ``--soak-minutes`` (default 5, quick 0.5);
+the worker's resident memory (VmRSS) is read after 1 minute (or a third of a
+shorter soak) and at the end, and their ratio tells whether it holds steady.
+
 Servers: ``REDIS_URL`` / ``DATABASE_URL`` if set (DATABASE_URL a superuser or
 schema-owner URL), otherwise the embedded servers in ``--state-dir`` (default
 ``.agentrt/bench``) with their durable defaults (Redis AOF ``appendfsync
@@ -47,8 +61,9 @@ is flushed before each block and at the end; PostgreSQL work goes into fresh
 
 Usage::
 
-    .venv/bin/python scripts/bench_runtime.py            # full run, about four minutes
-    .venv/bin/python scripts/bench_runtime.py --quick    # under a minute
+    .venv/bin/python scripts/bench_runtime.py            # full run, about twelve minutes
+    .venv/bin/python scripts/bench_runtime.py --quick    # about two minutes (a 30 s soak)
+    .venv/bin/python scripts/bench_runtime.py --soak-minutes 0   # no soak
     .venv/bin/python scripts/bench_runtime.py --json     # last stdout line: {"figures": [...]}
     .venv/bin/python scripts/bench_runtime.py --repeat 3 --write-readme
     .venv/bin/python scripts/bench_runtime.py --quick --profile /tmp/prof  # cProfile the workers
@@ -65,6 +80,7 @@ import contextlib
 import dataclasses
 import datetime as dt
 import gc
+import itertools
 import json
 import math
 import os
@@ -103,12 +119,14 @@ from benchlib import (  # noqa: E402 - scripts/ is the script's own directory
     percentile,
     quiet_logging,
     readme_table,
+    rss_mib,
     server_version,
     with_db,
     write_readme,
 )
 from redis.exceptions import BusyLoadingError, RedisError, ResponseError  # noqa: E402
 
+from runtime import ToolContext, tool  # noqa: E402
 from runtime.agents.agent import Agent  # noqa: E402
 from runtime.agents.context import Context  # noqa: E402
 from runtime.events.builtin import ActivationCompleted  # noqa: E402
@@ -123,6 +141,18 @@ MARK_END = "<!-- bench_runtime:end -->"
 TARGET_RATIO = 0.6
 #: Runtime p50 minus ceiling p50 at the latency rate, in milliseconds, below.
 TARGET_OVERHEAD_MS = 5.0
+#: Steps activations/s as a share of the no-step runtime's, at least: three durable steps
+#: cost at most a quarter of an activation.
+TARGET_STEPS_RATIO = 0.75
+#: The soaked worker's RSS at the end over its RSS at the first reading, at most.
+TARGET_RSS_GROWTH = 1.10
+#: Seconds of load before the soak's first RSS reading (or a third of a shorter soak).
+SOAK_FIRST = 60.0
+#: Seconds between the soak's RSS samples and commit dumps (which empty the recorder).
+SOAK_SAMPLE = 5.0
+#: Seconds the soak waits for its last commits (a worker slower than the rate is flagged,
+#: not waited for: its memory is what the soak measures).
+SOAK_DRAIN = 10.0
 AGENT = "bench"
 PARTITIONS = 8
 #: ``agentrt worker`` defaults.
@@ -130,14 +160,14 @@ CONCURRENCY = 16
 BATCH = 32
 POOL_SIZE = 10
 #: Activations/s per process assumed before any throughput phase was measured.
-FIRST_ESTIMATE = 3000.0
+FIRST_ESTIMATE = {"ceiling": 3000.0, "runtime": 3000.0, "steps": 2000.0}
 #: Seconds a latency phase waits for its last commits after its schedule ends.
 DRAIN_SECONDS = 30.0
 #: Cores of other work (median over the measured windows) that make a run noisy.
 NOISY_CORES = 0.15
 
-Kind = Literal["ceiling", "runtime"]
-KINDS: tuple[Kind, Kind] = ("ceiling", "runtime")
+Kind = Literal["ceiling", "runtime", "steps"]
+KINDS: tuple[Kind, ...] = ("ceiling", "runtime", "steps")
 
 
 # -- the workload: events and the agent (imported by the worker processes too) --------
@@ -174,6 +204,40 @@ class Echo(Agent):
 
 def _verdict(event: BenchReceived) -> str:
     return "review" if event.amount > 50_000 else "accept"
+
+
+@tool
+async def bench_lookup(ctx: ToolContext, customer: str) -> dict[str, str]:
+    """Look up a customer (a stand-in that answers at once)."""
+    return {"customer": customer, "tier": "gold" if customer < "cus_05000" else "silver"}
+
+
+@tool
+async def bench_score(ctx: ToolContext, amount: int) -> dict[str, int]:
+    """Score an amount (a stand-in that answers at once)."""
+    return {"amount": amount, "score": amount % 100}
+
+
+@tool
+async def bench_route(ctx: ToolContext, tier: str, score: int, amount: int) -> dict[str, str]:
+    """Route a case to a queue (a stand-in that answers at once)."""
+    return {"queue": f"{tier}-{score // 25}", "verdict": "review" if amount > 50_000 else "accept"}
+
+
+class ThreeSteps(Agent):
+    """No LLM: three durable tool steps, then one emitted event per activation."""
+
+    name = AGENT
+    subscribes = (BenchReceived,)
+    tools = (bench_lookup, bench_score, bench_route)
+
+    async def handle(self, event: BenchReceived, ctx: Context) -> None:
+        customer = await ctx.tool(bench_lookup, customer=event.customer)
+        score = await ctx.tool(bench_score, amount=event.amount)
+        route = await ctx.tool(
+            bench_route, tier=customer["tier"], score=score["score"], amount=event.amount
+        )
+        ctx.emit(BenchHandled(seq=event.seq, customer=event.customer, verdict=route["verdict"]))
 
 
 # fmt: off
@@ -310,7 +374,7 @@ class Ceiling:
                 await pipe.execute()
 
     async def ack_loop(self) -> None:
-        while True:
+        while not self.closing:
             await self.ack_wake.wait()
             await self.flush_acks()
 
@@ -318,11 +382,16 @@ class Ceiling:
         await self.setup()
         self.acks: dict[bytes, list[bytes]] = {}
         self.ack_wake = asyncio.Event()
+        self.closing = False
         acker = asyncio.create_task(self.ack_loop())
         try:
             await self._run(stop)
         finally:
-            acker.cancel()
+            # Stopped by a flag, not cancelled: a cancellation that lands inside redis-py's
+            # pipeline can be swallowed there, and the loop then waited forever (the
+            # process was killed 30s later, after every ceiling block).
+            self.closing = True
+            self.ack_wake.set()
             await asyncio.gather(acker, return_exceptions=True)
             await self.flush_acks()
 
@@ -400,7 +469,7 @@ async def worker_main(spec: WorkerSpec) -> None:
     loop.add_signal_handler(signal.SIGUSR1, recorder.dump)
     redis = await connect_redis(spec.redis_url)
     runner: Any
-    if spec.kind == "runtime":
+    if spec.kind in ("runtime", "steps"):
         settings = Settings.from_env(db_schema=spec.schema, log_notify=spec.notify).with_urls(
             redis_url=spec.redis_url, database_url=spec.database_url
         )
@@ -415,7 +484,7 @@ async def worker_main(spec: WorkerSpec) -> None:
                 return committed
 
         runner = TimedWorker(
-            [Echo()],
+            [Echo() if spec.kind == "runtime" else ThreeSteps()],
             redis=redis,
             log=lg,
             llm=None,
@@ -667,7 +736,7 @@ def _take_dump(path: Path) -> list[tuple[str, float]]:
 
 @dataclasses.dataclass
 class Phase:
-    loop: Literal["latency", "throughput"]
+    loop: Literal["latency", "throughput", "soak"]
     kind: Kind
     procs: int
     repeat: int
@@ -679,6 +748,8 @@ class Phase:
     samples: int = 0
     cpu: Cpu = dataclasses.field(default_factory=Cpu)
     problems: list[str] = dataclasses.field(default_factory=list)
+    #: The soak's (seconds of load, worker RSS in MiB) samples.
+    rss: list[tuple[float, float]] = dataclasses.field(default_factory=list)
 
 
 class Bench:
@@ -726,7 +797,7 @@ class Bench:
         ]
         # The backlog must outlast the preload, the warm-up and the window: sized on the
         # best rate seen (or a first guess), with room to spare.
-        estimate = max(self.estimates.get((kind, procs), 0.0), FIRST_ESTIMATE * procs)
+        estimate = max(self.estimates.get((kind, procs), 0.0), FIRST_ESTIMATE[kind] * procs)
         backlog = [
             self.workload.entry()
             for _ in range(math.ceil(estimate * 1.6 * (args.warmup + args.duration + 2.0)))
@@ -868,6 +939,99 @@ class Bench:
             cpu=Meter.between(cpu0, cpu1, args.duration), problems=problems,
         )  # fmt: skip
 
+    async def soak(self, first: float, last: float) -> Phase:
+        """The steps kind in one fresh worker while the producer XADDs at ``--rate`` for
+        ``last`` seconds: its RSS sampled along the way (at ``first`` and ``last`` among
+        others), the latency of the events sent after ``first``."""
+        await self.reset_redis()
+        with contextlib.suppress(asyncpg.InsufficientPrivilegeError):
+            await self.meter.admin.execute("CHECKPOINT")
+        workers = WorkerProcs([WorkerSpec(kind="steps", index=0, **self.base_spec)], self.work_dir)
+        try:
+            await workers.start()
+            pid = workers.pids[0]
+            rss: list[tuple[float, float]] = [(0.0, rss_mib(pid))]
+            go = time.time() + 0.2
+            sent: dict[str, float] = {}
+            last_ids: dict[str, bytes] = {}
+            late = [0.0]
+            producer = asyncio.create_task(self._produce(go, first, last, sent, last_ids, late))
+            cpu0 = await self.meter.snapshot(workers.pids)
+            latencies: list[float] = []
+            inside = [0]  # commits between the first and the last reading
+
+            def match(commits: list[tuple[str, float]]) -> None:
+                for event_id, t in commits:
+                    if (t0 := sent.pop(event_id, None)) is not None:
+                        latencies.append(t - t0)
+                    if go + first <= t < go + last:
+                        inside[0] += 1
+
+            marks = sorted({*(k * SOAK_SAMPLE for k in range(1, int(last // SOAK_SAMPLE) + 1)),
+                            first, last})  # fmt: skip
+            try:
+                for mark in marks:
+                    await asyncio.sleep(max(0.0, go + mark - time.time()))
+                    rss.append((mark, rss_mib(pid)))
+                    match(await workers.dump())  # empties the worker's recorder
+                await producer
+            finally:
+                producer.cancel()
+                await asyncio.gather(producer, return_exceptions=True)
+            cpu1 = await self.meter.snapshot(workers.pids)
+            behind = len(sent)  # sent after the first reading, not committed at the last
+            problems = []
+            if not await self.drained(last_ids, SOAK_DRAIN):
+                problems.append(
+                    f"{behind} events sent after {_span(first)} were not committed at "
+                    f"{_span(last)} (the worker fell behind the rate), and some not "
+                    f"{SOAK_DRAIN:.0f}s after the last XADD"
+                )
+            match(await workers.dump())
+            if late[0] > 0.1:
+                problems.append(f"the producer fell {late[0] * 1000:.0f} ms behind its schedule")
+        finally:
+            await workers.stop()
+        latencies.sort()
+        return Phase(
+            "soak", "steps", 1, 0,
+            rate=inside[0] / (last - first) if last > first else math.nan,
+            p50_ms=percentile(latencies, 50),
+            p99_ms=percentile(latencies, 99),
+            max_ms=percentile(latencies, 100),
+            samples=len(latencies),
+            cpu=Meter.between(cpu0, cpu1, last),
+            problems=problems,
+            rss=rss,
+        )  # fmt: skip
+
+    async def _produce(
+        self,
+        go: float,
+        first: float,
+        last: float,
+        sent: dict[str, float],
+        last_ids: dict[str, bytes],
+        late: list[float],
+    ) -> None:
+        """XADD one entry at a time at ``--rate`` from ``go`` for ``last`` seconds; the send
+        time of those after ``first`` into ``sent``. Entries are made as they go (five
+        minutes of them held at once would weigh on this process)."""
+        rate = self.args.rate
+        for i in itertools.count():
+            at = go + i / rate
+            if at >= go + last:
+                return
+            stream, event_id, fields = self.workload.entry()
+            delay = at - time.time()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            t = time.time()
+            late[0] = max(late[0], t - at)
+            last_ids[stream] = await self.redis.xadd(stream, fields)
+            if at >= go + first:
+                sent[event_id] = t
+
 
 # -- figures ---------------------------------------------------------------------------
 
@@ -876,7 +1040,9 @@ def _procs(n: int) -> str:
     return f"{n} process{'es' if n > 1 else ''}"
 
 
-def new_figures(processes: Sequence[int], rate: float) -> dict[str, Figure]:
+def new_figures(
+    processes: Sequence[int], rate: float, soak: tuple[float, float] | None = None
+) -> dict[str, Figure]:
     f = Figure
     out: dict[str, Figure] = {}
     for n in processes:
@@ -893,7 +1059,40 @@ def new_figures(processes: Sequence[int], rate: float) -> dict[str, Figure]:
         out[f"overhead_{n}"] = f(
             f"overhead p50 (runtime − ceiling) {at}", "ms", None, TARGET_OVERHEAD_MS
         )
+    for n in processes:
+        out[f"tp_steps_{n}"] = f(
+            f"steps activations/s (3 tool steps each), {_procs(n)}", "act/s",
+            f"tp_runtime_{n}", TARGET_STEPS_RATIO,
+        )  # fmt: skip
+    n = processes[0]
+    at = f"at {rate:g}/s, {_procs(n)}"
+    out[f"p50_steps_{n}"] = f(f"steps p50 XADD→commit {at}", "ms", f"p50_runtime_{n}")
+    out[f"p99_steps_{n}"] = f(f"steps p99 XADD→commit {at}", "ms", f"p99_runtime_{n}")
+    if soak is not None:
+        first, last = soak
+        load = f"of load at {rate:g}/s"
+        out["rss_first"] = f(f"steps worker RSS after {_span(first)} {load}", "MiB")
+        out["rss_last"] = f(f"steps worker RSS after {_span(last)} {load}", "MiB")
+        out["rss_growth"] = f(
+            f"steps worker RSS after {_span(last)} / after {_span(first)}", "×", None,
+            TARGET_RSS_GROWTH,
+        )  # fmt: skip
     return out
+
+
+def _span(seconds: float) -> str:
+    """``1 min``, ``5 min``, ``10 s``, ``1.5 min``: how long, as a figure's name says it."""
+    if seconds >= 60 and seconds % 30 == 0:
+        return f"{seconds / 60:g} min"
+    return f"{seconds:.0f} s" if seconds == round(seconds) else f"{seconds:.1f} s"
+
+
+def soak_marks(minutes: float) -> tuple[float, float] | None:
+    """Seconds of load at the soak's first and last RSS readings (None: no soak)."""
+    if minutes <= 0:
+        return None
+    last = minutes * 60
+    return min(SOAK_FIRST, last / 3), last
 
 
 def record(figures: dict[str, Figure], phases: list[Phase], repeat: int) -> None:
@@ -902,7 +1101,7 @@ def record(figures: dict[str, Figure], phases: list[Phase], repeat: int) -> None
     for p in mine:
         if p.loop == "throughput":
             figures[f"tp_{p.kind}_{p.procs}"].runs.append(p.rate)
-        else:
+        elif p.loop == "latency" and f"p50_{p.kind}_{p.procs}" in figures:
             figures[f"p50_{p.kind}_{p.procs}"].runs.append(p.p50_ms)
             figures[f"p99_{p.kind}_{p.procs}"].runs.append(p.p99_ms)
     for p in mine:
@@ -913,6 +1112,15 @@ def record(figures: dict[str, Figure], phases: list[Phase], repeat: int) -> None
             )  # fmt: skip
             if ceiling is not None:
                 figures[f"overhead_{p.procs}"].runs.append(p.p50_ms - ceiling.p50_ms)
+
+
+def record_soak(figures: dict[str, Figure], soak: Phase, marks: tuple[float, float]) -> None:
+    """The soak's RSS at its first and last readings, and their ratio."""
+    at = dict(soak.rss)
+    first, last = at.get(marks[0], math.nan), at.get(marks[1], math.nan)
+    figures["rss_first"].runs.append(first)
+    figures["rss_last"].runs.append(last)
+    figures["rss_growth"].runs.append(last / first)
 
 
 # -- output ----------------------------------------------------------------------------
@@ -930,6 +1138,8 @@ class RunInfo:
     repeat: int
     processes: list[int]
     body_bytes: int
+    #: Seconds of load at the soak's first and last RSS readings (None: no soak).
+    soak: tuple[float, float] | None = None
     code: str = ""
     seconds: float = 0.0
 
@@ -991,18 +1201,22 @@ def render(figures: dict[str, Figure], phases: list[Phase], info: RunInfo, out: 
     if cost := cpu_cost(phases):
         out.print(f"[dim]{cost}[/]")
     for n in info.processes:
-        ratios = [
-            r.rate / c.rate
-            for c in phases
-            for r in phases
-            if c.loop == r.loop == "throughput" and c.kind == "ceiling" and r.kind == "runtime"
-            and c.procs == r.procs == n and c.repeat == r.repeat and c.rate
-        ]  # fmt: skip
-        if len(ratios) > 1:
-            out.print(
-                f"[dim]runtime/ceiling per run, {_procs(n)}: "
-                f"{', '.join(f'{r:.0%}' for r in ratios)}[/]"
-            )
+        for top, base in (("runtime", "ceiling"), ("steps", "runtime")):
+            ratios = [
+                r.rate / c.rate
+                for c in phases
+                for r in phases
+                if c.loop == r.loop == "throughput" and c.kind == base and r.kind == top
+                and c.procs == r.procs == n and c.repeat == r.repeat and c.rate
+            ]  # fmt: skip
+            if len(ratios) > 1:
+                out.print(
+                    f"[dim]{top}/{base} per run, {_procs(n)}: "
+                    f"{', '.join(f'{r:.0%}' for r in ratios)}[/]"
+                )
+    for p in phases:
+        if p.loop == "soak":
+            out.print(f"[dim]{soak_text(p)}[/]")
     other = statistics.median(p.cpu.other for p in phases) if phases else 0.0
     if other > NOISY_CORES:
         out.print(
@@ -1020,14 +1234,14 @@ def render(figures: dict[str, Figure], phases: list[Phase], info: RunInfo, out: 
     missed = [row for row in rows if row["target"] is not None and not met(row)]
     for row in missed:
         value, ceiling, ratio, target, _ = cells(row)
-        against = f"{ratio} of {ceiling}" if row["unit"] == "act/s" else f"{value} ms"
+        against = f"{ratio} of {ceiling}" if row["unit"] == "act/s" else f"{value} {row['unit']}"
         out.print(f"[bold red]target missed:[/] {row['name']}: {against}, target {target}")
     if not missed:
         out.print("[bold green]all targets met[/]")
 
 
 def definitions(info: RunInfo) -> str:
-    return (
+    text = (
         f"Latency runs from just before a producer's XADD (one entry at a time, {info.rate:g} "
         "events/s, open loop) to just after the worker's commit of that activation returned, "
         "before its XACK; overhead = runtime p50 − ceiling p50 within each run. "
@@ -1037,12 +1251,41 @@ def definitions(info: RunInfo) -> str:
         "entry one statement (one transaction, one round trip) inserting the 3 event rows "
         "into a plain copy of `events` (no triggers, no hash chain) and the inbox row into "
         "a copy of `inbox`, then XACK (both batch their XACKs into one pipelined round "
-        "trip per wake-up)."
+        "trip per wake-up). "
+        "The steps kind is the same worker with the same options running an agent whose "
+        "handler makes three durable tool steps (`await ctx.tool(...)` of three trivial "
+        "`@tool` functions returning a small dict; each through the worker's circuit "
+        "breaker and recorded in the log before the handler goes on), then emits one event; "
+        "its ceiling column is the no-step runtime's figure from the same run, and its "
+        f"target, {TARGET_STEPS_RATIO:.0%} of it, says three durable steps cost at most a "
+        "quarter of an activation."
+    )
+    if info.soak is not None:
+        first, last = info.soak
+        text += (
+            f" Soak (once per run, after the other phases): the steps kind in one fresh "
+            f"worker process while the producer XADDs at {info.rate:g} events/s for "
+            f"{_span(last)}; the worker's RSS (VmRSS of /proc/<pid>/status) after "
+            f"{_span(first)} and after {_span(last)} of load, and their ratio (target "
+            f"≤{TARGET_RSS_GROWTH:g}×: the memory holds steady)."
+        )
+    return text
+
+
+def soak_text(p: Phase) -> str:
+    """The soak in one line: some ten of its RSS samples, what it committed and how fast."""
+    every = max(SOAK_SAMPLE, round(p.rss[-1][0] / 10 / SOAK_SAMPLE) * SOAK_SAMPLE)
+    shown = [(t, mib) for t, mib in p.rss if t % every == 0 or (t, mib) == p.rss[-1]]
+    samples = ", ".join(f"{_span(t)} {mib:.1f}" for t, mib in shown)
+    return (
+        f"soak (steps, 1 process, {p.rate:,.0f} act/s between the first and last reading, "
+        f"p50 {p.p50_ms:.2f} ms, p99 {p.p99_ms:.2f} ms, max {p.max_ms:.0f} ms; worker "
+        f"{p.cpu.workers:.2f} cores) worker RSS MiB by seconds of load: {samples}"
     )
 
 
 def cpu_cost(phases: list[Phase]) -> str:
-    """CPU per activation in the throughput phases (medians), runtime beside ceiling."""
+    """CPU per activation in the throughput phases (medians) of each kind."""
     parts = []
     for kind in KINDS:
         tp = [p for p in phases if p.loop == "throughput" and p.kind == kind and p.rate]
@@ -1103,6 +1346,10 @@ def readme_block(figures: dict[str, Figure], phases: list[Phase], info: RunInfo)
     ]
     if cost := cpu_cost(phases):
         lines[-1] += " " + cost
+    for p in phases:
+        if p.loop == "soak":
+            text = soak_text(p)
+            lines[-1] += f" {text[:1].upper()}{text[1:]}."
     other = statistics.median(p.cpu.other for p in phases) if phases else 0.0
     if other > NOISY_CORES:
         lines[-1] += (
@@ -1174,7 +1421,8 @@ async def run(
                 "flush it; pick an empty database with --redis-db"
             )
     admin = await connect(settings.require_database_url())
-    figures = new_figures(args.processes, args.rate)
+    marks = soak_marks(args.soak_minutes)
+    figures = new_figures(args.processes, args.rate, marks)
     phases: list[Phase] = []
     try:
         version = str(await admin.fetchval("SHOW server_version"))
@@ -1210,6 +1458,7 @@ async def run(
             repeat=args.repeat,
             processes=list(args.processes),
             body_bytes=round(statistics.fmean(len(sample.entry()[2]["body"]) for _ in range(200))),
+            soak=marks,
         )
         info.code, digest = code_version(), code_digest()
         with tempfile.TemporaryDirectory(prefix="bench_runtime_") as tmp:
@@ -1245,6 +1494,18 @@ async def run(
                             )
                         )
                 record(figures, phases, r)
+            if marks is not None:
+                first, last = marks
+                err.print(f"  soak: steps, 1 process, {_span(last)} at {args.rate:g}/s ...", end="")
+                soak = await bench.soak(first, last)
+                phases.append(soak)
+                record_soak(figures, soak, marks)
+                err.print(
+                    f" RSS {figures['rss_first'].runs[-1]:.1f} MiB after {_span(first)}, "
+                    f"{figures['rss_last'].runs[-1]:.1f} MiB after {_span(last)}; "
+                    f"p99 {soak.p99_ms:.2f} ms"
+                    + (f" [red]{'; '.join(soak.problems)}[/]" if soak.problems else "")
+                )
             info.seconds = time.perf_counter() - started
             if code_digest() != digest:
                 info.code += " (its worker code changed during the run: figures mix versions)"
@@ -1254,7 +1515,7 @@ async def run(
         with contextlib.suppress(Exception):
             await redis.flushdb()
         await redis.aclose()
-        await drop_schemas(admin, (raw_schema, schema), err)
+        await drop_schemas(admin, (raw_schema, settings.read_schema, schema), err)
         await admin.close()
 
 
@@ -1266,11 +1527,18 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     add("--quick", action="store_true", help="a short run (under a minute)")
     add("--json", action="store_true", help='last stdout line: {"figures": [...]}')
     add("--write-readme", action="store_true", help="refresh the bench_runtime block of README.md")
+    add("--readme", type=Path, default=README, help="the file --write-readme writes (README.md)")
     add("--repeat", type=int, help="runs of every phase, medians reported (default 3, quick 1)")
     add("--rate", type=float, default=500.0, help="events/s of the latency phases (500)")
     add("--duration", type=float, help="measured seconds per phase (default 6, quick 2.5)")
     add("--warmup", type=float, help="warm-up seconds per phase (default 2, quick 1)")
     add("--processes", default="1,2", help="worker process counts to measure (default 1,2)")
+    add(
+        "--soak-minutes",
+        type=float,
+        help="minutes of load at --rate on one steps worker, RSS read after 1 minute (or a "
+        "third of a shorter soak) and at the end; 0: no soak (default 5, quick 0.5)",
+    )
     add("--redis-db", type=int, default=13, help="the Redis database the benchmark flushes (13)")
     add(
         "--state-dir",
@@ -1287,12 +1555,16 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     args.duration = args.duration or (2.5 if args.quick else 6.0)
     args.warmup = args.warmup if args.warmup is not None else (1.0 if args.quick else 2.0)
     args.repeat = args.repeat or (1 if args.quick else 3)
+    if args.soak_minutes is None:
+        args.soak_minutes = 0.5 if args.quick else 5.0
     try:
         args.processes = sorted({int(n) for n in args.processes.split(",")})
     except ValueError:
         parser.error("--processes takes counts separated by commas, e.g. 1,2")
     if min(args.repeat, *args.processes) < 1 or args.warmup < 0 or args.duration <= 0:
         parser.error("--repeat and --processes must be >= 1, --warmup >= 0, --duration > 0")
+    if args.soak_minutes < 0:
+        parser.error("--soak-minutes must be >= 0")
     if args.rate <= 0:
         parser.error("--rate must be > 0")
     if args.profile:
@@ -1321,7 +1593,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
     render(figures, phases, info, out)
     if args.write_readme:
-        write_readme(README, "bench_runtime", readme_block(figures, phases, info), err)
+        write_readme(args.readme, "bench_runtime", readme_block(figures, phases, info), err)
     if args.json:
         print(json.dumps({"figures": figure_rows(figures)}), flush=True)
     return 0

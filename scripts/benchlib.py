@@ -1,9 +1,10 @@
 """What the benchmark scripts share: figures and their rows, the README block, the machine,
 quiet logging, dropping scratch schemas.
 
-A figure is a median over runs. Rate figures (any unit but ``ms``) get a
-ratio to their ceiling and a target share of it; ``ms`` figures a target to
-stay below.
+A figure is a median over runs. Rate figures (any unit but ``ms`` and ``×``)
+get a ratio to their ceiling and a target share of it; ``ms`` figures a target
+to stay below, ``×`` figures (a ratio of two readings, such as memory after 5
+minutes over memory after 1) a target to stay at or below.
 """
 
 from __future__ import annotations
@@ -24,6 +25,8 @@ import structlog
 from rich.console import Console
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
+#: Units of figures whose target is an upper bound rather than a share of a ceiling.
+BOUNDED_UNITS = frozenset({"ms", "×"})
 
 
 @dataclasses.dataclass
@@ -50,7 +53,7 @@ def figure_rows(figures: dict[str, Figure]) -> list[dict[str, Any]]:
     rows = []
     for f in figures.values():
         ceiling = figures[f.ceiling_key].value if f.ceiling_key else None
-        rate = f.unit != "ms"
+        rate = f.unit not in BOUNDED_UNITS
         ratio = f.value / ceiling if rate and f.value and ceiling else None
         digits = 1 if rate else 2
         rows.append(
@@ -69,8 +72,11 @@ def figure_rows(figures: dict[str, Figure]) -> list[dict[str, Any]]:
 def met(row: dict[str, Any]) -> bool | None:
     if row["target"] is None:
         return None
-    if row["unit"] == "ms":
-        return None if row["value"] is None else row["value"] < row["target"]
+    if row["unit"] in BOUNDED_UNITS:
+        if row["value"] is None:
+            return None
+        value, bound = float(row["value"]), float(row["target"])
+        return value <= bound if row["unit"] == "×" else value < bound
     return None if row["ratio"] is None else row["ratio"] >= row["target"]
 
 
@@ -78,11 +84,15 @@ def cells(row: dict[str, Any]) -> list[str]:
     """value, ceiling, ratio, target and mark, as text."""
 
     def num(v: float | None) -> str:
-        return "" if v is None else f"{v:,.2f}" if row["unit"] == "ms" else f"{v:,.0f}"
+        return "" if v is None else f"{v:,.2f}" if row["unit"] in ("ms", "×") else f"{v:,.0f}"
 
     target = ""
     if row["target"] is not None:
-        target = f"<{row['target']:g} ms" if row["unit"] == "ms" else f"≥{row['target']:.0%}"
+        target = (
+            f"<{row['target']:g} ms" if row["unit"] == "ms"
+            else f"≤{row['target']:g}×" if row["unit"] == "×"
+            else f"≥{row['target']:.0%}"
+        )  # fmt: skip
     ok = met(row)
     mark = "" if row["target"] is None else "?" if ok is None else "✓ pass" if ok else "✗ MISS"
     ratio = "" if row["ratio"] is None else f"{row['ratio']:.1%}"
@@ -108,6 +118,16 @@ def percentile(ordered: Sequence[float], q: float) -> float:
     if not ordered:
         return math.nan
     return ordered[max(1, math.ceil(q / 100 * len(ordered))) - 1] * 1000
+
+
+def rss_mib(pid: int) -> float:
+    """Resident set size of process ``pid`` in MiB (``VmRSS`` of /proc/<pid>/status);
+    NaN if the process is gone or the kernel does not say."""
+    with contextlib.suppress(OSError, ValueError, IndexError):
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024  # kB
+    return math.nan
 
 
 def with_db(url: str, db: int) -> str:
