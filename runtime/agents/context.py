@@ -107,6 +107,15 @@ class Context:
         self._spent = spent
         self.emitted: list[NewEvent] = []
         self.log: FilteringBoundLogger = structlog.get_logger("agentrt.agent")
+        self._activation_text = str(activation_id)
+        self._scope: str | None = None
+
+    @property
+    def _key_scope(self) -> str:
+        """The idempotency keys' scope: the event's first activation (once per activation)."""
+        if self._scope is None:
+            self._scope = str(activation_id_for(self.agent.name, self.trigger.event_id))
+        return self._scope
 
     async def run_spend(self) -> tuple[int, float]:
         """Tokens and dollars the run spent in other activations (read once, when needed)."""
@@ -216,9 +225,8 @@ class Context:
         # Keyed by the event's first activation: a redrive (a new activation of
         # the same event) sends the original's key, so an idempotent tool
         # answers with its earlier result instead of acting again.
-        scope = str(activation_id_for(self.agent.name, self.trigger.event_id))
-        ctx = ToolContext.for_step(self.run_id, str(self.activation_id), self.steps.count,
-                                   key_scope=scope)  # fmt: skip
+        ctx = ToolContext.for_step(self.run_id, self._activation_text, self.steps.count,
+                                   key_scope=self._key_scope)  # fmt: skip
         try:
             result = await t.invoke(ctx, request)
         except asyncio.CancelledError:
