@@ -195,7 +195,7 @@ class Context:
         raw = dict(input) if input is not None else kwargs
         params = t.parse_input(raw)
         request = msgspec.to_builtins(params, str_keys=True)
-        return await self.tool_step(t, request, wait_for_circuit=wait_for_circuit)
+        return await self.tool_step(t, request, wait_for_circuit=wait_for_circuit, params=params)
 
     def resolve_tool(self, tool: Tool[..., Any] | str) -> Tool[..., Any]:
         if isinstance(tool, Tool):
@@ -206,18 +206,27 @@ class Context:
         raise UnknownTool(tool, tuple(t.name for t in self.agent.tools))
 
     async def tool_step(
-        self, t: Tool[..., Any], request: Any, *, wait_for_circuit: float | None = None
+        self,
+        t: Tool[..., Any],
+        request: Any,
+        *,
+        wait_for_circuit: float | None = None,
+        params: msgspec.Struct | None = None,
     ) -> Any:
-        """Run an already validated tool request as a step; the typed result."""
+        """Run an already validated tool request as a step; the typed result.
+
+        ``params``: ``request`` parsed already (saves parsing it again)."""
 
         def call() -> Awaitable[StepOutput]:
-            return self._call_tool(t, request, wait_for_circuit)
+            return self._call_tool(t, request, wait_for_circuit, params)
 
         record = await self.steps.run("tool", t.name, request, call)
         raise_if_failed(record)
         return t.decode_output(record.result)
 
-    async def _call_tool(self, t: Tool[..., Any], request: Any, wait: float | None) -> StepOutput:
+    async def _call_tool(
+        self, t: Tool[..., Any], request: Any, wait: float | None, params: msgspec.Struct | None
+    ) -> StepOutput:
         breaker = self.services.breaker(t.name)
         permit = await (breaker.before_call() if wait is None else breaker.acquire(wait))
         if permit.transition is not None:
@@ -225,10 +234,14 @@ class Context:
         # Keyed by the event's first activation: a redrive (a new activation of
         # the same event) sends the original's key, so an idempotent tool
         # answers with its earlier result instead of acting again.
-        ctx = ToolContext.for_step(self.run_id, self._activation_text, self.steps.count,
-                                   key_scope=self._key_scope)  # fmt: skip
+        step = self.steps.count
+
+        def context() -> ToolContext:
+            return ToolContext.for_step(self.run_id, self._activation_text, step,
+                                        key_scope=self._key_scope)  # fmt: skip
+
         try:
-            result = await t.invoke(ctx, request)
+            data = await t.call(t.parse_input(request) if params is None else params, context)
         except asyncio.CancelledError:
             await breaker.release(permit)
             raise
@@ -237,7 +250,7 @@ class Context:
             code = str(exc.code) if isinstance(exc, AgentrtError) else None
             return StepOutput(error=StepError(type=type(exc).__name__, message=str(exc), code=code))
         await self._bookkeeping(breaker.record_success(permit))
-        return StepOutput(result=result.data)
+        return StepOutput(result=data)
 
     async def _bookkeeping(self, report: Awaitable[Transition | None]) -> None:
         """The breaker's count and transition event, after the call: never at the cost of

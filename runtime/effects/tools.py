@@ -218,9 +218,16 @@ class Tool(Generic[P, R]):
         self, ctx: ToolContext, raw_input: Mapping[str, Any] | bytes | str
     ) -> ToolResult[R]:
         """Validate ``raw_input``, call the tool under its timeout, and convert the result."""
-        params = self.parse_input(raw_input)
+        data = await self.call(self.parse_input(raw_input), lambda: ctx)
+        return ToolResult(value=self.decode_output(data), data=data)
+
+    async def call(self, params: msgspec.Struct, context: Callable[[], ToolContext]) -> Any:
+        """Call the tool with already validated ``params`` under its timeout; its result as
+        JSON-ready data (what a step records). ``context`` is asked for the
+        :class:`ToolContext` only if the tool takes one."""
         args: list[Any] = []
         if self.takes_context:
+            ctx = context()
             args.append(dataclasses.replace(ctx, log=ctx.log.bind(tool=self.name)))
         kwargs: dict[str, Any] = {}
         for field in params.__struct_fields__:
@@ -240,7 +247,10 @@ class Tool(Generic[P, R]):
             data = msgspec.to_builtins(value, str_keys=True)
         except TypeError as exc:
             raise ToolOutputError(self.name, str(exc)) from None
-        return ToolResult(value=self.decode_output(data), data=data)
+        # The result must come back as its declared type (a replay decodes the record):
+        # a value that does not is the tool's error, found now, not at the replay.
+        self.decode_output(data)
+        return data
 
     def decode_output(self, data: Any) -> R:
         """The typed result for recorded ``data`` (what a replay hands back)."""
