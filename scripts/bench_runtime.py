@@ -48,7 +48,7 @@ throughput (backlog):
   activations/s counts the commits inside a window after a warm-up.
 
 Then, once per run, a soak: the steps kind in one fresh worker process while
-the producer XADDs at ``--rate`` for ``--soak-minutes`` (default 5, quick 0.5);
+the producer XADDs at ``--rate`` for ``--soak-minutes`` (default 5, quick 0.25);
 the worker's resident memory (VmRSS) is read after 1 minute (or a third of a
 shorter soak) and at the end, and their ratio tells whether it holds steady.
 
@@ -62,7 +62,7 @@ is flushed before each block and at the end; PostgreSQL work goes into fresh
 Usage::
 
     .venv/bin/python scripts/bench_runtime.py            # full run, about twelve minutes
-    .venv/bin/python scripts/bench_runtime.py --quick    # about two minutes (a 30 s soak)
+    .venv/bin/python scripts/bench_runtime.py --quick    # under a minute: 1 process, a 15 s soak
     .venv/bin/python scripts/bench_runtime.py --soak-minutes 0   # no soak
     .venv/bin/python scripts/bench_runtime.py --json     # last stdout line: {"figures": [...]}
     .venv/bin/python scripts/bench_runtime.py --repeat 3 --write-readme
@@ -1532,12 +1532,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     add("--rate", type=float, default=500.0, help="events/s of the latency phases (500)")
     add("--duration", type=float, help="measured seconds per phase (default 6, quick 2.5)")
     add("--warmup", type=float, help="warm-up seconds per phase (default 2, quick 1)")
-    add("--processes", default="1,2", help="worker process counts to measure (default 1,2)")
+    add("--processes", help="worker process counts to measure (default 1,2; quick 1)")
     add(
         "--soak-minutes",
         type=float,
         help="minutes of load at --rate on one steps worker, RSS read after 1 minute (or a "
-        "third of a shorter soak) and at the end; 0: no soak (default 5, quick 0.5)",
+        "third of a shorter soak) and at the end; 0: no soak (default 5, quick 0.25)",
     )
     add("--redis-db", type=int, default=13, help="the Redis database the benchmark flushes (13)")
     add(
@@ -1556,7 +1556,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     args.warmup = args.warmup if args.warmup is not None else (1.0 if args.quick else 2.0)
     args.repeat = args.repeat or (1 if args.quick else 3)
     if args.soak_minutes is None:
-        args.soak_minutes = 0.5 if args.quick else 5.0
+        args.soak_minutes = 0.25 if args.quick else 5.0
+    if args.processes is None:
+        # Under a minute: the 2-process blocks are left to the full run.
+        args.processes = "1" if args.quick else "1,2"
     try:
         args.processes = sorted({int(n) for n in args.processes.split(",")})
     except ValueError:
