@@ -41,6 +41,7 @@ from runtime.errors import InvalidAppend
 from runtime.events.model import LogPosition, NewEvent, RecordedEvent
 from runtime.log import chain
 from runtime.log.store import EventLog
+from runtime.ops import metrics
 
 log = structlog.get_logger(__name__)
 
@@ -99,6 +100,7 @@ class Batcher(Generic[P]):
         self._flusher: asyncio.Task[None] | None = None
         #: Flushes done (for the benchmark and tests).
         self.flushes = 0
+        self._sizes = metrics.GROUP_FLUSH_SIZE.labels(type(self).__name__)
 
     async def _submit(self, item: P) -> Any:
         # Returns at once unless max_waiting items wait (then the caller waits here).
@@ -121,6 +123,7 @@ class Batcher(Generic[P]):
             while self._waiting:
                 batch = self._waiting[: self.max_batch]
                 del self._waiting[: self.max_batch]
+                self._sizes.observe(len(batch))
                 try:
                     await self._flush(batch)
                     self.flushes += 1

@@ -40,6 +40,13 @@ CONSUMER_LAG = Gauge(
     "Entries of a stream not yet acknowledged by an agent's group (pending + never delivered).",
     ["agent", "stream"],
 )
+GROUP_FLUSH_SIZE = Histogram(
+    "agentrt_group_flush_size",
+    "Items per shared statement of a worker's group writers (step records, first-step "
+    "reads, activation commits).",
+    ["writer"],
+    buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256),
+)
 RELAYED = Counter("agentrt_relayed_total", "Log events the relay published, by type.", ["type"])
 
 STATE_VALUES = {"closed": 0, "half_open": 1, "open": 2}
