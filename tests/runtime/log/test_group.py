@@ -347,3 +347,15 @@ async def test_a_step_cancelled_while_its_row_is_queued_is_still_recorded(log: E
 
 async def test_a_writer_that_yields_before_queueing_loses_the_paid_result(log: EventLog) -> None:
     assert await _cancel_while_recording(log, YieldsBeforeQueueing(log)) == []
+
+
+async def test_a_lone_commit_takes_the_single_statement_with_the_same_answers(
+    log: EventLog,
+) -> None:
+    group = MarkedAppends(log)
+    first = _marker()
+    assert await group.append("lone", [NewEvent(body=Noted(text="a"))], first, 0) == "committed"
+    again = [NewEvent(body=Noted(text="b"))]
+    assert await group.append("lone-2", again, first, None) == "duplicate"
+    assert await group.append("lone", again, _marker(), 0) == "conflict"
+    assert await log.read_stream("lone-2") == [] and len(await log.read_stream("lone")) == 1
