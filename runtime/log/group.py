@@ -47,6 +47,8 @@ log = structlog.get_logger(__name__)
 
 #: How often a flush is tried when the connection drops under it.
 FLUSH_ATTEMPTS = 5
+#: The errors of a connection lost (the statement may or may not have committed).
+LOST_CONNECTION = (OSError, asyncpg.PostgresConnectionError, asyncpg.InterfaceError)
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -87,8 +89,10 @@ class Batcher(Generic[P]):
     arriving meanwhile wait behind it and go out together in the next one
     (at most ``max_batch`` per flush). At most ``max_waiting`` items wait at
     once; further callers wait for room. A subclass writes a batch and
-    answers every item's ``done`` (:meth:`_write`); an exception out of
-    :meth:`_flush` is given to every item of the batch still unanswered.
+    answers every item's ``done`` (:meth:`_write`). A lost connection out of
+    :meth:`_flush` is given to every item of the batch still unanswered; any
+    other error has the batch written again one item at a time, so it
+    reaches only the item that caused it.
     """
 
     def __init__(self, *, max_batch: int, max_waiting: int) -> None:
@@ -127,12 +131,16 @@ class Batcher(Generic[P]):
                 try:
                     await self._flush(batch)
                     self.flushes += 1
+                except Exception as exc:
+                    if len(batch) > 1 and not isinstance(exc, LOST_CONNECTION):
+                        # One item's fault (data the database refuses, a type this
+                        # process cannot decode): each alone, so only its owner hears.
+                        await self._one_by_one(batch)
+                    else:
+                        self._fail(batch, exc)
                 except BaseException as exc:
-                    for item in batch:
-                        if not item.done.done():
-                            item.done.set_exception(exc)
-                    if not isinstance(exc, Exception):
-                        raise
+                    self._fail(batch, exc)
+                    raise
                 finally:
                     for _ in batch:
                         self._room.release()
@@ -144,6 +152,21 @@ class Batcher(Generic[P]):
                     item.done.set_exception(RuntimeError(f"{type(self).__name__} stopped"))
                 self._room.release()
             self._waiting.clear()
+
+    async def _one_by_one(self, batch: list[P]) -> None:
+        for item in batch:
+            if item.done.done():
+                continue
+            try:
+                await self._flush([item])
+            except Exception as exc:
+                self._fail([item], exc)
+
+    @staticmethod
+    def _fail(batch: list[P], exc: BaseException) -> None:
+        for item in batch:
+            if not item.done.done():
+                item.done.set_exception(exc)
 
     async def _flush(self, batch: list[P]) -> None:
         await self._write(batch)
@@ -250,7 +273,7 @@ class GroupWriter(Batcher[_Pending]):
             try:
                 await self._write(batch)
                 return
-            except (OSError, asyncpg.PostgresConnectionError, asyncpg.InterfaceError) as exc:
+            except LOST_CONNECTION as exc:
                 if attempt == self.attempts:
                     raise
                 log.warning("group_writer.retry", rows=len(batch), attempt=attempt,

@@ -359,3 +359,38 @@ async def test_a_lone_commit_takes_the_single_statement_with_the_same_answers(
     assert await group.append("lone-2", again, first, None) == "duplicate"
     assert await group.append("lone", again, _marker(), 0) == "conflict"
     assert await log.read_stream("lone-2") == [] and len(await log.read_stream("lone")) == 1
+
+
+async def _one_bad_among_good(group: MarkedAppends, log: EventLog) -> list[Any]:
+    good = [(f"run-fine-{i}", [NewEvent(body=Noted(text=f"{i}"))], _marker()) for i in range(5)]
+    first = asyncio.create_task(
+        group.append("run-first", [NewEvent(body=Noted(text="first"))], _marker(), 0)
+    )
+    for _ in range(3):  # the first goes out alone; the rest wait and share the next statement
+        await asyncio.sleep(0)
+    return await asyncio.gather(
+        first,
+        *(group.append(s, evs, m, 0) for s, evs, m in good),
+        group.append("x" * 250, [NewEvent(body=Noted(text="too long"))], _marker(), 0),
+        return_exceptions=True,
+    )
+
+
+async def test_an_item_the_database_refuses_fails_alone(log: EventLog) -> None:
+    group = MarkedAppends(log)
+    got = await _one_bad_among_good(group, log)
+    assert got[:6] == ["committed"] * 6
+    assert isinstance(got[6], asyncpg.CheckViolationError)
+
+
+class FailsTogether(MarkedAppends):
+    """BROKEN on purpose: one item's error fails the whole batch."""
+
+    async def _one_by_one(self, batch: list[Any]) -> None:
+        self._fail(batch, RuntimeError("the batch failed"))
+
+
+async def test_without_one_by_one_the_neighbours_fail_too(log: EventLog) -> None:
+    got = await _one_bad_among_good(FailsTogether(log), log)
+    assert got[0] == "committed"
+    assert all(isinstance(g, RuntimeError) for g in got[1:])
