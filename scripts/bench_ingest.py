@@ -69,7 +69,6 @@ import dataclasses
 import datetime as dt
 import gc
 import http.client
-import json
 import math
 import multiprocessing
 import os
@@ -96,9 +95,10 @@ from benchlib import (
     figure_rows,
     machine,
     machine_busy,
+    main_consoles,
     met,
     percentile,
-    quiet_logging,
+    print_json_line,
     readme_table,
     server_version,
     with_db,
@@ -896,13 +896,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    quiet_logging()
-    signal.signal(signal.SIGTERM, signal.default_int_handler)
-    err = Console(stderr=True)
-    # The human output goes to stdout, or to stderr when stdout carries the JSON.
-    out = err if args.json else Console()
-    if not out.is_terminal:
-        out = Console(stderr=out.stderr, width=160)
+    err, out = main_consoles(args.json, width=160)
     try:
         figures, phases, info = run(args, err)
     except KeyboardInterrupt:
@@ -912,7 +906,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.write_readme:
         write_readme(README, "bench_ingest", readme_block(figures, phases, info), err)
     if args.json:
-        print(json.dumps({"figures": figure_rows(figures)}), flush=True)
+        print_json_line(figure_rows(figures))
     return 0
 
 

@@ -83,7 +83,7 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, BinaryIO, TypedDict
@@ -99,15 +99,21 @@ for _path in (str(REPO), str(HERE)):  # run as a script: the repository's packag
         sys.path.insert(0, _path)
 
 from benchlib import (  # noqa: E402 - scripts/ is the script's own directory
-    CLK_TCK,
     Figure,
+    Servers,
+    add_server_options,
+    claim_redis_db,
+    describe_servers,
     drop_schemas,
     figure_rows,
     machine,
     machine_busy,
+    main_consoles,
+    print_json_line,
+    proc_cpu,
     quiet_logging,
-    server_version,
-    with_db,
+    reap,
+    run_on_servers,
     write_readme,
 )
 
@@ -310,63 +316,7 @@ def peer_main(spec: PeerSpec) -> None:
     print("result " + json.dumps(result), flush=True)
 
 
-# -- servers ---------------------------------------------------------------------------
-
-
-@dataclasses.dataclass
-class Servers:
-    redis_url: str
-    database_url: str
-    redis_mode: str
-    pg_mode: str
-
-
-@contextlib.contextmanager
-def servers(args: argparse.Namespace, err: Console) -> Iterator[Servers]:
-    """REDIS_URL / DATABASE_URL if set, else the embedded durable servers (stopped after,
-    if this run started them and not --keep-server); as scripts/bench_runtime.py does."""
-    from runtime.ops.embedded import EmbeddedServices
-
-    redis_url, database_url = os.environ.get("REDIS_URL"), os.environ.get("DATABASE_URL")
-    stops = []
-    redis_mode, pg_mode = "REDIS_URL", "DATABASE_URL"
-    if not redis_url or not database_url:
-        services = EmbeddedServices(args.state_dir)
-        need_redis, need_pg = not redis_url, not database_url
-        running = {
-            "redis": need_redis and services.redis.state().running,
-            "postgres": need_pg and services.postgres.running_pid() is not None,
-        }
-        urls = services.up(redis=need_redis, postgres=need_pg)
-        err.print(f"[dim]embedded servers in {args.state_dir}[/]")
-        if need_redis:
-            redis_url, redis_mode = urls["REDIS_URL"], "embedded"
-            if not running["redis"] and not args.keep_server:
-                stops.append(services.redis.stop)
-        if need_pg:
-            database_url, pg_mode = urls["DATABASE_URL"], "embedded"
-            if not running["postgres"] and not args.keep_server:
-                stops.append(services.postgres.stop)
-    assert redis_url and database_url
-    try:
-        yield Servers(with_db(redis_url, args.redis_db), database_url, redis_mode, pg_mode)
-    finally:
-        for stop in stops:
-            err.print("[dim]stopping an embedded server this run started[/]")
-            stop()
-
-
 # -- measuring -------------------------------------------------------------------------
-
-
-def proc_cpu(pid: int) -> float:
-    """CPU seconds so far of process ``pid`` (all its threads), NaN if gone."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-        fields = stat[stat.rindex(")") + 2 :].split()
-        return (int(fields[11]) + int(fields[12])) / CLK_TCK
-    except (OSError, ValueError, IndexError):
-        return math.nan
 
 
 @dataclasses.dataclass
@@ -500,12 +450,7 @@ class Bench:
         finally:
             with contextlib.suppress(ProcessLookupError):
                 proc.send_signal(signal.SIGTERM)
-            try:
-                await asyncio.wait_for(proc.wait(), 60)
-            except TimeoutError:
-                with contextlib.suppress(ProcessLookupError):
-                    proc.kill()
-                await proc.wait()
+            await reap(proc, 60)
         done = c1 - c0
         result.rate = done / (t1 - t0)
         result.cores = (cpu1 - cpu0) / (t1 - t0)
@@ -603,12 +548,7 @@ class Bench:
         finally:
             # Its output ended: it is exiting. A signal now would reap it behind asyncio's
             # back (Popen.send_signal polls first), so only one that hangs gets one.
-            try:
-                await asyncio.wait_for(proc.wait(), 60)
-            except TimeoutError:
-                with contextlib.suppress(ProcessLookupError):
-                    proc.kill()
-                await proc.wait()
+            await reap(proc, 60)
         if "result" not in said or "window" not in said or len(marks) < 2:
             tail = log_path.read_text(errors="replace")[-3000:]
             result.problems.append(f"{system} did not finish (exit {proc.returncode})")
@@ -902,52 +842,23 @@ def ours(key: bytes) -> bool:
 
 async def run(args: argparse.Namespace, srv: Servers, err: Console) -> tuple[list[Result], RunInfo]:
     import redis.asyncio as aioredis
-    from redis.exceptions import BusyLoadingError, RedisError
+    from redis.exceptions import RedisError
 
     from runtime.log.pool import connect, redact
 
     redis = aioredis.Redis.from_url(srv.redis_url, socket_timeout=60)
-    deadline = time.monotonic() + 120
-    while True:  # a freshly started server loads its AOF first
-        try:
-            if not int((await redis.info("persistence")).get("loading", 0)):
-                break
-        except BusyLoadingError:
-            pass
-        if time.monotonic() > deadline:
-            raise RuntimeError("Redis was still loading its data after 120s")
-        await asyncio.sleep(0.1)
-    async for key in redis.scan_iter(count=100):
-        if not ours(key):
-            await redis.aclose()
-            raise SystemExit(
-                f"Redis database {args.redis_db} holds {key!r}, not a key of this benchmark "
-                "(another run may be using it): refusing to flush it; pick an empty database "
-                "with --redis-db"
-            )
+    await claim_redis_db(
+        redis, args.redis_db, ours, "not a key of this benchmark (another run may be using it)"
+    )
     admin = await connect(srv.database_url)
     results: list[Result] = []
     with tempfile.TemporaryDirectory(prefix="bench_peers_") as tmp:
         bench = Bench(args, srv, admin, redis, Path(tmp), err)
         try:
-            version = str(await admin.fetchval("SHOW server_version"))
-            fsync = await admin.fetchval("SHOW fsync")
-            sync_commit = await admin.fetchval("SHOW synchronous_commit")
-            if fsync != "on" or sync_commit != "on":
-                err.print(
-                    f"[bold yellow]warning:[/] PostgreSQL runs with fsync={fsync}, "
-                    f"synchronous_commit={sync_commit}: these are not durable figures"
-                )
-            try:
-                conf = await redis.config_get("append*")
-                aof = (f"AOF, appendfsync {conf.get('appendfsync', '?')}"
-                       if conf.get("appendonly") == "yes" else "AOF off")  # fmt: skip
-            except RedisError:
-                aof = "durability unknown"
+            postgres, redis_text = await describe_servers(srv, admin, redis, err)
             info = RunInfo(
-                postgres=f"PostgreSQL {version} ({srv.pg_mode}, fsync={fsync}, "
-                f"synchronous_commit={sync_commit})",
-                redis=f"{server_version(await redis.info('server'))} ({srv.redis_mode}, {aof})",
+                postgres=postgres,
+                redis=redis_text,
                 versions=versions(),
                 warmup=args.warmup,
                 duration=args.duration,
@@ -990,7 +901,7 @@ async def run(args: argparse.Namespace, srv: Servers, err: Console) -> tuple[lis
         finally:
             with contextlib.suppress(RedisError):
                 await redis.flushdb()
-                if srv.redis_mode == "embedded":  # ours: shrink its AOF back to nothing
+                if srv.redis_owned:  # ours: shrink its AOF back to nothing
                     await redis.bgrewriteaof()
             await redis.aclose()
             await drop_schemas(admin, bench.schemas, err)
@@ -1009,14 +920,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     add("--repeat", type=int, help="runs of every system, medians reported (default 3, quick 1)")
     add("--duration", type=float, help="measured seconds per system (default 10, quick 4)")
     add("--warmup", type=float, help="warm-up seconds per system (default 3, quick 2)")
-    add("--redis-db", type=int, default=11, help="the Redis database the benchmark flushes (11)")
-    add(
-        "--state-dir",
-        type=Path,
-        default=Path(".agentrt/bench"),
-        help="embedded servers' state when REDIS_URL/DATABASE_URL are unset (.agentrt/bench)",
-    )
-    add("--keep-server", action="store_true", help="leave embedded servers this run started")
+    add_server_options(parser, redis_db=11)
     add(
         "--systems",
         default=",".join(SYSTEMS),
@@ -1042,24 +946,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args._peer:
         peer_main(PeerSpec(**json.loads(args._peer)))
         return 0
-    quiet_logging()
-    signal.signal(signal.SIGTERM, signal.default_int_handler)
-    err = Console(stderr=True)
-    # The human output goes to stdout, or to stderr when stdout carries the JSON.
-    out = err if args.json else Console()
-    if not out.is_terminal:
-        out = Console(stderr=out.stderr, width=180)
-    try:
-        with servers(args, err) as srv:
-            results, info = asyncio.run(run(args, srv, err))
-    except KeyboardInterrupt:
-        err.print("[yellow]interrupted[/]")
+    err, out = main_consoles(args.json)
+    got = run_on_servers(args, err, lambda srv: run(args, srv, err))
+    if got is None:
         return 130
+    results, info = got
     render(results, info, out)
     if args.write_readme:
         write_readme(README, "bench_peers", readme_block(results, info), err)
     if args.json:
-        print(json.dumps({"figures": rows_of(results)}), flush=True)
+        print_json_line(rows_of(results))
     return 0
 
 

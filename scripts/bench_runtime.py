@@ -92,7 +92,7 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal
@@ -108,23 +108,29 @@ if str(REPO) not in sys.path:  # run as a script: the repository's packages firs
 import asyncpg  # noqa: E402
 import redis.asyncio as aioredis  # noqa: E402
 from benchlib import (  # noqa: E402 - scripts/ is the script's own directory
-    CLK_TCK,
     Figure,
+    Servers,
+    add_server_options,
     cells,
+    claim_redis_db,
+    describe_servers,
     drop_schemas,
     figure_rows,
     machine,
     machine_busy,
+    main_consoles,
     met,
     percentile,
+    print_json_line,
+    proc_cpu,
     quiet_logging,
     readme_table,
+    reap,
     rss_mib,
-    server_version,
-    with_db,
+    run_on_servers,
     write_readme,
 )
-from redis.exceptions import BusyLoadingError, RedisError, ResponseError  # noqa: E402
+from redis.exceptions import ResponseError  # noqa: E402
 
 from runtime import ToolContext, tool  # noqa: E402
 from runtime.agents.agent import Agent  # noqa: E402
@@ -519,78 +525,13 @@ def run_worker(spec: WorkerSpec) -> None:
         profiler.dump_stats(f"{spec.profile}/{spec.kind}-{spec.index}-{os.getpid()}.prof")
 
 
-# -- servers ---------------------------------------------------------------------------
-
-
-@dataclasses.dataclass
-class Servers:
-    redis_url: str
-    database_url: str
-    redis_mode: str
-    pg_mode: str
-    #: True when the benchmark may rewrite Redis's AOF (an embedded server).
-    redis_owned: bool
-
-
-@contextlib.contextmanager
-def servers(args: argparse.Namespace, err: Console) -> Iterator[Servers]:
-    """REDIS_URL / DATABASE_URL if set, else the embedded durable servers (stopped after,
-    if this run started them and not --keep-server)."""
-    from runtime.ops.embedded import EmbeddedServices
-
-    redis_url, database_url = os.environ.get("REDIS_URL"), os.environ.get("DATABASE_URL")
-    stops = []
-    redis_mode, pg_mode = "REDIS_URL", "DATABASE_URL"
-    if not redis_url or not database_url:
-        services = EmbeddedServices(args.state_dir)
-        need_redis, need_pg = not redis_url, not database_url
-        running = {
-            "redis": need_redis and services.redis.state().running,
-            "postgres": need_pg and services.postgres.running_pid() is not None,
-        }
-        started = time.perf_counter()
-        urls = services.up(redis=need_redis, postgres=need_pg)
-        err.print(
-            f"[dim]embedded servers in {args.state_dir}: "
-            + ", ".join(
-                f"{name} {'already running' if running[name] else 'started'}"
-                for name, need in (("redis", need_redis), ("postgres", need_pg))
-                if need
-            )
-            + f" ({time.perf_counter() - started:.1f}s)[/]"
-        )
-        if need_redis:
-            redis_url, redis_mode = urls["REDIS_URL"], "embedded"
-            if not running["redis"] and not args.keep_server:
-                stops.append(services.redis.stop)
-        if need_pg:
-            database_url, pg_mode = urls["DATABASE_URL"], "embedded"
-            if not running["postgres"] and not args.keep_server:
-                stops.append(services.postgres.stop)
-    assert redis_url and database_url
-    try:
-        yield Servers(
-            with_db(redis_url, args.redis_db), database_url, redis_mode, pg_mode,
-            redis_owned=redis_mode == "embedded",
-        )  # fmt: skip
-    finally:
-        for stop in stops:
-            err.print("[dim]stopping an embedded server this run started[/]")
-            stop()
-
-
 # -- measuring -------------------------------------------------------------------------
 
 
-def proc_cpu(pids: Sequence[int]) -> dict[int, float]:
+def procs_cpu(pids: Sequence[int]) -> dict[int, float]:
     """CPU seconds so far of each live process in ``pids``."""
-    out = {}
-    for pid in pids:
-        with contextlib.suppress(OSError, ValueError, IndexError):
-            stat = Path(f"/proc/{pid}/stat").read_text()
-            fields = stat[stat.rindex(")") + 2 :].split()
-            out[pid] = (int(fields[11]) + int(fields[12])) / CLK_TCK
-    return out
+    cpus = {pid: proc_cpu(pid) for pid in pids}
+    return {pid: cpu for pid, cpu in cpus.items() if not math.isnan(cpu)}
 
 
 async def redis_cpu(client: aioredis.Redis) -> float:
@@ -629,8 +570,8 @@ class Meter:
     async def snapshot(self, worker_pids: Sequence[int]) -> CpuSnapshot:
         pg_pids = [int(r[0]) for r in await self.admin.fetch("SELECT pid FROM pg_stat_activity")]
         return CpuSnapshot(
-            proc_cpu(worker_pids),
-            proc_cpu(pg_pids),
+            procs_cpu(worker_pids),
+            procs_cpu(pg_pids),
             await redis_cpu(self.redis),
             time.process_time(),
             machine_busy(),
@@ -716,12 +657,7 @@ class WorkerProcs:
                 with contextlib.suppress(ProcessLookupError):
                     proc.send_signal(signal.SIGTERM)
         for proc in self.procs:
-            try:
-                await asyncio.wait_for(proc.wait(), 30)
-            except TimeoutError:
-                with contextlib.suppress(ProcessLookupError):
-                    proc.kill()
-                await proc.wait()
+            await reap(proc, 30)
 
 
 def _open_log(path: Path) -> Any:
@@ -1403,53 +1339,21 @@ async def run(
         redis_url=srv.redis_url, database_url=srv.database_url
     )
     redis = aioredis.Redis.from_url(srv.redis_url, socket_timeout=60)
-    deadline = time.monotonic() + 120
-    while True:  # a freshly started server loads its AOF first
-        try:
-            if not int((await redis.info("persistence")).get("loading", 0)):
-                break
-        except BusyLoadingError:
-            pass
-        if time.monotonic() > deadline:
-            raise RuntimeError("Redis was still loading its data after 120s")
-        await asyncio.sleep(0.1)
-    async for key in redis.scan_iter(count=100):
-        if not key.startswith(b"agentrt:"):
-            await redis.aclose()
-            raise SystemExit(
-                f"Redis database {args.redis_db} holds {key!r}, not an agentrt key: refusing to "
-                "flush it; pick an empty database with --redis-db"
-            )
+    await claim_redis_db(
+        redis, args.redis_db, lambda key: key.startswith(b"agentrt:"), "not an agentrt key"
+    )
     admin = await connect(settings.require_database_url())
     marks = soak_marks(args.soak_minutes)
     figures = new_figures(args.processes, args.rate, marks)
     phases: list[Phase] = []
     try:
-        version = str(await admin.fetchval("SHOW server_version"))
-        fsync = await admin.fetchval("SHOW fsync")
-        sync_commit = await admin.fetchval("SHOW synchronous_commit")
-        if fsync != "on" or sync_commit != "on":
-            err.print(
-                f"[bold yellow]warning:[/] PostgreSQL runs with fsync={fsync}, "
-                f"synchronous_commit={sync_commit}: these are not durable figures"
-            )
-        rinfo = await redis.info("server")
-        try:
-            conf = await redis.config_get("append*")
-            aof = (
-                f"AOF, appendfsync {conf.get('appendfsync', '?')}"
-                if conf.get("appendonly") == "yes"
-                else "AOF off"
-            )
-        except RedisError:
-            aof = "durability unknown"
+        postgres, redis_text = await describe_servers(srv, admin, redis, err)
         err.print(f"[dim]migrating scratch schema {schema} ({redact(srv.database_url)})[/]")
         pool_url, role = await prepare_schemas(admin, settings, schema, raw_schema)
         sample = Workload("sample")
         info = RunInfo(
-            redis=f"{server_version(rinfo)} ({srv.redis_mode}, {aof})",
-            postgres=f"PostgreSQL {version} ({srv.pg_mode}, fsync={fsync}, "
-            f"synchronous_commit={sync_commit})",
+            redis=redis_text,
+            postgres=postgres,
             notify=settings.log_notify,
             pool_role=role,
             rate=args.rate,
@@ -1539,14 +1443,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="minutes of load at --rate on one steps worker, RSS read after 1 minute (or a "
         "third of a shorter soak) and at the end; 0: no soak (default 5, quick 0.25)",
     )
-    add("--redis-db", type=int, default=13, help="the Redis database the benchmark flushes (13)")
-    add(
-        "--state-dir",
-        type=Path,
-        default=Path(".agentrt/bench"),
-        help="embedded servers' state when REDIS_URL/DATABASE_URL are unset (.agentrt/bench)",
-    )
-    add("--keep-server", action="store_true", help="leave embedded servers this run started")
+    add_server_options(parser, redis_db=13)
     add("--profile", type=Path, help="cProfile every worker process into this directory")
     add("--_worker", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -1581,24 +1478,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args._worker:
         run_worker(WorkerSpec(**json.loads(args._worker)))
         return 0
-    quiet_logging()
-    signal.signal(signal.SIGTERM, signal.default_int_handler)
-    err = Console(stderr=True)
-    # The human output goes to stdout, or to stderr when stdout carries the JSON.
-    out = err if args.json else Console()
-    if not out.is_terminal:
-        out = Console(stderr=out.stderr, width=180)
-    try:
-        with servers(args, err) as srv:
-            figures, phases, info = asyncio.run(run(args, srv, err))
-    except KeyboardInterrupt:
-        err.print("[yellow]interrupted[/]")
+    err, out = main_consoles(args.json)
+    got = run_on_servers(args, err, lambda srv: run(args, srv, err))
+    if got is None:
         return 130
+    figures, phases, info = got
     render(figures, phases, info, out)
     if args.write_readme:
         write_readme(args.readme, "bench_runtime", readme_block(figures, phases, info), err)
     if args.json:
-        print(json.dumps({"figures": figure_rows(figures)}), flush=True)
+        print_json_line(figure_rows(figures))
     return 0
 
 

@@ -1,5 +1,5 @@
 """What the benchmark scripts share: figures and their rows, the README block, the machine,
-quiet logging, dropping scratch schemas.
+quiet logging, the servers and their description, child processes, dropping scratch schemas.
 
 A figure is a median over runs. Rate figures (any unit but ``ms`` and ``×``)
 get a ratio to their ceiling and a target share of it; ``ms`` figures a target
@@ -9,20 +9,27 @@ minutes over memory after 1) a target to stay at or below.
 
 from __future__ import annotations
 
+import argparse
+import asyncio
 import contextlib
 import dataclasses
+import json
 import logging
 import math
 import os
+import signal
 import statistics
 import sys
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Coroutine, Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import structlog
 from rich.console import Console
+
+T = TypeVar("T")
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 #: Units of figures whose target is an upper bound rather than a share of a ceiling.
@@ -130,6 +137,27 @@ def rss_mib(pid: int) -> float:
     return math.nan
 
 
+def proc_cpu(pid: int) -> float:
+    """CPU seconds so far of process ``pid`` (all its threads, user and system), from
+    /proc/<pid>/stat; NaN if the process is gone."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        fields = stat[stat.rindex(")") + 2 :].split()
+        return (int(fields[11]) + int(fields[12])) / CLK_TCK
+    except (OSError, ValueError, IndexError):
+        return math.nan
+
+
+async def reap(proc: asyncio.subprocess.Process, grace: float) -> None:
+    """Wait up to ``grace`` seconds for child ``proc`` to exit, then kill it and wait."""
+    try:
+        await asyncio.wait_for(proc.wait(), grace)
+    except TimeoutError:
+        with contextlib.suppress(ProcessLookupError):
+            proc.kill()
+        await proc.wait()
+
+
 def with_db(url: str, db: int) -> str:
     """``url`` pointed at Redis database ``db`` (the path for redis://, ``?db=`` for unix://)."""
     parts = urlsplit(url)
@@ -146,6 +174,169 @@ def server_version(info: dict[str, Any]) -> str:
     name = str(info.get("server_name") or "redis")
     version = info.get(f"{name}_version") or info.get("redis_version") or "?"
     return f"{name[:1].upper()}{name[1:]} {version}"
+
+
+@dataclasses.dataclass
+class Servers:
+    """The Redis and PostgreSQL a benchmark runs on, and where each came from
+    (``REDIS_URL`` / ``DATABASE_URL`` or ``embedded``)."""
+
+    redis_url: str
+    database_url: str
+    redis_mode: str
+    pg_mode: str
+    #: True when the benchmark may rewrite Redis's AOF (an embedded server).
+    redis_owned: bool
+
+
+def add_server_options(parser: argparse.ArgumentParser, redis_db: int) -> None:
+    """The options of :func:`servers`: ``--redis-db`` (default ``redis_db``), ``--state-dir``,
+    ``--keep-server``."""
+    add = parser.add_argument
+    add(
+        "--redis-db",
+        type=int,
+        default=redis_db,
+        help=f"the Redis database the benchmark flushes ({redis_db})",
+    )
+    add(
+        "--state-dir",
+        type=Path,
+        default=Path(".agentrt/bench"),
+        help="embedded servers' state when REDIS_URL/DATABASE_URL are unset (.agentrt/bench)",
+    )
+    add("--keep-server", action="store_true", help="leave embedded servers this run started")
+
+
+@contextlib.contextmanager
+def servers(args: argparse.Namespace, err: Console) -> Iterator[Servers]:
+    """REDIS_URL / DATABASE_URL if set, else the embedded durable servers in
+    ``args.state_dir`` (stopped after, if this run started them and not
+    ``args.keep_server``); Redis pointed at ``args.redis_db``."""
+    from runtime.ops.embedded import EmbeddedServices
+
+    redis_url, database_url = os.environ.get("REDIS_URL"), os.environ.get("DATABASE_URL")
+    stops = []
+    redis_mode, pg_mode = "REDIS_URL", "DATABASE_URL"
+    if not redis_url or not database_url:
+        services = EmbeddedServices(args.state_dir)
+        need_redis, need_pg = not redis_url, not database_url
+        running = {
+            "redis": need_redis and services.redis.state().running,
+            "postgres": need_pg and services.postgres.running_pid() is not None,
+        }
+        started = time.perf_counter()
+        urls = services.up(redis=need_redis, postgres=need_pg)
+        err.print(
+            f"[dim]embedded servers in {args.state_dir}: "
+            + ", ".join(
+                f"{name} {'already running' if running[name] else 'started'}"
+                for name, need in (("redis", need_redis), ("postgres", need_pg))
+                if need
+            )
+            + f" ({time.perf_counter() - started:.1f}s)[/]"
+        )
+        if need_redis:
+            redis_url, redis_mode = urls["REDIS_URL"], "embedded"
+            if not running["redis"] and not args.keep_server:
+                stops.append(services.redis.stop)
+        if need_pg:
+            database_url, pg_mode = urls["DATABASE_URL"], "embedded"
+            if not running["postgres"] and not args.keep_server:
+                stops.append(services.postgres.stop)
+    assert redis_url and database_url
+    try:
+        yield Servers(
+            with_db(redis_url, args.redis_db), database_url, redis_mode, pg_mode,
+            redis_owned=redis_mode == "embedded",
+        )  # fmt: skip
+    finally:
+        for stop in stops:
+            err.print("[dim]stopping an embedded server this run started[/]")
+            stop()
+
+
+async def claim_redis_db(redis: Any, db: int, ours: Callable[[bytes], bool], foreign: str) -> None:
+    """Wait (up to 120 s) for a freshly started Redis to load its AOF, then refuse
+    (``SystemExit``, the client closed) a database ``db`` holding a key that is not
+    ``ours``: the benchmark flushes it. ``foreign`` says what such a key is, in the message."""
+    from redis.exceptions import BusyLoadingError
+
+    deadline = time.monotonic() + 120
+    while True:
+        try:
+            if not int((await redis.info("persistence")).get("loading", 0)):
+                break
+        except BusyLoadingError:
+            pass
+        if time.monotonic() > deadline:
+            raise RuntimeError("Redis was still loading its data after 120s")
+        await asyncio.sleep(0.1)
+    async for key in redis.scan_iter(count=100):
+        if not ours(key):
+            await redis.aclose()
+            raise SystemExit(
+                f"Redis database {db} holds {key!r}, {foreign}: refusing to flush it; pick an "
+                "empty database with --redis-db"
+            )
+
+
+async def describe_servers(srv: Servers, admin: Any, redis: Any, err: Console) -> tuple[str, str]:
+    """What the run's PostgreSQL (asyncpg connection ``admin``) and Redis are, for the
+    figures' context: version, origin and durability settings; a warning when PostgreSQL
+    does not run with fsync and synchronous_commit on."""
+    from redis.exceptions import RedisError
+
+    version = str(await admin.fetchval("SHOW server_version"))
+    fsync = await admin.fetchval("SHOW fsync")
+    sync_commit = await admin.fetchval("SHOW synchronous_commit")
+    if fsync != "on" or sync_commit != "on":
+        err.print(
+            f"[bold yellow]warning:[/] PostgreSQL runs with fsync={fsync}, "
+            f"synchronous_commit={sync_commit}: these are not durable figures"
+        )
+    rinfo = await redis.info("server")
+    try:
+        conf = await redis.config_get("append*")
+        aof = (f"AOF, appendfsync {conf.get('appendfsync', '?')}"
+               if conf.get("appendonly") == "yes" else "AOF off")  # fmt: skip
+    except RedisError:
+        aof = "durability unknown"
+    postgres = (
+        f"PostgreSQL {version} ({srv.pg_mode}, fsync={fsync}, synchronous_commit={sync_commit})"
+    )
+    return postgres, f"{server_version(rinfo)} ({srv.redis_mode}, {aof})"
+
+
+def main_consoles(as_json: bool, width: int = 180) -> tuple[Console, Console]:
+    """A benchmark's start: quiet logging, SIGTERM raised as KeyboardInterrupt (so cleanups
+    run), and its consoles ``(err, out)``: ``err`` on stderr, ``out`` for the human output on
+    stdout, or on stderr when stdout carries the ``--json`` line; ``width`` columns when it is
+    not a terminal."""
+    quiet_logging()
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    err = Console(stderr=True)
+    out = err if as_json else Console()
+    if not out.is_terminal:
+        out = Console(stderr=out.stderr, width=width)
+    return err, out
+
+
+def run_on_servers(
+    args: argparse.Namespace, err: Console, run: Callable[[Servers], Coroutine[Any, Any, T]]
+) -> T | None:
+    """``asyncio.run(run(srv))`` on :func:`servers`; None when interrupted (after saying so)."""
+    try:
+        with servers(args, err) as srv:
+            return asyncio.run(run(srv))
+    except KeyboardInterrupt:
+        err.print("[yellow]interrupted[/]")
+        return None
+
+
+def print_json_line(rows: list[dict[str, Any]]) -> None:
+    """The ``--json`` output: stdout's last line, one object ``{"figures": rows}``."""
+    print(json.dumps({"figures": rows}), flush=True)
 
 
 def machine_busy() -> float:

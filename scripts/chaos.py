@@ -90,7 +90,16 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-from benchlib import Count, count_cells, count_met, count_rows, count_table, machine, quiet_logging
+from benchlib import (
+    Count,
+    count_cells,
+    count_met,
+    count_rows,
+    count_table,
+    machine,
+    main_consoles,
+    print_json_line,
+)
 from benchlib import write_readme as write_readme_block
 from rich.console import Console
 from rich.markup import escape
@@ -1110,12 +1119,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    quiet_logging()
-    signal.signal(signal.SIGTERM, signal.default_int_handler)
-    err = Console(stderr=True)
-    out = err if args.json else Console()
-    if not out.is_terminal:
-        out = Console(stderr=out.stderr, width=160)
+    err, out = main_consoles(args.json, width=160)
     if args.state_dir is not None:
         state = args.state_dir.resolve()
         if state.exists() and any(state.iterdir()):
@@ -1142,7 +1146,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     else:
         shutil.rmtree(state, ignore_errors=True)
     if args.json:
-        print(json.dumps({"figures": count_rows(findings.counts)}), flush=True)
+        print_json_line(count_rows(findings.counts))
     return 1 if failed else 0
 
 
