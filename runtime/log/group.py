@@ -40,7 +40,7 @@ import structlog
 from runtime.errors import ConcurrencyConflict, DuplicateEventMismatch, InvalidAppend
 from runtime.events.model import LogPosition, NewEvent, RecordedEvent
 from runtime.log import chain
-from runtime.log.store import EventLog
+from runtime.log.store import EVENT_COLUMNS, EventLog
 from runtime.ops import metrics
 
 log = structlog.get_logger(__name__)
@@ -95,6 +95,9 @@ class Batcher(Generic[P]):
     reaches only the item that caused it.
     """
 
+    #: Errors that fail the whole batch (the rest are retried one item at a time).
+    lost: tuple[type[BaseException], ...] = LOST_CONNECTION
+
     def __init__(self, *, max_batch: int, max_waiting: int) -> None:
         if max_batch < 1 or max_waiting < 1:
             raise ValueError("max_batch and max_waiting must be at least 1")
@@ -132,7 +135,7 @@ class Batcher(Generic[P]):
                     await self._flush(batch)
                     self.flushes += 1
                 except Exception as exc:
-                    if len(batch) > 1 and not isinstance(exc, LOST_CONNECTION):
+                    if len(batch) > 1 and not isinstance(exc, self.lost):
                         # One item's fault (data the database refuses, a type this
                         # process cannot decode): each alone, so only its owner hears.
                         await self._one_by_one(batch)
@@ -188,10 +191,8 @@ class StreamReads(Batcher[_Read]):
         super().__init__(max_batch=max_batch, max_waiting=max_waiting)
         self.log = log
         self._sql = (
-            "SELECT position, tx_id, event_id, stream_id, stream_version, event_type, "
-            "schema_version, run_id, causation_id, producer, recorded_at, trace, data, "
-            f'prev_hash, hash FROM "{log.schema}".events WHERE stream_id = ANY($1::text[]) '
-            "ORDER BY stream_id, stream_version"
+            f'SELECT {EVENT_COLUMNS} FROM "{log.schema}".events '
+            "WHERE stream_id = ANY($1::text[]) ORDER BY stream_id, stream_version"
         )
 
     async def read(self, stream_id: str) -> list[RecordedEvent]:
@@ -238,10 +239,8 @@ class GroupWriter(Batcher[_Pending]):
             "ON CONFLICT DO NOTHING RETURNING event_id, tx_id, position"
         )
         self._sql_at = (
-            "SELECT position, tx_id, event_id, stream_id, stream_version, event_type, "
-            "schema_version, run_id, causation_id, producer, recorded_at, trace, data, "
-            f"prev_hash, hash FROM {q}.events e JOIN unnest($1::text[], $2::bigint[]) "
-            "AS w(s, v) ON e.stream_id = w.s AND e.stream_version = w.v"
+            f"SELECT {EVENT_COLUMNS} FROM {q}.events JOIN unnest($1::text[], $2::bigint[]) "
+            "AS w(s, v) ON stream_id = w.s AND stream_version = w.v"
         )
         #: Rows written (for the benchmark and tests).
         self.rows = 0
@@ -367,7 +366,9 @@ class MarkedAppends(Batcher[_Commit]):
             # Alone: the single statement of append_marked (rows straight in when
             # the head is known) is quicker than the function's subtransaction.
             c = batch[0]
-            c.done.set_result(await self._alone(c))
+            outcome = await self._alone(c)
+            if not c.done.done():  # its caller may have been cancelled meanwhile
+                c.done.set_result(outcome)
             return
         # Streams in one order in every batch: two batches never wait on each other
         # in a cycle.

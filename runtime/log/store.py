@@ -43,7 +43,8 @@ ANY_VERSION: None = None
 #: ``expected_version`` for "the stream must not exist yet".
 NO_STREAM = 0
 
-_COLUMNS = (
+#: The columns of every read, in RecordedEvent's order.
+EVENT_COLUMNS = (
     "position, tx_id, event_id, stream_id, stream_version, event_type, schema_version, run_id, "
     "causation_id, producer, recorded_at, trace, data, prev_hash, hash"
 )
@@ -273,11 +274,11 @@ class EventLog:
         self._heads: OrderedDict[str, tuple[int, bytes]] = OrderedDict()
         self._sql_head = f"SELECT max(stream_version) FROM {q}.events WHERE stream_id = $1"
         self._sql_stream = (
-            f"SELECT {_COLUMNS} FROM {q}.events WHERE stream_id = $1 AND stream_version >= $2 "
+            f"SELECT {EVENT_COLUMNS} FROM {q}.events WHERE stream_id = $1 AND stream_version >= $2 "
             "ORDER BY stream_version LIMIT $3"
         )
         self._sql_run = (
-            f"SELECT {_COLUMNS} FROM {q}.events WHERE run_id = $1 ORDER BY tx_id, position"
+            f"SELECT {EVENT_COLUMNS} FROM {q}.events WHERE run_id = $1 ORDER BY tx_id, position"
         )
         # Which of the given cursors still hold the event they name (c.id NULL: a
         # bare position, only checked to exist).
@@ -290,7 +291,7 @@ class EventLog:
         # Only below the oldest transaction still running is the log final:
         # see LogPosition for why the order is (tx_id, position).
         self._sql_all = (
-            f"SELECT {_COLUMNS} FROM {q}.events "
+            f"SELECT {EVENT_COLUMNS} FROM {q}.events "
             "WHERE (tx_id, position) > ($1::xid8, $2::bigint) "
             "AND tx_id < pg_snapshot_xmin(pg_current_snapshot()) "
             "ORDER BY tx_id, position LIMIT $3"
@@ -794,7 +795,7 @@ class EventLog:
         hi = before or LogPosition(2**63 - 1, 2**63 - 1)
         q = f'"{self.schema}"'
         rows = await self._pool.fetch(
-            f"SELECT {_COLUMNS} FROM {q}.events WHERE run_id = $1 "
+            f"SELECT {EVENT_COLUMNS} FROM {q}.events WHERE run_id = $1 "
             "AND (tx_id, position) > ($2::text::xid8, $3::bigint) "
             "AND (tx_id, position) < ($4::text::xid8, $5::bigint) ORDER BY tx_id, position",
             run_id, str(lo.tx), lo.position, str(hi.tx), hi.position,
@@ -805,7 +806,7 @@ class EventLog:
         """The last ``n`` readable events, in log order (where ``tail`` starts)."""
         q = f'"{self.schema}"'
         rows = await self._pool.fetch(
-            f"SELECT * FROM (SELECT {_COLUMNS} FROM {q}.events "
+            f"SELECT * FROM (SELECT {EVENT_COLUMNS} FROM {q}.events "
             "WHERE tx_id < pg_snapshot_xmin(pg_current_snapshot()) "
             "ORDER BY tx_id DESC, position DESC LIMIT $1) last ORDER BY tx_id, position",
             n,
