@@ -24,14 +24,17 @@ which the inbox already makes exactly-once (and that is the fast path).
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
 import uuid
 from uuid import UUID
 
 import redis.asyncio as aioredis
 import structlog
+from redis.exceptions import RedisError
 
 from runtime.errors import ClaimLost
+from runtime.log.group import Batcher
 from runtime.streams.keys import KEY_PREFIX
 
 log = structlog.get_logger(__name__)
@@ -165,9 +168,7 @@ class Claims:
         self.releasing: list[tuple[str, str]] = []
         self._renew = redis.register_script(RENEW_HELD)
         self._release = redis.register_script(RELEASE_HELD)
-        #: (key, token, answer) of takes waiting for the next pipelined round trip.
-        self._takes: list[tuple[str, str, asyncio.Future[bool]]] = []
-        self._taker: asyncio.Task[None] | None = None
+        self._takes = _Takes(redis, self.ttl_ms)
 
     async def take(self, key: str, token: str) -> bool:
         """``SET key token NX PX ttl``: True if the key is now ours.
@@ -176,41 +177,7 @@ class Claims:
         pipelined round trip (one per loop turn while one is in flight), as
         their step records share a flush.
         """
-        answer: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
-        self._takes.append((key, token, answer))
-        if self._taker is None:
-            self._taker = asyncio.create_task(self._take_all(), name="claims")
-        return await answer
-
-    async def _take_all(self) -> None:
-        try:
-            while self._takes:
-                batch, self._takes = self._takes, []
-                try:
-                    async with self.redis.pipeline(transaction=False) as pipe:
-                        for key, token, _ in batch:
-                            pipe.set(key, token, nx=True, px=self.ttl_ms)
-                        replies = await pipe.execute(raise_on_error=False)
-                except BaseException as exc:
-                    for *_, answer in batch:
-                        if not answer.done():
-                            answer.set_exception(exc)
-                    if not isinstance(exc, Exception):
-                        raise
-                    continue
-                for (*_, answer), reply in zip(batch, replies, strict=True):
-                    if answer.done():
-                        continue
-                    if isinstance(reply, Exception):
-                        answer.set_exception(reply)
-                    else:
-                        answer.set_result(bool(reply))
-        finally:
-            self._taker = None
-            for *_, answer in self._takes:
-                if not answer.done():
-                    answer.set_exception(RuntimeError("claims: the taker stopped"))
-            self._takes.clear()
+        return await self._takes.take(key, token)
 
     def claim(self, agent: str, trigger_id: UUID) -> Claim:
         return Claim(self, agent, trigger_id)
@@ -246,3 +213,39 @@ class Claims:
 
     async def release_now(self, batch: list[tuple[str, str]]) -> None:
         await self._release(keys=[k for k, _ in batch], args=[t for _, t in batch])
+
+
+@dataclasses.dataclass(slots=True)
+class _Take:
+    key: str
+    token: str
+    done: asyncio.Future[bool]
+
+
+class _Takes(Batcher[_Take]):
+    """The ``SET NX PX`` of claims taken at the same moment, in one pipeline."""
+
+    #: A failed round trip fails every take in it (none is tried again alone).
+    lost = (RedisError, OSError)
+
+    def __init__(self, redis: aioredis.Redis, ttl_ms: int) -> None:
+        super().__init__(max_batch=1024, max_waiting=1 << 20)
+        self._redis, self._ttl_ms = redis, ttl_ms
+
+    async def take(self, key: str, token: str) -> bool:
+        done: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+        taken: bool = await self._submit(_Take(key, token, done))
+        return taken
+
+    async def _write(self, batch: list[_Take]) -> None:
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for t in batch:
+                pipe.set(t.key, t.token, nx=True, px=self._ttl_ms)
+            replies = await pipe.execute(raise_on_error=False)
+        for t, reply in zip(batch, replies, strict=True):
+            if t.done.done():
+                continue
+            if isinstance(reply, Exception):
+                t.done.set_exception(reply)
+            else:
+                t.done.set_result(bool(reply))
