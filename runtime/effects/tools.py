@@ -218,13 +218,19 @@ class Tool(Generic[P, R]):
         self, ctx: ToolContext, raw_input: Mapping[str, Any] | bytes | str
     ) -> ToolResult[R]:
         """Validate ``raw_input``, call the tool under its timeout, and convert the result."""
-        data = await self.call(self.parse_input(raw_input), lambda: ctx)
-        return ToolResult(value=self.decode_output(data), data=data)
+        value, data = await self._call(self.parse_input(raw_input), lambda: ctx)
+        return ToolResult(value=value, data=data)
 
     async def call(self, params: msgspec.Struct, context: Callable[[], ToolContext]) -> Any:
         """Call the tool with already validated ``params`` under its timeout; its result as
         JSON-ready data (what a step records). ``context`` is asked for the
         :class:`ToolContext` only if the tool takes one."""
+        return (await self._call(params, context))[1]
+
+    async def _call(
+        self, params: msgspec.Struct, context: Callable[[], ToolContext]
+    ) -> tuple[R, Any]:
+        """The typed result and its JSON-ready data."""
         args: list[Any] = []
         if self.takes_context:
             ctx = context()
@@ -249,8 +255,7 @@ class Tool(Generic[P, R]):
             raise ToolOutputError(self.name, str(exc)) from None
         # The result must come back as its declared type (a replay decodes the record):
         # a value that does not is the tool's error, found now, not at the replay.
-        self.decode_output(data)
-        return data
+        return self.decode_output(data), data
 
     def decode_output(self, data: Any) -> R:
         """The typed result for recorded ``data`` (what a replay hands back)."""
