@@ -54,6 +54,7 @@ _EXPORTS: dict[str, str] = {
     "Worker": "runtime.worker.worker",
     "WorkerOptions": "runtime.worker.options",
     "Settings": "runtime.settings",
+    "configure_tracing": "runtime.ops.tracing",
     # errors
     "AgentrtError": "runtime.errors",
     "BudgetExceeded": "runtime.errors",
@@ -115,6 +116,7 @@ __all__ = [
     "audit_seal",
     "audit_verify",
     "causation_order",
+    "configure_tracing",
     "connect_database",
     "connect_redis",
     "model_client",
@@ -187,6 +189,7 @@ if TYPE_CHECKING:
     from runtime.log.pool import open_runtime_pool
     from runtime.log.queries import LogQueries
     from runtime.log.store import ANY_VERSION, NO_STREAM, AppendResult, EventLog
+    from runtime.ops.tracing import configure_tracing
     from runtime.settings import Settings
     from runtime.streams.keys import connect_redis
     from runtime.worker.options import WorkerOptions

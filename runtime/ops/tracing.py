@@ -1,0 +1,171 @@
+"""OpenTelemetry spans, and the W3C trace context that makes one run one trace.
+
+A run's trace goes: the webhook's span (``POST /webhooks/{source}``), its
+``traceparent`` on the ingress stream entry and in the ``trace`` column of the
+trigger event, the activation's span (its child), the spans of the steps the
+activation executes, and through an emitted event (its ``trace`` in the log,
+then the ``traceparent`` field the relay writes on the subscriber's stream
+entry) the next agent's activation.
+
+Spans go through the OpenTelemetry API only. Without a configured SDK it is the
+API's no-op tracer: a span costs a context switch of a few hundred
+nanoseconds, nothing is recorded, and a ``traceparent`` that came in is passed
+on unchanged (so a trace started upstream survives a process without the SDK).
+:func:`configure_tracing` sets the SDK up, once per process, when
+``OTEL_EXPORTER_OTLP_ENDPOINT`` is set and the ``otel`` extra is installed.
+
+The trace context is read and written with OpenTelemetry's W3C propagator, not
+parsed here: a malformed ``traceparent`` (a sender's, a hand-written stream
+entry's) is ignored and its span starts a trace of its own.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, MutableMapping
+from typing import Any
+
+import structlog
+from opentelemetry import propagate, trace
+from opentelemetry.context import Context
+from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+
+__all__ = [
+    "ROOT",
+    "add_trace_ids",
+    "configure_tracing",
+    "current_traceparent",
+    "parent_from",
+    "parent_from_headers",
+    "traceparent_in",
+    "tracer",
+]
+
+log = structlog.get_logger(__name__)
+
+#: agentrt's tracer. A proxy: spans go to the provider set when they start (by
+#: :func:`configure_tracing`, or a test's), else to the API's no-op tracer.
+tracer = trace.get_tracer("agentrt")
+
+#: The parent of a span that begins a trace of its own, whatever span the
+#: calling task happens to be in (a worker's tasks inherit their starter's context).
+ROOT = Context()
+
+#: The stream field and the log column hold exactly a W3C ``traceparent``
+#: (whatever OTEL_PROPAGATORS says), so they are read and written with this one.
+_W3C = TraceContextTextMapPropagator()
+
+_ENDPOINT_VARS = ("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "OTEL_EXPORTER_OTLP_ENDPOINT")
+_configured: str | None = None
+
+
+def current_traceparent() -> str | None:
+    """The W3C ``traceparent`` of the current span; None when there is no trace."""
+    carrier: dict[str, str] = {}
+    _W3C.inject(carrier)
+    return carrier.get("traceparent")
+
+
+def traceparent_in(context: Context) -> str | None:
+    """The W3C ``traceparent`` of the span ``context`` holds; None when it holds none
+    (so a malformed ``traceparent`` read through :func:`parent_from` comes back None)."""
+    carrier: dict[str, str] = {}
+    _W3C.inject(carrier, context=context)
+    return carrier.get("traceparent")
+
+
+def parent_from(traceparent: str | bytes | None) -> Context:
+    """The context a span continuing ``traceparent`` starts in; :data:`ROOT` (a trace of
+    its own) for none or a malformed one."""
+    if not traceparent:
+        return ROOT
+    if isinstance(traceparent, bytes):
+        traceparent = traceparent.decode("ascii", "replace")
+    return _W3C.extract({"traceparent": traceparent}, context=ROOT)
+
+
+def parent_from_headers(headers: Mapping[str, str]) -> Context:
+    """The context an incoming request's headers carry (the configured propagators,
+    W3C ``traceparent`` by default); :data:`ROOT` when they carry none, or a malformed one."""
+    return propagate.extract(headers, context=ROOT)
+
+
+def add_trace_ids(
+    logger: Any, method_name: str, event_dict: MutableMapping[str, Any]
+) -> MutableMapping[str, Any]:
+    """structlog processor: ``trace_id`` and ``span_id`` on lines written inside a span."""
+    ctx = trace.get_current_span().get_span_context()
+    if ctx.is_valid:
+        event_dict.setdefault("trace_id", format(ctx.trace_id, "032x"))
+        event_dict.setdefault("span_id", format(ctx.span_id, "016x"))
+    return event_dict
+
+
+def configure_tracing(service_name: str, environ: Mapping[str, str] | None = None) -> bool:
+    """Export this process's spans over OTLP when ``OTEL_EXPORTER_OTLP_ENDPOINT`` is set.
+
+    Called at the start of ``agentrt serve`` (each uvicorn worker), ``worker``,
+    ``relay`` and ``demo``. Sets a ``TracerProvider`` (resource from
+    ``OTEL_SERVICE_NAME`` / ``OTEL_RESOURCE_ATTRIBUTES``, else ``service_name``)
+    with a ``BatchSpanProcessor`` and the OTLP/HTTP exporter, which reads the
+    standard ``OTEL_EXPORTER_OTLP_*`` variables itself, and instruments httpx
+    (the Anthropic SDK's transport: each model call's HTTP request becomes a
+    span under its step's) and the Anthropic SDK when
+    ``opentelemetry-instrumentation-anthropic`` is installed.
+
+    A no-op returning False without the variable, with ``OTEL_SDK_DISABLED=true``,
+    or without the ``otel`` extra (a warning names it). A second call does nothing.
+    """
+    global _configured
+    env = os.environ if environ is None else environ
+    endpoint = next((env[v] for v in _ENDPOINT_VARS if env.get(v)), None)
+    if endpoint is None or env.get("OTEL_SDK_DISABLED", "").strip().lower() == "true":
+        return False
+    if _configured is not None:
+        return True
+    try:
+        from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+        from opentelemetry.sdk.resources import Resource
+        from opentelemetry.sdk.trace import TracerProvider
+        from opentelemetry.sdk.trace.export import BatchSpanProcessor
+    except ImportError as exc:
+        log.warning(
+            "tracing.sdk_missing",
+            error=str(exc),
+            hint="OTEL_EXPORTER_OTLP_ENDPOINT is set but the OpenTelemetry SDK is not "
+            "installed: pip install 'agentrt[otel]'",
+        )
+        return False
+    # Resource.create lets explicit attributes win over the environment's: name the
+    # service only when the environment does not.
+    named = env.get("OTEL_SERVICE_NAME") or "service.name=" in env.get(
+        "OTEL_RESOURCE_ATTRIBUTES", ""
+    )
+    resource = Resource.create({} if named else {"service.name": service_name})
+    provider = TracerProvider(resource=resource)
+    provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter()))
+    trace.set_tracer_provider(provider)
+    _configured = service_name
+    instrumented = _instrument_clients()
+    log.info("tracing.enabled", service=service_name, endpoint=endpoint, instrumented=instrumented)
+    return True
+
+
+def _instrument_clients() -> list[str]:
+    """Instrument the HTTP and model clients whose instrumentation is installed."""
+    done = []
+    try:
+        from opentelemetry.instrumentation.httpx import HTTPXClientInstrumentor
+    except ImportError:
+        pass
+    else:
+        HTTPXClientInstrumentor().instrument()
+        done.append("httpx")
+    try:  # not in the extra: it records prompts and answers on spans unless told not to
+        from opentelemetry.instrumentation.anthropic import AnthropicInstrumentor
+    except ImportError:
+        pass
+    else:
+        AnthropicInstrumentor().instrument()
+        done.append("anthropic")
+    return done
