@@ -16,6 +16,7 @@ import structlog
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
+from opentelemetry.trace import SpanKind, StatusCode
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
     CollectorRegistry,
@@ -30,6 +31,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from runtime.log.pool import create_pool
 from runtime.ops.process import settle_gc
+from runtime.ops.tracing import parent_from_headers, tracer
 from runtime.settings import Settings
 from runtime.streams.durability import (
     RedisDurability,
@@ -234,22 +236,44 @@ def create_app(
     async def receive(source: str, request: Request) -> JSONResponse:
         started = time.perf_counter()
         outcome = "error"
-        try:
-            src = sources.get(source)
-            if src is None:
-                raise UnknownSource(f"no source named {source!r} is configured")
-            body = await read_limited(request, src.config.max_body_bytes)
-            content_type = request.headers.get("content-type", "")
-            accepted = await handle(request, src, body, content_type)
-            outcome = "duplicate" if accepted["duplicate"] else "accepted"
-            return JSONResponse(accepted, status_code=202)
-        except IngressError as exc:
-            outcome = exc.code
-            raise
-        finally:
-            label = source if source in sources else "(unknown)"
-            metrics.requests.labels(label, outcome).inc()
-            metrics.latency.labels(label).observe(time.perf_counter() - started)
+        # The run's root span, or a child of the sender's (its `traceparent` header; a
+        # malformed one is ignored). Its context rides on the stream entry (Ingestor).
+        with tracer.start_as_current_span(
+            "POST /webhooks/{source}",
+            context=parent_from_headers(request.headers),
+            kind=SpanKind.SERVER,
+            attributes={"http.request.method": "POST", "http.route": "/webhooks/{source}",
+                        "url.path": request.url.path, "agentrt.webhook.source": source},
+            record_exception=False,
+            set_status_on_exception=False,
+        ) as span:  # fmt: skip
+            try:
+                src = sources.get(source)
+                if src is None:
+                    raise UnknownSource(f"no source named {source!r} is configured")
+                body = await read_limited(request, src.config.max_body_bytes)
+                content_type = request.headers.get("content-type", "")
+                accepted = await handle(request, src, body, content_type)
+                outcome = "duplicate" if accepted["duplicate"] else "accepted"
+                span.set_attributes({"http.response.status_code": 202,
+                                     "agentrt.event_id": accepted["event_id"],
+                                     "agentrt.duplicate": accepted["duplicate"]})  # fmt: skip
+                return JSONResponse(accepted, status_code=202)
+            except IngressError as exc:
+                outcome = exc.code
+                span.set_attributes({"http.response.status_code": exc.status,
+                                     "error.type": exc.code})  # fmt: skip
+                if exc.status >= 500:  # a client's mistake (4xx) is no server error
+                    span.set_status(StatusCode.ERROR, exc.message)
+                raise
+            except Exception as exc:
+                span.record_exception(exc)
+                span.set_status(StatusCode.ERROR, f"{type(exc).__name__}: {exc}")
+                raise
+            finally:
+                label = source if source in sources else "(unknown)"
+                metrics.requests.labels(label, outcome).inc()
+                metrics.latency.labels(label).observe(time.perf_counter() - started)
 
     async def handle(
         request: Request, src: ResolvedSource, body: bytes, content_type: str
@@ -444,9 +468,11 @@ async def observe_streams(redis: aioredis.Redis, partitions: int, metrics: Metri
 def app_from_env() -> FastAPI:
     """The factory ``agentrt serve`` hands uvicorn (one per worker process)."""
     from runtime.ops.logconfig import configure_logging
+    from runtime.ops.tracing import configure_tracing
     from webhooks.config import load
 
     settings = Settings.from_env()
     configure_logging(settings.log_level, json=settings.log_json)
+    configure_tracing("agentrt-ingress")
     config, sources = load(settings.webhooks_config)
     return create_app(settings, config, sources)

@@ -10,6 +10,7 @@ import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
 from runtime.events.model import encode_body, event_type_of
+from runtime.ops.tracing import current_traceparent
 from runtime.streams.keys import KEY_PREFIX, dedupe_key, ingress_stream, partition_of
 from webhooks.auth import TOLERANCE_SECONDS
 from webhooks.config import IngressConfig
@@ -134,6 +135,10 @@ class Ingestor:
                 "body", encode_body(decoded.body),
                 "raw", raw,
             ]  # fmt: skip
+            traceparent = current_traceparent()
+            if traceparent is not None:
+                # The webhook's span: the worker's activation continues its trace.
+                fields += ["traceparent", traceparent]
             status, value = await self._script(
                 keys=[stream, dedupe_key(partition, str(event_id))],
                 args=[self._ttl_ms, self.config.max_backlog, str(event_id), *fields],

@@ -24,6 +24,7 @@ from runtime.errors import AgentrtError, UnknownTool
 from runtime.events.builtin import ApprovalRequested, CircuitTransitioned, TimerScheduled
 from runtime.events.model import Event, NewEvent, RecordedEvent, new_event_id
 from runtime.events.values import StepError
+from runtime.ops.tracing import current_traceparent
 
 if TYPE_CHECKING:
     from runtime.llm.calls import LLM, LLMResult
@@ -135,6 +136,8 @@ class Context:
             run_id=self.run_id,
             causation_id=self.trigger.event_id,
             producer=self.agent.name,
+            # The activation's span: the subscribers' activations continue its trace.
+            trace=current_traceparent(),
         )
         self.emitted.append(event)
         return event.event_id

@@ -12,6 +12,7 @@ from uuid import UUID
 import asyncpg
 import msgspec
 import structlog
+from opentelemetry.trace import StatusCode
 
 from runtime.errors import ClaimLost, ConcurrencyConflict, StepDivergence, StepFailed
 from runtime.events.builtin import StepRecorded
@@ -21,6 +22,7 @@ from runtime.events.values import AttemptRecord, StepError, Usage
 from runtime.log import chain
 from runtime.log.group import GroupWriter
 from runtime.log.store import EventLog
+from runtime.ops.tracing import current_traceparent, tracer
 
 log = structlog.get_logger(__name__)
 
@@ -175,11 +177,22 @@ class Steps:
             self._check(recorded, kind, name, wanted)
             self.reused += 1
             return recorded
-        with structlog.contextvars.bound_contextvars(step=n):
+        # An executed step is a span, a child of the activation's; a step answered
+        # from the record above is none (the activation's span counts them).
+        with (
+            structlog.contextvars.bound_contextvars(step=n),
+            tracer.start_as_current_span(
+                f"{kind} {name}",
+                attributes={"agentrt.step": n, "agentrt.step.kind": kind,
+                            "agentrt.step.name": name},
+            ) as span,
+        ):  # fmt: skip
             if self._guard is not None and await self._guard.before_execute():
                 await self._check_untouched(n)
             started = time.perf_counter()
             output = await call()
+            if output.error is not None:
+                span.set_status(StatusCode.ERROR, f"{output.error.type}: {output.error.message}")
             body = StepRecorded(
                 activation_id=self.activation_id,
                 agent=self.agent,
@@ -195,8 +208,9 @@ class Steps:
                 duration_ms=round((time.perf_counter() - started) * 1000, 3),
             )
             event = NewEvent(
-                body=body, run_id=self.run_id, causation_id=self.trigger_id, producer=self.agent
-            )
+                body=body, run_id=self.run_id, causation_id=self.trigger_id, producer=self.agent,
+                trace=current_traceparent(),
+            )  # fmt: skip
             self.executed.append(n)
             if self._log is not None:
                 # A handler cancelled now (its timeout, a stop) still leaves the

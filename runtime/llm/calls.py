@@ -29,6 +29,7 @@ from uuid import UUID
 import anthropic
 import msgspec
 import structlog
+from opentelemetry import trace
 from typing_extensions import TypeVar
 
 from runtime.effects.budget import Budget
@@ -417,6 +418,12 @@ class LLM:
             return await self.client.messages.create(**request)
 
         model = request["model"]
+        # The step's span (Steps.run started it): the GenAI conventions' attributes. The
+        # SDK's HTTP requests (httpx, instrumented by configure_tracing) nest under it.
+        span = trace.get_current_span()
+        span.set_attributes({"gen_ai.operation.name": "chat", "gen_ai.provider.name": "anthropic",
+                             "gen_ai.request.model": model,
+                             "gen_ai.request.max_tokens": request["max_tokens"]})  # fmt: skip
         started = time.perf_counter()
         try:
             outcome = await run_with_retries(create, self.policy, on_attempt=on_attempt)
@@ -436,6 +443,12 @@ class LLM:
         )
         metrics.LLM_TOKENS.labels(model, "output").inc(usage.output_tokens)
         metrics.LLM_COST.labels(model).inc(usage.cost_usd)
+        span.set_attributes({"gen_ai.response.id": message.id,
+                             "gen_ai.response.model": message.model,
+                             "gen_ai.usage.input_tokens": usage.input_tokens,
+                             "gen_ai.usage.output_tokens": usage.output_tokens,
+                             "agentrt.llm.cost_usd": usage.cost_usd,
+                             "agentrt.llm.offline": self.offline})  # fmt: skip
         return StepOutput(
             result=message.model_dump(mode="json"), attempts=outcome.attempts, usage=usage
         )

@@ -25,6 +25,7 @@ from runtime.effects.steps import Steps
 from runtime.errors import BudgetExceeded
 from runtime.events.builtin import ActivationCompleted
 from runtime.events.model import Event, NewEvent, RecordedEvent
+from runtime.ops.tracing import current_traceparent
 
 log = structlog.get_logger(__name__)
 
@@ -100,11 +101,16 @@ async def activate(
         duration_ms=round((time.perf_counter() - started) * 1000, 3),
         outcome=outcome,
     )
+    trace = current_traceparent()
     outputs = [
         *ctx.emitted,
         *(
             NewEvent(
-                body=e, run_id=trigger.run_id, causation_id=trigger.event_id, producer=agent.name
+                body=e,
+                run_id=trigger.run_id,
+                causation_id=trigger.event_id,
+                producer=agent.name,
+                trace=trace,
             )
             for e in [*extra, completed]
         ),

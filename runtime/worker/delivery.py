@@ -33,6 +33,9 @@ class Delivery(msgspec.Struct, frozen=True, kw_only=True):
     #: A redrive forced past the inbox (``agentrt dlq redrive --force`` of an event
     #: its agent had handled): a second activation with an inbox row of its own.
     forced: bool = False
+    #: The W3C ``traceparent`` of the span that produced the event (the entry's
+    #: ``traceparent`` field): its activation's span continues that trace.
+    trace: str | None = None
 
     @property
     def in_log(self) -> bool:
@@ -80,6 +83,7 @@ def parse_delivery(stream: str, entry_id: str, fields: dict[Any, Any]) -> Delive
             position=LogPosition.parse(text(f["position"])) if f.get("position") else None,
             generation=int(text(f.get("generation", b"0"))),
             forced=text(f.get("forced", b"")) == "1",
+            trace=text(f["traceparent"]) if f.get("traceparent") else None,
         )  # fmt: skip
     except KeyError as exc:
         raise InvalidDelivery(stream, entry_id, f"field {exc.args[0]!r} is missing") from None

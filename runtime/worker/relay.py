@@ -111,6 +111,8 @@ class _Timer(msgspec.Struct, frozen=True):
     run_id: uuid.UUID | None
     causation_id: uuid.UUID
     payload: Any = None
+    #: The ``timer.scheduled`` event's trace: the ``timer.fired`` continues it.
+    trace: str | None = None
 
 
 class Relay:
@@ -490,6 +492,7 @@ class Relay:
                 run_id=event.run_id,
                 causation_id=event.event_id,
                 payload=timer.payload,
+                trace=event.trace,
             )
         )
         pipe.zadd(TIMERS_KEY, {member: timer.due_at.timestamp() * 1000})
@@ -523,6 +526,7 @@ class Relay:
                         run_id=timer.run_id,
                         causation_id=timer.causation_id,
                         producer="timers",
+                        trace=timer.trace,
                     )
                 ],
             )
@@ -557,4 +561,6 @@ def _fields(event: RecordedEvent) -> dict[Any, Any]:
         "recorded_at": event.recorded_at.astimezone(UTC).isoformat(),
         "stream_id": event.stream_id,
         "position": str(event.log_position),
+        # The span that produced it: the subscriber's activation continues its trace.
+        **({"traceparent": event.trace} if event.trace else {}),
     }

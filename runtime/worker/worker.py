@@ -34,6 +34,8 @@ from uuid import UUID
 import asyncpg
 import redis.asyncio as aioredis
 import structlog
+from opentelemetry.context import Context
+from opentelemetry.trace import SpanKind, StatusCode
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
@@ -59,6 +61,7 @@ from runtime.log.queries import LogQueries
 from runtime.log.snapshots import SnapshotStore
 from runtime.log.store import EventLog
 from runtime.ops import metrics
+from runtime.ops.tracing import parent_from, traceparent_in, tracer
 from runtime.streams.keys import agent_stream, ingress_stream, log_wake_channel
 from runtime.worker.activation import activate
 from runtime.worker.claims import Claim, Claims
@@ -432,13 +435,27 @@ class Worker:
             await self._ack(g, stream, entry_id)
             metrics.ACTIVATIONS.labels(agent, "skipped").inc()
             return
-        with structlog.contextvars.bound_contextvars(
-            agent=agent,
-            run_id=str(delivery.run_id),
-            event_id=str(delivery.event_id),
-            causation_id=str(delivery.causation_id) if delivery.causation_id else None,
-            activation_id=str(activation_id_for(agent, delivery.event_id, delivery.generation)),
-        ):
+        aid = activation_id_for(agent, delivery.event_id, delivery.generation)
+        with (
+            structlog.contextvars.bound_contextvars(
+                agent=agent,
+                run_id=str(delivery.run_id),
+                event_id=str(delivery.event_id),
+                causation_id=str(delivery.causation_id) if delivery.causation_id else None,
+                activation_id=str(aid),
+            ),
+            tracer.start_as_current_span(
+                f"activation {agent}",
+                context=self._trace_parent(delivery),
+                kind=SpanKind.CONSUMER,
+                attributes={"agentrt.agent": agent, "agentrt.event_type": delivery.type,
+                            "agentrt.event_id": str(delivery.event_id),
+                            "agentrt.run_id": str(delivery.run_id),
+                            "agentrt.activation_id": str(aid),
+                            "messaging.destination.name": stream,
+                            "messaging.message.id": entry_id},
+            ) as span,
+        ):  # fmt: skip
             try:
                 outcome = await self._activate(g, delivery, fields, claimed)
             except (
@@ -452,15 +469,25 @@ class Worker:
                 # leave it pending for a retry.
                 log.warning("activation.unavailable", error=f"{type(exc).__name__}: {exc}")
                 metrics.ACTIVATIONS.labels(agent, "failed").inc()
+                span.set_status(StatusCode.ERROR, f"unavailable: {type(exc).__name__}: {exc}")
                 return
             except (asyncio.CancelledError, KeyboardInterrupt):
                 raise
             except Exception as exc:  # the handler's failure: counted, then dead-lettered
+                span.record_exception(exc)
+                span.set_status(StatusCode.ERROR, f"{type(exc).__name__}: {exc}")
                 await self._failed(g, delivery, fields, exc)
                 return
+            span.set_attribute("agentrt.outcome", outcome)
             metrics.ACTIVATIONS.labels(agent, outcome).inc()
             if outcome != "duplicate":
                 metrics.ACTIVATION_SECONDS.labels(agent).observe(time.perf_counter() - started)
+
+    @staticmethod
+    def _trace_parent(d: Delivery) -> Context:
+        """Where the activation's span goes: under the span that produced the event (the
+        webhook's, or the activation's that emitted it), else at the root of a trace."""
+        return parent_from(d.trace)
 
     async def _activate(self, g: _Group, d: Delivery, fields: dict[Any, Any], claimed: bool) -> str:
         claim = self.claims.claim(g.agent.name, d.inbox_id)
@@ -638,6 +665,7 @@ class Worker:
             causation_id=d.causation_id,
             producer=d.producer,
             recorded_at=d.recorded_at or datetime.now(UTC),
+            trace=traceparent_in(parent_from(d.trace)),
         )
 
     async def _ack(self, g: _Group, stream: str, entry_id: str) -> None:
