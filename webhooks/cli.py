@@ -7,12 +7,13 @@ import os
 import time
 import uuid
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
 
 from runtime.cli import configure_logging, err, open_log, out, run, settings_of, with_servers
+from runtime.ops.tracing import configure_tracing
 from runtime.settings import Settings
 from webhooks import auth
 from webhooks.config import ResolvedSource, load
@@ -115,6 +116,10 @@ def serve(
         Path | None,
         typer.Option(help="Sources file (env AGENTRT_WEBHOOKS_CONFIG; default ./webhooks.toml)"),
     ] = None,
+    access_log: Annotated[
+        bool,
+        typer.Option("--access-log/--no-access-log", help="Log every request (at info level)"),
+    ] = False,
 ) -> None:
     """Run the webhook ingress (uvicorn with uvloop and httptools)."""
     import uvicorn
@@ -145,9 +150,16 @@ def serve(
         workers=workers,
         loop="uvloop",
         http="httptools",
-        log_level="warning",
-        access_log=False,
+        **uvicorn_logging(settings, access_log=access_log),
     )
+
+
+def uvicorn_logging(settings: Settings, *, access_log: bool = False) -> dict[str, Any]:
+    """uvicorn's logging options for ``agentrt serve``: no handlers of its own (``log_config``
+    None), so its lines reach the root logger and are rendered like every other line
+    (JSON with AGENTRT_LOG_JSON: :func:`runtime.ops.logconfig.configure_logging`, which
+    each worker process runs in ``app_from_env``), at AGENTRT_LOG_LEVEL."""
+    return {"log_config": None, "log_level": settings.log_level, "access_log": access_log}
 
 
 async def _require_durable_redis(settings: Settings) -> None:
@@ -168,6 +180,7 @@ def demo(ctx: typer.Context) -> None:
     settings = with_servers(ctx.obj, redis=True)
     if "AGENTRT_LOG_LEVEL" not in os.environ:
         configure_logging("warning", json=settings.log_json)  # the demo prints what matters
+    configure_tracing("agentrt-demo")
 
     async def go() -> bool:
         log = await open_log(settings)

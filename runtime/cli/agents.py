@@ -21,6 +21,7 @@ from runtime.cli.helpers import err, load_agents, open_log, out, run, with_serve
 from runtime.errors import RedriveRefused
 from runtime.log.store import EventLog
 from runtime.ops.process import settle_gc
+from runtime.ops.tracing import configure_tracing
 from runtime.settings import Settings
 from runtime.streams.keys import connect_redis
 from runtime.worker import dead_letters as dlq_mod
@@ -148,6 +149,7 @@ def register(app: typer.Typer) -> None:
             from prometheus_client import start_http_server
 
             start_http_server(metrics_port)
+        configure_tracing("agentrt-worker")
 
         async def go() -> None:
             from runtime.llm.calls import LLM
@@ -177,10 +179,11 @@ def register(app: typer.Typer) -> None:
                 if relay:
                     r = _relay(lg, redis, agents, settings, from_start=from_start)
                     tasks.append(asyncio.create_task(r.serve(stop)))
-                err.print(
-                    f"worker {w.consumer}: agents {', '.join(a.name for a in agents)}"
-                    f"{' + relay' if relay else ''}; Ctrl-C or SIGTERM drains and stops"
-                )
+                if not settings.log_json:  # JSON logs: every line JSON (worker.started says it)
+                    err.print(
+                        f"worker {w.consumer}: agents {', '.join(a.name for a in agents)}"
+                        f"{' + relay' if relay else ''}; Ctrl-C or SIGTERM drains and stops"
+                    )
                 await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
                 stop.set()
                 await asyncio.gather(*tasks)
@@ -199,6 +202,7 @@ def register(app: typer.Typer) -> None:
         """
         agents = load_agents(app_target)
         settings = with_servers(ctx.obj, redis=True)
+        configure_tracing("agentrt-relay")
 
         async def go() -> None:
             stop = asyncio.Event()

@@ -1,4 +1,4 @@
-"""structlog set-up: context variables on every line, console or JSON output."""
+"""structlog set-up: context variables on every line, console or JSON output, stdlib included."""
 
 from __future__ import annotations
 
@@ -7,13 +7,21 @@ import sys
 
 import structlog
 
+from runtime.ops.tracing import add_trace_ids
+
 
 def configure_logging(level: str = "info", *, json: bool = False) -> None:
-    """Route structlog (and stdlib logging) to stderr at ``level``.
+    """Route structlog and stdlib logging to stderr at ``level``, rendered alike.
 
     Every line carries the context bound with
     ``structlog.contextvars.bound_contextvars`` (run id, event id, causation
-    id while an event is handled).
+    id while an event is handled) and, inside an OpenTelemetry span, its
+    ``trace_id`` and ``span_id``. The stdlib's records (uvicorn's, the
+    libraries') go through the same processors and renderer, by a
+    ``ProcessorFormatter`` on the root logger's one handler: with ``json``
+    every line is one JSON object. Libraries' own records below WARNING are
+    left out, except those of loggers given a level of their own (uvicorn's
+    startup and access lines follow the level ``agentrt serve`` gives them).
     """
     numeric = logging.getLevelNamesMapping()[level.upper()]
     renderer: structlog.types.Processor = (
@@ -21,11 +29,15 @@ def configure_logging(level: str = "info", *, json: bool = False) -> None:
         if json
         else structlog.dev.ConsoleRenderer(colors=sys.stderr.isatty())
     )
+    shared: list[structlog.types.Processor] = [
+        structlog.contextvars.merge_contextvars,
+        structlog.processors.add_log_level,
+        structlog.processors.TimeStamper(fmt="iso", utc=True),
+        add_trace_ids,
+    ]
     structlog.configure(
         processors=[
-            structlog.contextvars.merge_contextvars,
-            structlog.processors.add_log_level,
-            structlog.processors.TimeStamper(fmt="iso", utc=True),
+            *shared,
             structlog.processors.StackInfoRenderer(),
             structlog.processors.format_exc_info,
             renderer,
@@ -34,4 +46,21 @@ def configure_logging(level: str = "info", *, json: bool = False) -> None:
         logger_factory=structlog.PrintLoggerFactory(sys.stderr),
         cache_logger_on_first_use=False,
     )
-    logging.basicConfig(level=max(numeric, logging.WARNING), stream=sys.stderr, force=True)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(
+        structlog.stdlib.ProcessorFormatter(
+            foreign_pre_chain=[*shared, structlog.stdlib.add_logger_name],
+            processors=[
+                structlog.stdlib.ProcessorFormatter.remove_processors_meta,
+                # The console renderer formats tracebacks itself; JSON needs them as text.
+                *([structlog.processors.format_exc_info] if json else []),
+                renderer,
+            ],
+        )
+    )
+    root = logging.getLogger()
+    for old in root.handlers[:]:
+        root.removeHandler(old)
+        old.close()
+    root.addHandler(handler)
+    root.setLevel(max(numeric, logging.WARNING))
