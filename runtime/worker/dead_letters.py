@@ -20,6 +20,7 @@ from runtime.events.model import NewEvent
 from runtime.log.queries import LogQueries
 from runtime.log.store import EventLog
 from runtime.ops import metrics
+from runtime.ops.tracing import current_traceparent
 from runtime.streams.keys import DLQ_STREAM, agent_stream
 from runtime.worker.delivery import Delivery, inbox_id
 
@@ -237,6 +238,7 @@ async def dead_letter(
         run_id=d.run_id if d is not None else None,
         causation_id=d.event_id if d is not None else None,
         producer=agent,
+        trace=current_traceparent(),  # the failed activation's span
     )
     target = run_stream(d.run_id) if d is not None else dead_letters_stream(agent)
     await lg.append(target, [new])

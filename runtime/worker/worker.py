@@ -61,7 +61,7 @@ from runtime.log.queries import LogQueries
 from runtime.log.snapshots import SnapshotStore
 from runtime.log.store import EventLog
 from runtime.ops import metrics
-from runtime.ops.tracing import parent_from, traceparent_in, tracer
+from runtime.ops.tracing import current_traceparent, parent_from, traceparent_in, tracer
 from runtime.streams.keys import agent_stream, ingress_stream, log_wake_channel
 from runtime.worker.activation import activate
 from runtime.worker.claims import Claim, Claims
@@ -227,7 +227,14 @@ class Worker:
         )
         await self.log.append(
             circuit_stream(transition.name),
-            [NewEvent(body=transition_event(transition), run_id=run_id, producer="breaker")],
+            [
+                NewEvent(
+                    body=transition_event(transition),
+                    run_id=run_id,
+                    producer="breaker",
+                    trace=current_traceparent(),
+                )
+            ],
         )
 
     # -- running ------------------------------------------------------------------
