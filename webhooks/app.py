@@ -31,7 +31,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from runtime.log.pool import create_pool
 from runtime.ops.process import settle_gc
-from runtime.ops.tracing import parent_from_headers, tracer
+from runtime.ops.tracing import request_parent, tracer
 from runtime.settings import Settings
 from runtime.streams.durability import (
     RedisDurability,
@@ -236,12 +236,14 @@ def create_app(
     async def receive(source: str, request: Request) -> JSONResponse:
         started = time.perf_counter()
         outcome = "error"
-        # The run's root span, or a child of the sender's (its `traceparent` header; a
-        # malformed one is ignored). Its context rides on the stream entry (Ingestor).
+        # The run's first span: under the request's (FastAPI's), or the sender's
+        # (`traceparent`; a malformed one is ignored), or a trace's root. Its context
+        # rides on the stream entry (Ingestor).
+        parent = request_parent(request.headers)
         with tracer.start_as_current_span(
-            "POST /webhooks/{source}",
-            context=parent_from_headers(request.headers),
-            kind=SpanKind.SERVER,
+            f"webhook {source if source in sources else '(unknown)'}",
+            context=parent,
+            kind=SpanKind.SERVER if parent is not None else SpanKind.INTERNAL,
             attributes={"http.request.method": "POST", "http.route": "/webhooks/{source}",
                         "url.path": request.url.path, "agentrt.webhook.source": source},
             record_exception=False,

@@ -36,7 +36,7 @@ __all__ = [
     "configure_tracing",
     "current_traceparent",
     "parent_from",
-    "parent_from_headers",
+    "request_parent",
     "traceparent_in",
     "tracer",
 ]
@@ -84,9 +84,13 @@ def parent_from(traceparent: str | bytes | None) -> Context:
     return _W3C.extract({"traceparent": traceparent}, context=ROOT)
 
 
-def parent_from_headers(headers: Mapping[str, str]) -> Context:
-    """The context an incoming request's headers carry (the configured propagators,
-    W3C ``traceparent`` by default); :data:`ROOT` when they carry none, or a malformed one."""
+def request_parent(headers: Mapping[str, str]) -> Context | None:
+    """Where a request's own span goes: under the server's span of the request when the
+    web framework made one (FastAPI does, from its headers); else under the context the
+    headers carry (the configured propagators, W3C ``traceparent`` by default), or at the
+    root of a trace when they carry none, or a malformed one. None: the current context."""
+    if trace.get_current_span().get_span_context().is_valid:
+        return None
     return propagate.extract(headers, context=ROOT)
 
 
@@ -108,10 +112,10 @@ def configure_tracing(service_name: str, environ: Mapping[str, str] | None = Non
     ``relay`` and ``demo``. Sets a ``TracerProvider`` (resource from
     ``OTEL_SERVICE_NAME`` / ``OTEL_RESOURCE_ATTRIBUTES``, else ``service_name``)
     with a ``BatchSpanProcessor`` and the OTLP/HTTP exporter, which reads the
-    standard ``OTEL_EXPORTER_OTLP_*`` variables itself, and instruments httpx
-    (the Anthropic SDK's transport: each model call's HTTP request becomes a
-    span under its step's) and the Anthropic SDK when
-    ``opentelemetry-instrumentation-anthropic`` is installed.
+    standard ``OTEL_EXPORTER_OTLP_*`` variables itself. The libraries that trace
+    through the global provider then export too: the Anthropic SDK's span of each
+    API call (under its model step's span) and FastAPI's span of each request
+    (the parent of the webhook's span).
 
     A no-op returning False without the variable, with ``OTEL_SDK_DISABLED=true``,
     or without the ``otel`` extra (a warning names it). A second call does nothing.
@@ -146,26 +150,5 @@ def configure_tracing(service_name: str, environ: Mapping[str, str] | None = Non
     provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter()))
     trace.set_tracer_provider(provider)
     _configured = service_name
-    instrumented = _instrument_clients()
-    log.info("tracing.enabled", service=service_name, endpoint=endpoint, instrumented=instrumented)
+    log.info("tracing.enabled", service=service_name, endpoint=endpoint)
     return True
-
-
-def _instrument_clients() -> list[str]:
-    """Instrument the HTTP and model clients whose instrumentation is installed."""
-    done = []
-    try:
-        from opentelemetry.instrumentation.httpx import HTTPXClientInstrumentor
-    except ImportError:
-        pass
-    else:
-        HTTPXClientInstrumentor().instrument()
-        done.append("httpx")
-    try:  # not in the extra: it records prompts and answers on spans unless told not to
-        from opentelemetry.instrumentation.anthropic import AnthropicInstrumentor
-    except ImportError:
-        pass
-    else:
-        AnthropicInstrumentor().instrument()
-        done.append("anthropic")
-    return done
