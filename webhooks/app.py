@@ -31,7 +31,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from runtime.log.pool import create_pool
 from runtime.ops.process import settle_gc
-from runtime.ops.tracing import request_parent, tracer
+from runtime.ops.tracing import request_parent, span
 from runtime.settings import Settings
 from runtime.streams.durability import (
     RedisDurability,
@@ -240,7 +240,7 @@ def create_app(
         # (`traceparent`; a malformed one is ignored), or a trace's root. Its context
         # rides on the stream entry (Ingestor).
         parent = request_parent(request.headers)
-        with tracer.start_as_current_span(
+        with span(
             f"webhook {source if source in sources else '(unknown)'}",
             context=parent,
             kind=SpanKind.SERVER if parent is not None else SpanKind.INTERNAL,
@@ -248,7 +248,7 @@ def create_app(
                         "url.path": request.url.path, "agentrt.webhook.source": source},
             record_exception=False,
             set_status_on_exception=False,
-        ) as span:  # fmt: skip
+        ) as webhook_span:  # fmt: skip
             try:
                 src = sources.get(source)
                 if src is None:
@@ -257,20 +257,20 @@ def create_app(
                 content_type = request.headers.get("content-type", "")
                 accepted = await handle(request, src, body, content_type)
                 outcome = "duplicate" if accepted["duplicate"] else "accepted"
-                span.set_attributes({"http.response.status_code": 202,
+                webhook_span.set_attributes({"http.response.status_code": 202,
                                      "agentrt.event_id": accepted["event_id"],
                                      "agentrt.duplicate": accepted["duplicate"]})  # fmt: skip
                 return JSONResponse(accepted, status_code=202)
             except IngressError as exc:
                 outcome = exc.code
-                span.set_attributes({"http.response.status_code": exc.status,
+                webhook_span.set_attributes({"http.response.status_code": exc.status,
                                      "error.type": exc.code})  # fmt: skip
                 if exc.status >= 500:  # a client's mistake (4xx) is no server error
-                    span.set_status(StatusCode.ERROR, exc.message)
+                    webhook_span.set_status(StatusCode.ERROR, exc.message)
                 raise
             except Exception as exc:
-                span.record_exception(exc)
-                span.set_status(StatusCode.ERROR, f"{type(exc).__name__}: {exc}")
+                webhook_span.record_exception(exc)
+                webhook_span.set_status(StatusCode.ERROR, f"{type(exc).__name__}: {exc}")
                 raise
             finally:
                 label = source if source in sources else "(unknown)"

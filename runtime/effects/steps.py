@@ -22,7 +22,7 @@ from runtime.events.values import AttemptRecord, StepError, Usage
 from runtime.log import chain
 from runtime.log.group import GroupWriter
 from runtime.log.store import EventLog
-from runtime.ops.tracing import current_traceparent, tracer
+from runtime.ops.tracing import current_traceparent, span
 
 log = structlog.get_logger(__name__)
 
@@ -181,18 +181,20 @@ class Steps:
         # from the record above is none (the activation's span counts them).
         with (
             structlog.contextvars.bound_contextvars(step=n),
-            tracer.start_as_current_span(
+            span(
                 f"{kind} {name}",
                 attributes={"agentrt.step": n, "agentrt.step.kind": kind,
                             "agentrt.step.name": name},
-            ) as span,
+            ) as step_span,
         ):  # fmt: skip
             if self._guard is not None and await self._guard.before_execute():
                 await self._check_untouched(n)
             started = time.perf_counter()
             output = await call()
             if output.error is not None:
-                span.set_status(StatusCode.ERROR, f"{output.error.type}: {output.error.message}")
+                step_span.set_status(
+                    StatusCode.ERROR, f"{output.error.type}: {output.error.message}"
+                )
             body = StepRecorded(
                 activation_id=self.activation_id,
                 agent=self.agent,

@@ -23,12 +23,16 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping, MutableMapping
+from contextlib import AbstractContextManager
 from typing import Any
 
 import structlog
+from opentelemetry import context as otel_context
 from opentelemetry import propagate, trace
 from opentelemetry.context import Context
+from opentelemetry.trace import Span, SpanKind
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+from opentelemetry.util.types import Attributes
 
 __all__ = [
     "ROOT",
@@ -37,6 +41,7 @@ __all__ = [
     "current_traceparent",
     "parent_from",
     "request_parent",
+    "span",
     "traceparent_in",
     "tracer",
 ]
@@ -57,6 +62,50 @@ _W3C = TraceContextTextMapPropagator()
 
 _ENDPOINT_VARS = ("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "OTEL_EXPORTER_OTLP_ENDPOINT")
 _configured: str | None = None
+
+
+def span(
+    name: str,
+    *,
+    context: Context | None = None,
+    kind: SpanKind = SpanKind.INTERNAL,
+    attributes: Attributes = None,
+    record_exception: bool = True,
+    set_status_on_exception: bool = True,
+) -> AbstractContextManager[Span]:
+    """``tracer.start_as_current_span(...)``; with no tracer provider set, only ``context``
+    made current (what the no-op tracer does too: an incoming trace passes through), at
+    a tenth of its cost: a no-op span is two generator context managers deep."""
+    if isinstance(trace.get_tracer_provider(), _OFF):
+        return _Passthrough(context)
+    return tracer.start_as_current_span(
+        name, context=context, kind=kind, attributes=attributes,
+        record_exception=record_exception, set_status_on_exception=set_status_on_exception,
+    )  # fmt: skip
+
+
+_OFF = (trace.ProxyTracerProvider, trace.NoOpTracerProvider)
+
+
+class _Passthrough:
+    """A span that is not one: ``context`` (if given) is current inside, as the no-op
+    tracer's span would make it; the span inside is the one that context holds."""
+
+    __slots__ = ("_context", "_token")
+
+    def __init__(self, context: Context | None) -> None:
+        self._context = context
+        self._token: object = None
+
+    def __enter__(self) -> Span:
+        if self._context is None:
+            return trace.get_current_span()
+        self._token = otel_context.attach(self._context)
+        return trace.get_current_span(self._context)
+
+    def __exit__(self, *exc: object) -> None:
+        if self._context is not None:
+            otel_context.detach(self._token)  # type: ignore[arg-type]
 
 
 def current_traceparent() -> str | None:

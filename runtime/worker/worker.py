@@ -61,7 +61,7 @@ from runtime.log.queries import LogQueries
 from runtime.log.snapshots import SnapshotStore
 from runtime.log.store import EventLog
 from runtime.ops import metrics
-from runtime.ops.tracing import current_traceparent, parent_from, traceparent_in, tracer
+from runtime.ops.tracing import current_traceparent, parent_from, span, traceparent_in
 from runtime.streams.keys import agent_stream, ingress_stream, log_wake_channel
 from runtime.worker.activation import activate
 from runtime.worker.claims import Claim, Claims
@@ -451,7 +451,7 @@ class Worker:
                 causation_id=str(delivery.causation_id) if delivery.causation_id else None,
                 activation_id=str(aid),
             ),
-            tracer.start_as_current_span(
+            span(
                 f"activation {agent}",
                 context=self._trace_parent(delivery),
                 kind=SpanKind.CONSUMER,
@@ -461,7 +461,7 @@ class Worker:
                             "agentrt.activation_id": str(aid),
                             "messaging.destination.name": stream,
                             "messaging.message.id": entry_id},
-            ) as span,
+            ) as activation_span,
         ):  # fmt: skip
             try:
                 outcome = await self._activate(g, delivery, fields, claimed)
@@ -476,16 +476,18 @@ class Worker:
                 # leave it pending for a retry.
                 log.warning("activation.unavailable", error=f"{type(exc).__name__}: {exc}")
                 metrics.ACTIVATIONS.labels(agent, "failed").inc()
-                span.set_status(StatusCode.ERROR, f"unavailable: {type(exc).__name__}: {exc}")
+                activation_span.set_status(
+                    StatusCode.ERROR, f"unavailable: {type(exc).__name__}: {exc}"
+                )
                 return
             except (asyncio.CancelledError, KeyboardInterrupt):
                 raise
             except Exception as exc:  # the handler's failure: counted, then dead-lettered
-                span.record_exception(exc)
-                span.set_status(StatusCode.ERROR, f"{type(exc).__name__}: {exc}")
+                activation_span.record_exception(exc)
+                activation_span.set_status(StatusCode.ERROR, f"{type(exc).__name__}: {exc}")
                 await self._failed(g, delivery, fields, exc)
                 return
-            span.set_attribute("agentrt.outcome", outcome)
+            activation_span.set_attribute("agentrt.outcome", outcome)
             metrics.ACTIVATIONS.labels(agent, outcome).inc()
             if outcome != "duplicate":
                 metrics.ACTIVATION_SECONDS.labels(agent).observe(time.perf_counter() - started)
