@@ -12,7 +12,7 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
-from runtime.cli import configure_logging, err, open_log, out, run, settings_of, with_servers
+from runtime.cli import configure_logging, err, out, run, settings_of, with_servers
 from runtime.settings import Settings
 from webhooks import auth
 from webhooks.config import ResolvedSource, load
@@ -161,29 +161,27 @@ async def _require_durable_redis(settings: Settings) -> None:
         await redis.aclose()
 
 
-def demo(ctx: typer.Context) -> None:
-    """The quick start: signed webhooks -> ingress -> agents (LLM, tools) -> the log, audited."""
-    from webhooks.demo.pipeline import run_demo
+def demo(
+    ctx: typer.Context,
+    port: Annotated[int, typer.Option(help="First port (ingress, API, metrics); 0: free ones")] = 0,
+) -> None:
+    """The quick start: `agentrt up --demo` that exits when the sample webhooks are handled.
 
-    settings = with_servers(ctx.obj, redis=True)
+    Starts the embedded servers (they keep running) and the whole system with the sample
+    application, posts realistic webhooks, prints the runs, seals and verifies the log.
+    """
+    from runtime.cli.up import run_up
+
     if "AGENTRT_LOG_LEVEL" not in os.environ:
-        configure_logging("warning", json=settings.log_json)  # the demo prints what matters
-
-    async def go() -> bool:
-        log = await open_log(settings)
-        try:
-            return await run_demo(settings, log, Console(highlight=False, soft_wrap=True))
-        finally:
-            await log.pool.close()
-
-    if not run(go()):
-        raise typer.Exit(1)
+        configure_logging("warning", json=settings_of(ctx).log_json)  # the demo prints what matters
+    run_up(ctx, app_target=None, host="127.0.0.1", port=port, workers=1, demo=True,
+           keep_servers=True, exit_after_demo=True)  # fmt: skip
     Console().print(
         "\nnext: `agentrt runs` lists these runs and `agentrt runs show RUN` draws one; "
         "`agentrt replay RUN --app webhooks.demo.agents` re-runs it against the record; "
-        "`agentrt fork RUN --at 3 --app webhooks.demo.agents --tier fast` branches it; "
-        "`agentrt api` serves them as JSON; `agentrt log tail` follows the log; "
-        "`agentrt services down` stops the servers."
+        "`agentrt fork RUN --at 2 --app webhooks.demo.agents --tier smart` branches it; "
+        "`agentrt up` runs the whole system until Ctrl-C; `agentrt services down` stops "
+        "the servers."
     )
 
 

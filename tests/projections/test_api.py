@@ -47,7 +47,7 @@ from tests.support.servers import Servers
 from tests.support.webhooks import make_config, standard_headers
 from webhooks.app import ROUTES_GROUP, create_app, mount_routes
 from webhooks.config import resolve
-from webhooks.demo.agents import Responder, Triage
+from tests.support.apps.mailpair import Responder, Triage
 from webhooks.events import Address, EmailReceived
 
 TOKEN = "test-token-" + "k" * 32
@@ -547,7 +547,7 @@ def start_api(settings: Settings, state: Path, port: int) -> subprocess.Popen[st
     env.pop("AGENTRT_API_TOKEN", None)
     return subprocess.Popen(
         [sys.executable, "-m", "runtime", "api", "--port", str(port),
-         "--app", "webhooks.demo.agents"],
+         "--app", "tests.support.apps.mailpair"],
         env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
 

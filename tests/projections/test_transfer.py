@@ -32,7 +32,7 @@ from runtime.settings import Settings
 from tests.support.events import Noted
 from tests.support.runtime import count_type, running, send, wait_for
 from tests.support.servers import Servers, drop_schema, fresh_schema
-from webhooks.demo.agents import Responder, Triage
+from tests.support.apps.mailpair import Responder, Triage
 from webhooks.events import Address, EmailReceived
 
 

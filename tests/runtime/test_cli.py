@@ -136,21 +136,6 @@ def test_plugins_add_commands_and_broken_ones_are_skipped() -> None:
     assert "builtin" in runner.invoke(root, ["builtin"]).output
 
 
-def test_demo_runs_the_whole_pipeline(settings: Settings) -> None:
-    result = agentrt(settings, "demo", timeout=120)
-    assert result.returncode == 0, result.stdout + result.stderr
-    out = result.stdout
-    assert out.count("-> 202 event") == 4
-    assert "duplicate=True" in out
-    assert "-> 401 signature_mismatch" in out
-    assert out.count("email.received") == 3
-    assert out.count("reply.drafted") == 2  # spam gets no reply
-    assert "'[offline] billing'" in out and "'[offline] spam'" in out
-    assert "lookup_customer" in out
-    assert out.count("activation.completed") == 6
-    assert "audit verify: ok" in out
-
-
 pytestmark = pytest.mark.filterwarnings("error")
 
 
