@@ -42,17 +42,19 @@ from runtime.llm.calls import LLM
 from runtime.llm.client import model_client
 from runtime.log.store import EventLog
 from runtime.settings import Settings
+from tests.support.apps.mailpair import Responder, Triage
 from tests.support.runtime import count_type, db_url, running, send, wait_for
 from tests.support.servers import Servers
 from tests.support.webhooks import make_config, standard_headers
 from webhooks.app import ROUTES_GROUP, create_app, mount_routes
 from webhooks.config import resolve
-from tests.support.apps.mailpair import Responder, Triage
 from webhooks.events import Address, EmailReceived
 
 TOKEN = "test-token-" + "k" * 32
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
 DOCS = {"/openapi.json", "/docs", "/docs/oauth2-redirect", "/redoc"}
+#: Routes anyone may call: the docs and the liveness check (says nothing of the data).
+OPEN = DOCS | {"/healthz"}
 
 
 class Tally(msgspec.Struct):
@@ -146,7 +148,7 @@ def data_routes(app: FastAPI) -> list[APIRoute]:
     """Every route of ``app`` but the docs' (FastAPI keeps included routers as entries of
     ``app.routes``: their routes are walked through ``iter_route_contexts``)."""
     found = [c.original_route for c in iter_route_contexts(app.routes)]
-    return [r for r in found if isinstance(r, APIRoute) and r.path not in DOCS]
+    return [r for r in found if isinstance(r, APIRoute) and r.path not in OPEN]
 
 
 def concrete(path: str, run_id: uuid.UUID) -> str:
@@ -163,6 +165,13 @@ def assert_error(response: httpx.Response, status: int, code: str) -> dict[str, 
 
 
 # -- auth ------------------------------------------------------------------------------
+
+
+async def test_healthz_needs_no_token_and_tells_nothing(api: httpx.AsyncClient) -> None:
+    request = api.build_request("GET", "/healthz")
+    request.headers.pop("Authorization")
+    response = await api.send(request)
+    assert response.status_code == 200 and response.json() == {"status": "ok"}
 
 
 async def test_every_route_refuses_a_missing_or_wrong_token(api: httpx.AsyncClient) -> None:
@@ -192,9 +201,11 @@ async def test_every_route_refuses_a_missing_or_wrong_token(api: httpx.AsyncClie
 
 
 async def test_without_a_configured_token_every_route_is_closed(
-    settings: Settings, log: EventLog
+    settings: Settings, log: EventLog, tmp_path: Path
 ) -> None:
-    app = create_api(with_token(settings, None), pool=log.pool)
+    # A state directory of its own: the working directory's may hold a kept token.
+    bare = dataclasses.replace(with_token(settings, None), state_dir=tmp_path)
+    app = create_api(bare, pool=log.pool)
     async with client_of(app) as client:
         for route in data_routes(app):
             for headers in ({}, {"Authorization": "Bearer "}, AUTH):
