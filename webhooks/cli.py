@@ -28,8 +28,15 @@ _CONTENT_TYPES = {
 
 
 def _source(settings: Settings, name: str, config: Path | None) -> ResolvedSource:
+    if config is None:
+        from webhooks.up import made_config
+
+        config = settings.webhooks_config
+        if not config.exists() and made_config(settings).exists():
+            config = made_config(settings)  # the one `agentrt up` made
+            err.print(f"[dim]sources from {config}[/]", soft_wrap=True)
     try:
-        _, sources = load(config or settings.webhooks_config)
+        _, sources = load(config)
     except ConfigError as exc:
         err.print(f"[red]error[/] {exc}")
         raise typer.Exit(2) from None

@@ -17,6 +17,7 @@ if TYPE_CHECKING:
     from pathlib import Path
 
     from runtime.cli.up import Service, UpPlan
+    from runtime.settings import Settings
 
 #: ``--app`` when none is given: the support desk.
 default_app = "webhooks.demo.agents"
@@ -28,7 +29,12 @@ def config_path(plan: UpPlan) -> Path:
     configured = plan.settings.webhooks_config
     if configured.exists():
         return configured
-    return sample_config(plan.settings.state_dir / "webhooks.toml")
+    return sample_config(made_config(plan.settings))
+
+
+def made_config(settings: Settings) -> Path:
+    """Where ``agentrt up`` keeps the sources file it made (``<state dir>/webhooks.toml``)."""
+    return settings.state_dir / "webhooks.toml"
 
 
 def services(plan: UpPlan) -> list[Service]:

@@ -189,3 +189,27 @@ def test_up_from_an_empty_state_serves_stops_and_starts_again(tmp_path: Path) ->
     finally:
         subprocess.run([sys.executable, "-m", "runtime", "services", "down"],
                        env=_env(None, state), capture_output=True, timeout=60)  # fmt: skip
+
+
+def test_webhooks_sign_finds_the_sources_up_made(tmp_path: Path) -> None:
+    """With no ./webhooks.toml, `agentrt webhooks sign` signs with the secrets `agentrt up`
+    made and printed (so the README's curl works right after `agentrt up`)."""
+    from webhooks.auth import verify_standard
+    from webhooks.demo.traffic import sample_config
+
+    state = tmp_path / "state"
+    made = sample_config(state / "webhooks.toml")
+    body = tmp_path / "message.eml"
+    body.write_bytes(b"From: a@example.com\r\nSubject: hi\r\n\r\nhello\r\n")
+    work = tmp_path / "elsewhere"
+    work.mkdir()
+    result = subprocess.run(
+        [sys.executable, "-m", "runtime", "webhooks", "sign", str(body), "--source", "mta"],
+        env=_env(None, state) | {"PYTHONPATH": os.getcwd()}, cwd=work, capture_output=True,
+        text=True, timeout=60,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    headers = dict(line.split(": ", 1) for line in result.stdout.splitlines())
+    _, sources = load(made)
+    assert verify_standard(sources["mta"].keys, headers, body.read_bytes())
+    assert "webhooks.toml" in result.stderr  # it says which file it used
