@@ -55,6 +55,25 @@ def services(plan: UpPlan) -> list[Service]:
     ]
 
 
+async def status(plan: UpPlan) -> dict[str, str]:
+    """Webhooks accepted (and refused) so far, from the ingress's own metrics."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    async with httpx.AsyncClient(timeout=2) as client:
+        text = (await client.get(f"{plan.url(0)}/metrics")).text
+    counts: dict[str, float] = {}
+    for family in text_string_to_metric_families(text):
+        if family.name == "agentrt_webhook_requests":
+            for sample in family.samples:
+                if sample.name.endswith("_total"):
+                    outcome = sample.labels.get("outcome", "")
+                    counts[outcome] = counts.get(outcome, 0) + sample.value
+    accepted = int(counts.pop("accepted", 0))
+    refused = int(sum(counts.values()))
+    return {"webhooks in": f"{accepted:,}" + (f" (+{refused:,} duplicate/refused)" if refused
+                                             else "")}  # fmt: skip
+
+
 async def feed(plan: UpPlan, console: Console) -> int:
     """Post the sample webhooks (every email kind and language, order changes); the number
     accepted (each starts a run)."""

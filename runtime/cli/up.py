@@ -164,7 +164,7 @@ class _StatusLine:
         for source in sources:
             try:
                 figures.update(await source(self.plan))
-            except (OSError, asyncpg.PostgresError, AgentrtError) as exc:
+            except (OSError, asyncpg.PostgresError, AgentrtError, httpx.HTTPError) as exc:
                 figures[getattr(source, "__module__", "?")] = f"unavailable ({type(exc).__name__})"
         children = self.sup.children.values()
         up = sum(c.status == "running" for c in children)

@@ -6,6 +6,7 @@ Real processes (the supervisor and its children) against real servers, the offli
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 import subprocess
@@ -118,6 +119,23 @@ def _descendants(pid: int) -> set[int]:
     return found
 
 
+async def _status_line(state: Path, port: int) -> dict[str, str]:
+    """The figures of `agentrt up`'s status line, from every plugin, as it asks them."""
+    import projections.up
+    import webhooks.up
+    from runtime.cli.up import UpPlan, core_status
+
+    urls = json.loads((state / "services.json").read_text())
+    settings = Settings.from_env({}, state_dir=state).with_urls(
+        redis_url=urls["REDIS_URL"], database_url=urls["DATABASE_URL"]
+    )
+    plan = UpPlan(settings, "webhooks.demo.agents", "127.0.0.1", port, 1, False)
+    figures: dict[str, str] = {}
+    for source in (core_status, webhooks.up.status, projections.up.status):
+        figures.update(await source(plan))
+    return figures
+
+
 def _up(state: Path, port: int) -> subprocess.Popen[bytes]:
     with open(state.parent / "up.log", "ab") as log:
         return subprocess.Popen(
@@ -171,6 +189,12 @@ def test_up_from_an_empty_state_serves_stops_and_starts_again(tmp_path: Path) ->
                             break
                     time.sleep(0.3)
                 assert len(runs) == round_ and {x["status"] for x in runs} == {"completed"}, runs
+                assert asyncio.run(_status_line(state, port)) == {
+                    "activations": str(round_),
+                    "webhooks in": "1",  # this process's count: the ingress restarted
+                    "runs": f"completed {round_}",
+                    "cost": "$0.0000",  # the offline model's
+                }
                 family = _descendants(proc.pid)
                 assert len(family) >= 5  # ingress, api, projector, worker, relay
             finally:
