@@ -39,9 +39,9 @@ from runtime.llm.client import ModelClient, model_client
 from runtime.llm.offline import OfflineServer
 from runtime.log.store import EventLog
 from runtime.settings import Settings
+from tests.support.apps.mailpair import Responder, Triage
 from tests.support.apps.orders import Auditor, Fulfilment, OrderAudited, OrderPlaced
 from tests.support.runtime import count_type, running, send, wait_for
-from tests.support.apps.mailpair import Responder, Triage
 from webhooks.events import Address, EmailReceived
 
 AGENTS = [Triage(), Responder()]
@@ -388,7 +388,8 @@ async def test_bad_input_is_refused_by_the_command_and_writes_nothing(
         "past the end": (
             [str(parent), "--at", "4", *good[3:]], 1, ["[step_out_of_range]", "has steps 1..3"]),
         "agent missing": (
-            [*good[:4], "tests.support.apps.mailpair:Triage"], 1, ["[agent_not_found]", "responder"]),
+            [*good[:4], "tests.support.apps.mailpair:Triage"], 1,
+            ["[agent_not_found]", "responder"]),
         "input does not decode": (
             [*good, "--input-file", str(undecodable)], 1, ["[invalid_input]", "$.subject"]),
         "input not json": (

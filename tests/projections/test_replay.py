@@ -39,10 +39,10 @@ from runtime.log.snapshots import Snapshot, SnapshotStore, encode_state
 from runtime.log.store import EventLog
 from runtime.settings import Settings
 from tests.support import REPO
+from tests.support.apps import mailpair as demo
 from tests.support.apps import orders, replayed
 from tests.support.apps.orders import OrderPlaced
 from tests.support.runtime import count_type, fast_options, running, send, wait_for
-from tests.support.apps import mailpair as demo
 from webhooks.events import Address, EmailReceived
 
 EMAILS = [
