@@ -316,8 +316,13 @@ def _parse(field: str, key: str, raw: Any) -> Any:
         if number < (0 if field == "run_budget_tokens" else 1):
             raise SettingsError(key, f"{number} is too small")
         return number
-    if field in ("run_budget_usd", "llm_timeout", "breaker_reset_timeout", "handler_timeout",
-                 "breaker_cache"):
+    if field in (
+        "run_budget_usd",
+        "llm_timeout",
+        "breaker_reset_timeout",
+        "handler_timeout",
+        "breaker_cache",
+    ):
         amount = _finite(key, raw)
         if amount < 0 or (field in ("llm_timeout", "handler_timeout") and amount == 0):
             raise SettingsError(key, f"{amount} must be positive")
