@@ -23,6 +23,7 @@ from starlette.routing import Match
 from typer.core import TyperGroup
 from typer.exceptions import TyperException
 
+from runtime.errors import SettingsError
 from runtime.ops.metrics import METRICS_ROUTES
 from runtime.settings import Settings, env_names
 from tests.support import REPO
@@ -211,6 +212,10 @@ def problems(compose: dict[str, Any]) -> list[str]:
             continue
         if unknown := set(env) - env_names() - envvars_of(ctx):
             found.append(f"{name}: sets variables agentrt does not read: {sorted(unknown)}")
+        try:
+            Settings.from_env({k: interpolate(str(v)) for k, v in env.items()})
+        except SettingsError as exc:
+            found.append(f"{name}: {exc}")
         if name == "migrate":
             if service.get("restart") != "no":
                 found.append("migrate: a one-shot service (restart: no)")
@@ -294,6 +299,7 @@ def variant(tmp_path: Path, old: str, new: str) -> list[str]:
         ('["agentrt", "projector"', '["agentrt", "projectors"', "'projectors' is not"),
         ("AGENTRT_LOG_JSON:", "AGENTRT_JSON_LOGS:", "AGENTRT_JSON_LOGS"),
         ("AGENTRT_APP: ${", "AGENTRT_AP: ${", "AGENTRT_AP"),
+        ('AGENTRT_LOG_JSON: "true"', 'AGENTRT_LOG_JSON: "sure"', "not a boolean"),
         ("8010/healthz", "8010/health", "not a route of the api server"),
         ("8000/readyz", "8000/ready", "not a route of the serve server"),
         ("9101/healthz", "9101/status", "not a route of the metrics server"),

@@ -11,6 +11,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -31,7 +32,6 @@ from runtime.ops import metrics
 from tests.support import REPO
 from tests.support.servers import Servers
 from tests.support.webhooks import redis_url_for_tests
-from tests.webhooks.test_webhooks_served import free_port
 
 pytestmark = [
     pytest.mark.slow,
@@ -111,6 +111,12 @@ def accepted_per_process(shared: Path, scratch: Path) -> dict[int, float]:
 
 
 # -- serving and posting -----------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
 
 
 def wait_until(condition: Callable[[], object], what: str, timeout: float = 120) -> None:
