@@ -36,12 +36,13 @@ def child(env: dict[str, str], count: int, *, stay: bool) -> subprocess.Popen[st
         [sys.executable, "-c", CHILD, str(count), "stay" if stay else "exit"],
         env={**os.environ, **env},
         cwd=REPO,
-        stdin=subprocess.PIPE,
+        stdin=subprocess.PIPE if stay else subprocess.DEVNULL,
         stdout=subprocess.PIPE,
         text=True,
     )
     assert proc.stdout is not None
-    assert proc.stdout.readline().strip() == "ready"
+    with proc.stdout:
+        assert proc.stdout.readline().strip() == "ready"
     return proc
 
 
