@@ -135,7 +135,7 @@ def prepare_multiprocess(path: str | os.PathLike[str]) -> dict[str, str]:
 
 def mark_dead(pid: int, path: str | os.PathLike[str]) -> None:
     """A child exited: drop its live gauges (its counters and histograms stay summed)."""
-    mark_process_dead(pid, os.fspath(path))
+    mark_process_dead(pid, os.fspath(path))  # type: ignore[no-untyped-call]
 
 
 def prune_dead(path: str | os.PathLike[str]) -> list[int]:
@@ -169,12 +169,13 @@ class _Aggregated(Collector):
     """The multiprocess collector, dropping the live gauges of dead processes first."""
 
     def __init__(self, path: str) -> None:
-        self._collector = MultiProcessCollector(None, path)
+        self._collector = MultiProcessCollector(None, path)  # type: ignore[no-untyped-call]
         self._path = path
 
     def collect(self) -> Iterable[Metric]:
         prune_dead(self._path)
-        return self._collector.collect()
+        metrics: Iterable[Metric] = self._collector.collect()  # type: ignore[no-untyped-call]
+        return metrics
 
 
 def scrape_registry(multiprocess: str | os.PathLike[str] | None = None) -> CollectorRegistry:
