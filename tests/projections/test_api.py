@@ -53,6 +53,8 @@ from webhooks.events import Address, EmailReceived
 TOKEN = "test-token-" + "k" * 32
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
 DOCS = {"/openapi.json", "/docs", "/docs/oauth2-redirect", "/redoc"}
+#: Routes without data, served without a token (the docs, and the health check).
+OPEN = {*DOCS, "/healthz"}
 
 
 class Tally(msgspec.Struct):
@@ -146,7 +148,7 @@ def data_routes(app: FastAPI) -> list[APIRoute]:
     """Every route of ``app`` but the docs' (FastAPI keeps included routers as entries of
     ``app.routes``: their routes are walked through ``iter_route_contexts``)."""
     found = [c.original_route for c in iter_route_contexts(app.routes)]
-    return [r for r in found if isinstance(r, APIRoute) and r.path not in DOCS]
+    return [r for r in found if isinstance(r, APIRoute) and r.path not in OPEN]
 
 
 def concrete(path: str, run_id: uuid.UUID) -> str:
@@ -189,6 +191,14 @@ async def test_every_route_refuses_a_missing_or_wrong_token(api: httpx.AsyncClie
         # The right token gets past the check (to a 404: no such run, or no projection yet).
         response = await api.get(concrete(route.path, anyone))
         assert response.status_code != 401, (route.path, response.text)
+
+
+async def test_the_health_check_needs_no_token_and_tells_nothing(api: httpx.AsyncClient) -> None:
+    request = api.build_request("GET", "/healthz")
+    request.headers.pop("Authorization")
+    response = await api.send(request)
+    assert response.status_code == 200
+    assert response.json() == {"status": "ok"}
 
 
 async def test_without_a_configured_token_every_route_is_closed(
