@@ -6,17 +6,25 @@ returns, recording through runtime.ops.metrics as workers do.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from runtime.log.store import EventLog
 from runtime.ops import metrics
+from runtime.settings import Settings
+from tests.runtime.test_cli import env_for
 from tests.support import REPO
+from tests.webhooks.test_metrics_multiprocess import free_port
 
 CHILD = """
 import sys
@@ -116,3 +124,31 @@ def test_a_path_that_is_not_a_directory_is_refused(tmp_path: Path) -> None:
         metrics.prepare_multiprocess(taken)
     with pytest.raises(NotADirectoryError, match="PROMETHEUS_MULTIPROC_DIR"):
         metrics.scrape_registry(tmp_path / "missing")
+
+
+async def test_a_long_running_command_serves_its_health_check(
+    log: EventLog, settings: Settings
+) -> None:
+    """What compose's health check of the projector (relay, worker alike) asks for."""
+    port = free_port()
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "runtime", "projector", "--metrics-port", str(port),
+        env=env_for(settings), stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    url = f"http://127.0.0.1:{port}"
+    try:
+        async with httpx.AsyncClient(timeout=10) as client:
+            deadline = time.monotonic() + 60
+            while True:
+                with contextlib.suppress(httpx.HTTPError):
+                    if (await client.get(f"{url}/healthz")).status_code == 200:
+                        break
+                assert proc.returncode is None, "the projector exited"
+                assert time.monotonic() < deadline, "no health check answer"
+                await asyncio.sleep(0.1)
+            text = (await client.get(f"{url}/metrics")).text
+            assert sample(text, "agentrt_processes", component="projector") == 1
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        _, stderr = await asyncio.wait_for(proc.communicate(), 30)
+    assert proc.returncode == 0, stderr.decode()[-2000:]
