@@ -136,6 +136,7 @@ def serve(
     except ConfigError as exc:
         err.print(f"[red]error[/] {exc}")
         raise typer.Exit(2) from None
+    _check_metrics_dir()
     # The embedded servers when no URLs are set; uvicorn's workers read the URLs from env.
     settings = with_servers(settings, redis=True)
     if settings.require_durable_redis:
@@ -161,6 +162,18 @@ def serve(
         )
 
 
+def _check_metrics_dir() -> None:
+    from runtime.ops import metrics
+
+    given = os.environ.get(metrics.MULTIPROC_ENV)
+    if given is not None and not Path(given).is_dir():
+        err.print(
+            f"[red]error[/] {metrics.MULTIPROC_ENV}={given} is not a directory "
+            "(create it, or unset it to let serve make one)"
+        )
+        raise typer.Exit(2)
+
+
 @contextlib.contextmanager
 def _shared_metrics(workers: int) -> Iterator[None]:
     """One /metrics for several uvicorn workers: prometheus-client's multiprocess mode.
@@ -172,11 +185,7 @@ def _shared_metrics(workers: int) -> Iterator[None]:
     """
     from runtime.ops import metrics
 
-    given = os.environ.get(metrics.MULTIPROC_ENV)
-    if given is not None and not Path(given).is_dir():
-        err.print(f"[red]error[/] {metrics.MULTIPROC_ENV}={given} is not a directory")
-        raise typer.Exit(2)
-    if workers == 1 or given is not None:
+    if workers == 1 or metrics.MULTIPROC_ENV in os.environ:
         yield
         return
     made = tempfile.mkdtemp(prefix="agentrt-metrics-")

@@ -297,3 +297,20 @@ def test_without_the_collector_a_scrape_shows_one_worker(
     # A clean exit leaves the live gauges (each worker marks itself dead).
     assert not list(shared.glob("gauge_live*.db"))
     assert list(shared.glob("counter_*.db"))
+
+
+def test_a_missing_metrics_directory_is_refused_by_name(
+    environment: dict[str, str], tmp_path: Path
+) -> None:
+    missing = tmp_path / "nowhere"
+    env = {**environment, metrics.MULTIPROC_ENV: str(missing)}
+    result = subprocess.run(
+        [sys.executable, "-m", "runtime", "serve", "--workers", "2", "--port", str(free_port())],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 2, result.stderr
+    # rich wraps long lines (inside the path too): compare without the white space.
+    assert f"PROMETHEUS_MULTIPROC_DIR={missing}isnotadirectory" in "".join(result.stderr.split())
