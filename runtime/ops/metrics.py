@@ -21,6 +21,7 @@ The supervisor's side::
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import threading
@@ -135,7 +136,9 @@ def prepare_multiprocess(path: str | os.PathLike[str]) -> dict[str, str]:
 
 def mark_dead(pid: int, path: str | os.PathLike[str]) -> None:
     """A child exited: drop its live gauges (its counters and histograms stay summed)."""
-    mark_process_dead(pid, os.fspath(path))  # type: ignore[no-untyped-call]
+    # Idempotent: two processes answering scrapes at once may both prune one pid.
+    with contextlib.suppress(FileNotFoundError):
+        mark_process_dead(pid, os.fspath(path))  # type: ignore[no-untyped-call]
 
 
 def prune_dead(path: str | os.PathLike[str]) -> list[int]:
