@@ -240,6 +240,13 @@ ENV_KEYS: dict[str, str] = {
     "api_token": "AGENTRT_API_TOKEN",
 }
 
+
+def env_names() -> frozenset[str]:
+    """Every environment variable :meth:`Settings.from_env` reads (compose files are
+    checked against it: a misspelt name would be silently ignored)."""
+    return frozenset(ENV_KEYS.values())
+
+
 _LOG_LEVELS = {"debug", "info", "warning", "error", "critical"}
 
 

@@ -29,6 +29,7 @@ from redis.exceptions import RedisError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from runtime.log.pool import create_pool
+from runtime.ops import metrics as ops_metrics
 from runtime.ops.process import settle_gc
 from runtime.settings import Settings
 from runtime.streams.durability import (
@@ -127,17 +128,21 @@ class Metrics:
             buckets=(0.001, 0.0025, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 1.0),
             registry=self.registry,
         )
+        # Read from Redis at scrape time: with several processes, the latest reading of
+        # a live one is the value (see runtime.ops.metrics).
         self.stream_length = Gauge(
             "agentrt_ingress_stream_length",
             "Entries in each ingress stream",
             ["stream"],
             registry=self.registry,
+            multiprocess_mode="livemostrecent",
         )
         self.group_lag = Gauge(
             "agentrt_consumer_group_lag",
             "Entries not yet delivered to a consumer group (pending ones on Redis < 7)",
             ["stream", "group"],
             registry=self.registry,
+            multiprocess_mode="livemostrecent",
         )
 
 
@@ -180,8 +185,10 @@ def create_app(
             with contextlib.suppress(RedisError, OSError):  # unreachable: /readyz says so
                 await ensure_durable_redis(redis, settings, component="agentrt serve")
             settle_gc()
+            ops_metrics.process_started("ingress")
             yield
         finally:
+            ops_metrics.process_stopping()
             await redis.aclose()
             if pool is not None:
                 await pool.close()
@@ -361,7 +368,11 @@ def create_app(
         redis: aioredis.Redis = request.app.state.redis
         with contextlib.suppress(RedisError, OSError):
             await observe_streams(redis, config.ingress.partitions, metrics)
-        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+        # Several processes (serve --workers N, a supervisor's children): all of them,
+        # summed, from the shared directory; one process: its own registry.
+        shared = ops_metrics.multiprocess_dir()
+        registry = metrics.registry if shared is None else ops_metrics.scrape_registry(shared)
+        return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
 
     app.state.metrics = metrics
     if routes:

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import base64
+import contextlib
 import os
+import tempfile
 import time
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated
 
@@ -117,7 +120,14 @@ def serve(
     ctx: typer.Context,
     host: Annotated[str, typer.Option(help="Interface to listen on")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="Port")] = 8000,
-    workers: Annotated[int, typer.Option(help="Worker processes")] = 1,
+    workers: Annotated[
+        int,
+        typer.Option(
+            min=1,
+            help="Worker processes; with more than one, /metrics sums them all "
+            "(files in PROMETHEUS_MULTIPROC_DIR, else a temporary directory)",
+        ),
+    ] = 1,
     config: Annotated[
         Path | None,
         typer.Option(help="Sources file (env AGENTRT_WEBHOOKS_CONFIG; default ./webhooks.toml)"),
@@ -133,6 +143,7 @@ def serve(
     except ConfigError as exc:
         err.print(f"[red]error[/] {exc}")
         raise typer.Exit(2) from None
+    _check_metrics_dir()
     # The embedded servers when no URLs are set; uvicorn's workers read the URLs from env.
     settings = with_servers(settings, redis=True)
     if settings.require_durable_redis:
@@ -144,17 +155,53 @@ def serve(
         REDIS_URL=settings.require_redis_url(),
         DATABASE_URL=settings.require_database_url(),
     )
-    uvicorn.run(
-        "webhooks.app:app_from_env",
-        factory=True,
-        host=host,
-        port=port,
-        workers=workers,
-        loop="uvloop",
-        http="httptools",
-        log_level="warning",
-        access_log=False,
-    )
+    with _shared_metrics(workers):
+        uvicorn.run(
+            "webhooks.app:app_from_env",
+            factory=True,
+            host=host,
+            port=port,
+            workers=workers,
+            loop="uvloop",
+            http="httptools",
+            log_level="warning",
+            access_log=False,
+        )
+
+
+def _check_metrics_dir() -> None:
+    from runtime.ops import metrics
+
+    given = os.environ.get(metrics.MULTIPROC_ENV)
+    if given is not None and not Path(given).is_dir():
+        err.print(
+            f"[red]error[/] {metrics.MULTIPROC_ENV}={given} is not a directory "
+            "(create it, or unset it to let serve make one)"
+        )
+        raise typer.Exit(2)
+
+
+@contextlib.contextmanager
+def _shared_metrics(workers: int) -> Iterator[None]:
+    """One /metrics for several uvicorn workers: prometheus-client's multiprocess mode.
+
+    uvicorn spawns its workers, so a variable set here is in place before they import
+    prometheus_client. A directory given in PROMETHEUS_MULTIPROC_DIR belongs to whoever
+    set it (a supervisor that empties it for all its children); otherwise a temporary
+    one is made here and removed at exit.
+    """
+    from runtime.ops import metrics
+
+    if workers == 1 or metrics.MULTIPROC_ENV in os.environ:
+        yield
+        return
+    made = tempfile.mkdtemp(prefix="agentrt-metrics-")
+    os.environ.update(metrics.prepare_multiprocess(made))
+    try:
+        yield
+    finally:
+        del os.environ[metrics.MULTIPROC_ENV]
+        metrics.remove_dir(made)
 
 
 async def _require_durable_redis(settings: Settings) -> None:

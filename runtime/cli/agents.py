@@ -50,6 +50,24 @@ FromStartOption = Annotated[
 ]
 
 
+MetricsPortOption = Annotated[
+    int,
+    typer.Option(
+        help="Serve Prometheus metrics (/metrics, /healthz) on this port (0: off); "
+        "under a supervisor sharing PROMETHEUS_MULTIPROC_DIR, all its processes summed"
+    ),
+]
+
+
+def _serve_metrics(port: int, component: str) -> None:
+    """The process's metrics endpoint (a daemon thread, gone with the process)."""
+    from runtime.ops import metrics
+
+    metrics.process_started(component)
+    if port:
+        metrics.serve_metrics(port)
+
+
 def _relay(
     lg: EventLog, redis: Any, agents: list[Agent], settings: Settings, *, from_start: bool
 ) -> Relay:
@@ -125,9 +143,7 @@ def register(app: typer.Typer) -> None:
             bool, typer.Option("--relay/--no-relay", help="Also run the outbox relay here")
         ] = True,
         from_start: FromStartOption = False,
-        metrics_port: Annotated[
-            int, typer.Option(help="Serve Prometheus metrics on this port (0: off)")
-        ] = 0,
+        metrics_port: MetricsPortOption = 0,
     ) -> None:
         """Run agents: consumer groups, durable steps, one transaction per activation."""
         agents = load_agents(app_target)
@@ -144,10 +160,7 @@ def register(app: typer.Typer) -> None:
             )
         except ValueError as exc:
             raise typer.BadParameter(str(exc)) from None
-        if metrics_port:
-            from prometheus_client import start_http_server
-
-            start_http_server(metrics_port)
+        _serve_metrics(metrics_port, "worker")
 
         async def go() -> None:
             from runtime.llm.calls import LLM
@@ -189,7 +202,10 @@ def register(app: typer.Typer) -> None:
 
     @app.command("relay")
     def relay_cmd(
-        ctx: typer.Context, app_target: AppOption, from_start: FromStartOption = False
+        ctx: typer.Context,
+        app_target: AppOption,
+        from_start: FromStartOption = False,
+        metrics_port: MetricsPortOption = 0,
     ) -> None:
         """Publish emitted events from the log to the streams of their subscribers.
 
@@ -199,6 +215,7 @@ def register(app: typer.Typer) -> None:
         """
         agents = load_agents(app_target)
         settings = with_servers(ctx.obj, redis=True)
+        _serve_metrics(metrics_port, "relay")
 
         async def go() -> None:
             stop = asyncio.Event()
