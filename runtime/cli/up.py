@@ -33,6 +33,7 @@ import time
 from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
 from importlib.metadata import entry_points
+from pathlib import Path
 from types import ModuleType
 from typing import Annotated, Any
 
@@ -47,6 +48,7 @@ from rich.text import Text
 from runtime.cli.helpers import err, fail, settings_of
 from runtime.errors import AgentrtError
 from runtime.log import migrations
+from runtime.ops import metrics
 from runtime.ops.embedded import EmbeddedServices
 from runtime.ops.supervisor import ChildSpec, ChildState, Supervisor
 from runtime.settings import Settings
@@ -178,8 +180,10 @@ class _StatusLine:
         return line
 
 
-def _on_exit(console: Console) -> Any:
+def _on_exit(console: Console, metrics_dir: Path) -> Any:
     def report(child: ChildState, tail: str) -> None:
+        if child.last_pid is not None:  # its live gauges go; its counts stay in the sums
+            metrics.mark_dead(child.last_pid, metrics_dir)
         console.print(f"[yellow]{child.spec.name} exited with {child.last_exit}; restarting[/] "
                       f"(log {child.spec.log_path})")  # fmt: skip
         if tail:
@@ -195,12 +199,17 @@ async def _up(
     for _, mod in mods:
         services += mod.services(plan)
     logs = plan.settings.state_dir / "logs"
+    # One metrics endpoint for every child (prometheus multiprocess mode): each records
+    # into files here, the supervisor serves their sum.
+    metrics_dir = plan.settings.state_dir / "metrics"
+    shared = metrics.prepare_multiprocess(metrics_dir)
     specs = [
         ChildSpec(s.name, [sys.executable, "-m", "runtime", *s.args],
-                  _child_env(plan.settings, s), logs / f"{s.name}.log")
+                  {**_child_env(plan.settings, s), **shared}, logs / f"{s.name}.log")
         for s in services
     ]  # fmt: skip
-    sup = Supervisor(specs, stop_timeout=10.0, on_exit=_on_exit(console))
+    sup = Supervisor(specs, stop_timeout=10.0, on_exit=_on_exit(console, metrics_dir))
+    server = metrics.serve_metrics(plan.port + 2, metrics_dir, host=plan.host)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -217,6 +226,7 @@ async def _up(
         for s in services:
             for line in s.about:
                 console.print(f"  {escape(line)}")
+        console.print(f"  metrics  {plan.url(2)}/metrics (every child's, summed)")
         status = _StatusLine(plan, mods, sup)
         if plan.demo:
             ok = await _demo(plan, mods, console) and not late
@@ -240,6 +250,7 @@ async def _up(
         console.print("stopping: every child gets SIGTERM (workers drain)...")
         stop.set()
         await running
+        server.close()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.remove_signal_handler(sig)
 
@@ -287,6 +298,8 @@ def free_base_port(host: str, count: int = 3) -> int:
 
 def _port_free(host: str, port: int) -> bool:
     with socket.socket() as s:
+        # As the servers bind: a port whose last connections linger in TIME_WAIT is free.
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             s.bind((host, port))
         except OSError:

@@ -52,6 +52,8 @@ class ChildState:
 
     spec: ChildSpec
     pid: int | None = None
+    #: The pid of its last process (kept after it exited).
+    last_pid: int | None = None
     #: running, restarting (waiting out its backoff), stopped, or failed (gave up).
     status: str = "starting"
     restarts: int = 0
@@ -132,7 +134,7 @@ class Supervisor:
                 preexec_fn=_parent_death_signal(),
             )
         self._procs[spec.name] = proc
-        state.pid = proc.pid
+        state.pid = state.last_pid = proc.pid
         state.status = "running"
         state.started_at = time.monotonic()
         return proc

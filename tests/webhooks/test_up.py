@@ -18,6 +18,7 @@ import asyncpg
 import httpx
 import msgspec
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from runtime.ops.embedded import EmbeddedServices
 from runtime.settings import Settings
@@ -195,6 +196,19 @@ def test_up_from_an_empty_state_serves_stops_and_starts_again(tmp_path: Path) ->
                     "runs": f"completed {round_}",
                     "cost": "$0.0000",  # the offline model's
                 }
+                # One metrics endpoint: every child's, summed (this start's processes only).
+                text = httpx.get(f"http://127.0.0.1:{port + 2}/metrics", timeout=5).text
+                samples = {
+                    (m.name, tuple(sorted(m.labels.items()))): m.value
+                    for f in text_string_to_metric_families(text) for m in f.samples
+                }  # fmt: skip
+                done = sum(v for (n, labels), v in samples.items()
+                           if n == "agentrt_activations_total" and ("outcome", "completed")
+                           in labels)  # fmt: skip
+                assert done == 1, text
+                live = {dict(labels)["component"] for (n, labels), v in samples.items()
+                        if n == "agentrt_processes" and v > 0}  # fmt: skip
+                assert {"ingress", "worker", "relay", "projector"} <= live, live
                 family = _descendants(proc.pid)
                 assert len(family) >= 5  # ingress, api, projector, worker, relay
             finally:
