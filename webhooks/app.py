@@ -36,7 +36,7 @@ from runtime.streams.durability import (
     check_redis_durability,
     ensure_durable_redis,
 )
-from runtime.streams.keys import ingress_stream
+from runtime.streams.keys import ingress_stream, redis_client
 from webhooks import auth
 from webhooks.config import ResolvedSource, WebhooksConfig
 from webhooks.errors import (
@@ -164,7 +164,9 @@ def create_app(
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        redis = aioredis.Redis.from_url(
+        # A plain or a cluster client (``redis+cluster://``): the ingress's one
+        # script keeps to one slot (the partition's hash tag).
+        redis = redis_client(
             settings.require_redis_url(),
             socket_connect_timeout=2,
             socket_timeout=5,

@@ -1,0 +1,301 @@
+"""Against a real three-master Redis Cluster: the ingress, two workers and the relay handle
+every accepted webhook once, dead letters and redrives work, nothing is left pending; and
+the cross-slot MULTIs the cluster paths replace are refused there (the broken variants)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from typing import Any
+
+import pytest
+import redis
+import redis.asyncio as aioredis
+from redis.crc import key_slot
+from redis.exceptions import ClusterCrossSlotError, CrossSlotTransactionError
+
+from runtime.agents.agent import Agent
+from runtime.agents.context import Context
+from runtime.effects.tools import ToolContext, tool
+from runtime.errors import SettingsError
+from runtime.log.store import EventLog
+from runtime.settings import Settings
+from runtime.streams.keys import (
+    DLQ_STREAM,
+    agent_stream,
+    cluster_url,
+    connect_redis,
+    ingress_stream,
+    is_cluster,
+)
+from runtime.worker import dead_letters as dlq
+from runtime.worker.relay import Relay
+from runtime.worker.worker import Worker
+from tests.support.cluster import redis_cluster
+from tests.support.events import Noted
+from tests.support.runtime import count_type, fast_options, inbox_rows, wait_for
+from tests.support.webhooks import ingress, make_config
+from webhooks.events import WebhookReceived
+
+PARTITIONS = 4
+JSON = {"content-type": "application/json"}
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A ``redis+cluster://`` URL of a three-master cluster of this module's own."""
+    try:
+        with redis_cluster(tmp_path_factory.mktemp("cluster")) as ports:
+            yield f"redis+cluster://127.0.0.1:{ports[0]}"
+    except RuntimeError as exc:
+        pytest.skip(f"cannot start a Redis Cluster here: {exc}")
+
+
+@pytest.fixture
+async def rc(cluster: str) -> AsyncIterator[aioredis.Redis]:
+    """A cluster client; every master flushed before and after the test."""
+    client = await connect_redis(cluster)
+    await client.flushall()
+    yield client
+    await client.flushall()
+    await client.aclose()
+
+
+# -- the app: an intake agent (a tool step, an emitted event) and a reviewer fed by the relay --
+
+#: Tool calls made, by webhook number: each must be made once.
+CALLS: list[int] = []
+#: While False, the intake fails on webhooks that ask it to (``"fail": true``).
+FIXED = {"intake": False}
+
+
+@tool
+async def file_ticket(ctx: ToolContext, n: int) -> str:
+    """File a ticket for webhook ``n``."""
+    CALLS.append(n)
+    return f"ticket-{n}"
+
+
+class Intake(Agent):
+    name = "intake"
+    subscribes = (WebhookReceived,)
+    tools = (file_ticket,)
+
+    async def handle(self, event: WebhookReceived, ctx: Context) -> None:
+        n = int(event.payload["n"])
+        if event.payload.get("fail") and not FIXED["intake"]:
+            raise RuntimeError(f"webhook {n}: the ticket system refuses it")
+        ticket = await ctx.tool(file_ticket, n=n)
+        ctx.emit(Noted(text=ticket, n=n))
+
+
+class Reviewer(Agent):
+    name = "reviewer"
+    subscribes = (Noted,)
+    reads_ingress = False
+
+    async def handle(self, event: Noted, ctx: Context) -> None:
+        return None
+
+
+AGENTS: list[Agent] = [Intake(), Reviewer()]
+
+
+@contextlib.asynccontextmanager
+async def deployment(url: str, log: EventLog) -> AsyncIterator[None]:
+    """Two workers and a relay, each with a cluster client of its own (as processes have)."""
+    clients = [await connect_redis(url) for _ in range(3)]
+    stop = asyncio.Event()
+    workers = [
+        Worker(AGENTS, redis=c, log=log, options=fast_options(partitions=PARTITIONS))
+        for c in clients[:2]
+    ]
+    relay = Relay(log, clients[2], AGENTS, poll_interval=0.05, timer_interval=0.05)
+    for w in workers:
+        await w.setup()
+    tasks = [asyncio.create_task(w.run(stop)) for w in workers]
+    tasks.append(asyncio.create_task(relay.run(stop)))
+    try:
+        yield
+    finally:
+        stop.set()
+        results = await asyncio.gather(*tasks, return_exceptions=True)
+        for c in clients:
+            await c.aclose()
+        for result in results:
+            if isinstance(result, BaseException):
+                raise result
+
+
+async def streams_settled(rc: aioredis.Redis) -> bool:
+    """Every group of every stream has read everything and has nothing pending."""
+    streams = [ingress_stream(p) for p in range(PARTITIONS)]
+    streams += [agent_stream(a.name) for a in AGENTS]
+    for stream in streams:
+        if not await rc.exists(stream):
+            continue
+        for group in await rc.xinfo_groups(stream):
+            if int(group["pending"]) or int(group.get("lag") or 0):
+                return False
+    return True
+
+
+async def completed(log: EventLog, n: int) -> bool:
+    return await count_type(log, "activation.completed") >= n
+
+
+async def test_webhooks_run_once_with_dead_letters_and_redrive_on_a_cluster(
+    cluster: str, rc: aioredis.Redis, log: EventLog
+) -> None:
+    assert is_cluster(rc)
+    CALLS.clear()
+    FIXED["intake"] = False
+    total, failing = 24, {5, 17}
+    accepted: dict[int, uuid.UUID] = {}
+    async with deployment(cluster, log):
+        config = make_config(partitions=PARTITIONS)
+        async with ingress(cluster, config) as c:
+            for n in range(total):
+                body = json.dumps({"n": n, "fail": n in failing}).encode()
+                r = await c.post("/webhooks/open", content=body, headers=JSON)
+                assert r.status_code == 202, r.text
+                assert r.json()["duplicate"] is False
+                accepted[n] = uuid.UUID(r.json()["event_id"])
+            # A redelivery is a duplicate (its dedupe key shares its partition's slot).
+            again = await c.post("/webhooks/open", content=json.dumps({"n": 0, "fail": False}),
+                                 headers=JSON)  # fmt: skip
+            assert again.json() == {"event_id": str(accepted[0]), "duplicate": True}
+        # The webhooks were spread over the partitions, so over the masters.
+        used = {key_slot(ingress_stream(p).encode()) for p in range(PARTITIONS)
+                if await rc.xlen(ingress_stream(p))}  # fmt: skip
+        assert len(used) > 1
+        ok = total - len(failing)
+        await wait_for(lambda: completed(log, 2 * ok), 40, "every good webhook through both agents")
+        await wait_for(lambda: _dead_letters(rc, len(failing)), 40, "the failing ones dead-lettered")
+        await wait_for(lambda: streams_settled(rc), 20, "every group caught up, nothing pending")
+
+        letters = await dlq.list_dead_letters(rc)
+        assert sorted(letter.event_id for letter in letters) == sorted(
+            str(accepted[n]) for n in failing
+        )
+        assert all(letter.deliveries == 3 and letter.agent == "intake" for letter in letters)
+        # Fixed: each dead letter goes back to the intake and runs once.
+        FIXED["intake"] = True
+        for letter in letters:
+            plan = await dlq.redrive(rc, log, letter.id)
+            assert plan.generation == 1 and not plan.forced
+        assert await rc.xlen(DLQ_STREAM) == 0
+        await wait_for(lambda: completed(log, 2 * total), 40, "the redriven webhooks handled")
+        await wait_for(lambda: streams_settled(rc), 20, "nothing pending after the redrives")
+
+    # Once: one tool call per webhook, one activation per agent per webhook.
+    assert sorted(CALLS) == list(range(total))
+    assert await count_type(log, "activation.completed") == 2 * total
+    rows = await inbox_rows(log)
+    intake = sorted(e for agent, e, o in rows if agent == "intake" and o == "completed")
+    assert intake == sorted(accepted.values())
+    assert sum(1 for agent, _, _ in rows if agent == "reviewer") == total
+    for n, event_id in accepted.items():
+        run = [e.event_type for e in await log.read_stream(f"run-{event_id}")]
+        assert run.count("webhook.received") == 1, (n, run)
+        assert run.count("test.noted") == 1, (n, run)
+        assert run.count("activation.completed") == 2, (n, run)
+        if n in failing:
+            assert run.count("activation.dead_lettered") == 1
+            assert run.count("dead_letter.redriven") == 1
+    assert await streams_settled(rc)
+
+
+async def _dead_letters(rc: aioredis.Redis, n: int) -> bool:
+    return int(await rc.xlen(DLQ_STREAM)) >= n
+
+
+# -- connecting -------------------------------------------------------------------------------
+
+
+def test_cluster_urls_are_recognised_and_checked() -> None:
+    assert cluster_url("redis+cluster://h:7000") == "redis://h:7000"
+    assert cluster_url("rediss+cluster://u:p@h:7000/0") == "rediss://u:p@h:7000"
+    assert cluster_url("redis://h:6379/3") is None
+    with pytest.raises(SettingsError, match="only database 0"):
+        cluster_url("redis+cluster://h:7000/3")
+    with pytest.raises(SettingsError, match="needs a host"):
+        cluster_url("redis+cluster:///0")
+    settings = Settings.from_env({"REDIS_URL": "redis+cluster://h:7000"})
+    assert settings.redis_url == "redis+cluster://h:7000"
+    with pytest.raises(SettingsError, match="REDIS_URL.*only database 0"):
+        Settings.from_env({"REDIS_URL": "redis+cluster://h:7000/2"})
+    with pytest.raises(SettingsError, match="REDIS_URL.*scheme"):
+        Settings.from_env({"REDIS_URL": "cluster://h:7000"})
+
+
+# -- the broken variants: the old MULTIs span slots, and the cluster refuses them -----------------
+
+
+async def test_a_dead_letter_multi_across_slots_is_refused(
+    rc: aioredis.Redis, log: EventLog, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With the cluster path switched off, dead_letter's MULTI (the DLQ stream and the
+    entry's partition) fails on the cluster; with it, the same call succeeds."""
+    stream = ingress_stream(0)
+    await rc.xgroup_create(stream, "intake", id="0", mkstream=True)
+    entry = await rc.xadd(stream, {"type": "x"})
+    await rc.xreadgroup("intake", "c", {stream: ">"})
+    entry_id = entry.decode()
+    args: tuple[Any, ...] = (log, rc, "intake", stream, entry_id, {"type": "x"}, None,
+                             RuntimeError("boom"), 3)  # fmt: skip
+    monkeypatch.setattr(dlq, "is_cluster", lambda _: False)
+    with pytest.raises(CrossSlotTransactionError):
+        await dlq.dead_letter(*args)
+    assert await rc.xlen(DLQ_STREAM) == 0
+    monkeypatch.undo()
+    assert await dlq.dead_letter(*args)
+    assert await rc.xlen(DLQ_STREAM) == 1
+    assert int((await rc.xpending(stream, "intake"))["pending"]) == 0
+
+
+async def test_the_relays_page_multi_across_slots_is_refused(
+    rc: aioredis.Redis, log: EventLog
+) -> None:
+    """The relay's single-Redis MULTI (the subscribers' streams and the checkpoint) fails on
+    the cluster; the cluster path publishes the same page."""
+    from runtime.events.model import NewEvent
+
+    await log.append("run-x", [NewEvent(body=Noted(text="t", n=1))])
+    page = await log.read_all()
+    relay = Relay(log, rc, AGENTS)
+    assert await rc.set(relay.lease_key, relay._token)
+    relay._cluster = False  # the old path, with the cluster's (tagged) key names
+    with pytest.raises(CrossSlotTransactionError):
+        await relay.publish(page)
+    assert await rc.xlen(agent_stream("reviewer")) == 0
+    relay._cluster = True
+    assert await relay.publish(page) == 1
+    assert await rc.xlen(agent_stream("reviewer")) == 1
+    assert (await relay.checkpoint()).position == page[-1].log_position
+
+
+def test_the_server_itself_refuses_a_cross_slot_multi(cluster: str) -> None:
+    """Not only redis-py: the node answers CROSSSLOT to a MULTI over two of its slots."""
+    seed = cluster_url(cluster)
+    assert seed is not None
+    with redis.RedisCluster.from_url(seed) as client:
+        node = client.get_node_from_key(DLQ_STREAM)
+        same_node_other_slot = next(
+            agent_stream(f"a{i}")
+            for i in range(10_000)
+            if client.get_node_from_key(agent_stream(f"a{i}")) == node
+            and key_slot(agent_stream(f"a{i}").encode()) != key_slot(DLQ_STREAM.encode())
+        )
+    with redis.Redis(host=node.host, port=node.port) as plain:
+        pipe = plain.pipeline(transaction=True)
+        pipe.xadd(DLQ_STREAM, {"f": "v"})
+        pipe.xadd(same_node_other_slot, {"f": "v"})
+        # The server's CROSSSLOT reply, as redis-py raises it.
+        with pytest.raises(ClusterCrossSlotError, match="same slot"):
+            pipe.execute()
+        assert plain.exists(DLQ_STREAM) == 0
+
