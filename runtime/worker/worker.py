@@ -99,6 +99,8 @@ def _raw_reply(response: Any, **options: Any) -> Any:
 #: used inside redis-py, can swallow one that arrives as its inner call
 #: completes): a stop must not wait for such a task for ever.
 _STOP_WAIT = 5.0
+#: More than the streams one hand-off set can name (an agent's partitions and its own).
+_MAX_NOTES = 1 << 16
 
 
 @dataclasses.dataclass(eq=False)
@@ -749,19 +751,15 @@ class Worker:
         keys = [handoff_key(g.agent.name, self.consumer) for g in self.groups]
         while await self._sleep(interval):
             try:
-                # Read and clear the notes in one MULTI per hash slot (each
-                # agent's notes have its tag; one MULTI for all on one Redis).
-                noted: dict[str, Any] = {}
-                for group in slot_groups(self.redis, keys):
-                    async with self.redis.pipeline(transaction=True) as pipe:
-                        for key in group:
-                            pipe.smembers(key)
-                        # (DEL by name: a cluster pipeline's delete() splits keys by slot.)
-                        pipe.execute_command("DEL", *group)
-                        *members, _ = await pipe.execute()
-                    noted.update(zip(group, members, strict=True))
-                for g, key in zip(self.groups, keys, strict=True):
-                    for stream in sorted(text(s) for s in noted[key]):
+                # SPOP with a count reads and clears each set in one atomic
+                # command (a set names at most an agent's streams): no MULTI,
+                # so the keys may sit in different slots of a Redis Cluster.
+                async with self.redis.pipeline(transaction=False) as pipe:
+                    for key in keys:
+                        pipe.spop(key, _MAX_NOTES)
+                    noted = await pipe.execute()
+                for g, streams in zip(self.groups, noted, strict=True):
+                    for stream in sorted(text(s) for s in streams or ()):
                         await self._adopt(g, stream)
             except (RedisError, OSError) as exc:
                 log.warning("worker.adopt_failed", error=f"{type(exc).__name__}: {exc}")

@@ -15,7 +15,12 @@ import pytest
 import redis
 import redis.asyncio as aioredis
 from redis.crc import key_slot
-from redis.exceptions import ClusterCrossSlotError, CrossSlotTransactionError
+from redis.exceptions import (
+    ClusterCrossSlotError,
+    CrossSlotTransactionError,
+    RedisClusterException,
+)
+from structlog.testing import capture_logs
 
 from runtime.agents.agent import Agent
 from runtime.agents.context import Context
@@ -32,11 +37,14 @@ from runtime.streams.keys import (
     is_cluster,
 )
 from runtime.worker import dead_letters as dlq
+from runtime.worker import groups
+from runtime.worker import worker as worker_mod
+from runtime.worker.groups import handoff_key
 from runtime.worker.relay import Relay
 from runtime.worker.worker import Worker
 from tests.support.cluster import redis_cluster
 from tests.support.events import Noted
-from tests.support.runtime import count_type, fast_options, inbox_rows, wait_for
+from tests.support.runtime import count_type, fast_options, inbox_rows, send, wait_for
 from tests.support.webhooks import ingress, make_config
 from webhooks.events import WebhookReceived
 
@@ -155,41 +163,12 @@ async def test_webhooks_run_once_with_dead_letters_and_redrive_on_a_cluster(
     FIXED["intake"] = False
     total, failing = 24, {5, 17}
     accepted: dict[int, uuid.UUID] = {}
-    async with deployment(cluster, log):
-        config = make_config(partitions=PARTITIONS)
-        async with ingress(cluster, config) as c:
-            for n in range(total):
-                body = json.dumps({"n": n, "fail": n in failing}).encode()
-                r = await c.post("/webhooks/open", content=body, headers=JSON)
-                assert r.status_code == 202, r.text
-                assert r.json()["duplicate"] is False
-                accepted[n] = uuid.UUID(r.json()["event_id"])
-            # A redelivery is a duplicate (its dedupe key shares its partition's slot).
-            again = await c.post("/webhooks/open", content=json.dumps({"n": 0, "fail": False}),
-                                 headers=JSON)  # fmt: skip
-            assert again.json() == {"event_id": str(accepted[0]), "duplicate": True}
-        # The webhooks were spread over the partitions, so over the masters.
-        used = {key_slot(ingress_stream(p).encode()) for p in range(PARTITIONS)
-                if await rc.xlen(ingress_stream(p))}  # fmt: skip
-        assert len(used) > 1
-        ok = total - len(failing)
-        await wait_for(lambda: completed(log, 2 * ok), 40, "every good webhook through both agents")
-        await wait_for(lambda: _dead_letters(rc, len(failing)), 40, "the failing ones dead-lettered")
-        await wait_for(lambda: streams_settled(rc), 20, "every group caught up, nothing pending")
-
-        letters = await dlq.list_dead_letters(rc)
-        assert sorted(letter.event_id for letter in letters) == sorted(
-            str(accepted[n]) for n in failing
-        )
-        assert all(letter.deliveries == 3 and letter.agent == "intake" for letter in letters)
-        # Fixed: each dead letter goes back to the intake and runs once.
-        FIXED["intake"] = True
-        for letter in letters:
-            plan = await dlq.redrive(rc, log, letter.id)
-            assert plan.generation == 1 and not plan.forced
-        assert await rc.xlen(DLQ_STREAM) == 0
-        await wait_for(lambda: completed(log, 2 * total), 40, "the redriven webhooks handled")
-        await wait_for(lambda: streams_settled(rc), 20, "nothing pending after the redrives")
+    with capture_logs() as logs:
+        async with deployment(cluster, log):
+            await _webhooks_and_redrives(cluster, rc, log, total, failing, accepted)
+    # No background task of a worker died (a cross-slot command kills it).
+    assert [e for e in logs if e["event"] == "worker.task_died"] == []
+    assert sum(1 for e in logs if e["event"] == "activation.dead_lettered") == len(failing)
 
     # Once: one tool call per webhook, one activation per agent per webhook.
     assert sorted(CALLS) == list(range(total))
@@ -209,8 +188,94 @@ async def test_webhooks_run_once_with_dead_letters_and_redrive_on_a_cluster(
     assert await streams_settled(rc)
 
 
+async def _webhooks_and_redrives(
+    cluster: str,
+    rc: aioredis.Redis,
+    log: EventLog,
+    total: int,
+    failing: set[int],
+    accepted: dict[int, uuid.UUID],
+) -> None:
+    config = make_config(partitions=PARTITIONS)
+    async with ingress(cluster, config) as c:
+        for n in range(total):
+            body = json.dumps({"n": n, "fail": n in failing}).encode()
+            r = await c.post("/webhooks/open", content=body, headers=JSON)
+            assert r.status_code == 202, r.text
+            assert r.json()["duplicate"] is False
+            accepted[n] = uuid.UUID(r.json()["event_id"])
+        # A redelivery is a duplicate (its dedupe key shares its partition's slot).
+        again = await c.post("/webhooks/open", content=json.dumps({"n": 0, "fail": False}),
+                             headers=JSON)  # fmt: skip
+        assert again.json() == {"event_id": str(accepted[0]), "duplicate": True}
+    # The webhooks were spread over the partitions, so over the masters.
+    used = {key_slot(ingress_stream(p).encode()) for p in range(PARTITIONS)
+            if await rc.xlen(ingress_stream(p))}  # fmt: skip
+    assert len(used) > 1
+    ok = total - len(failing)
+    await wait_for(lambda: completed(log, 2 * ok), 40, "every good webhook through both agents")
+    await wait_for(lambda: _dead_letters(rc, len(failing)), 40, "the failing ones dead-lettered")
+    await wait_for(lambda: streams_settled(rc), 20, "every group caught up, nothing pending")
+
+    letters = await dlq.list_dead_letters(rc)
+    assert sorted(letter.event_id for letter in letters) == sorted(
+        str(accepted[n]) for n in failing
+    )
+    assert all(letter.deliveries == 3 and letter.agent == "intake" for letter in letters)
+    # Fixed: each dead letter goes back to the intake and runs once.
+    FIXED["intake"] = True
+    for letter in letters:
+        plan = await dlq.redrive(rc, log, letter.id)
+        assert plan.generation == 1 and not plan.forced
+    assert await rc.xlen(DLQ_STREAM) == 0
+    await wait_for(lambda: completed(log, 2 * total), 40, "the redriven webhooks handled")
+    await wait_for(lambda: streams_settled(rc), 20, "nothing pending after the redrives")
+
+
 async def _dead_letters(rc: aioredis.Redis, n: int) -> bool:
     return int(await rc.xlen(DLQ_STREAM)) >= n
+
+
+async def test_an_entry_handed_over_across_slots_is_adopted(
+    rc: aioredis.Redis, log: EventLog, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A rolling deploy's hand-over (XCLAIM on a partition, a note in the agent's set: two
+    slots) reaches the new worker, which adopts and handles the entry; the old single-MULTI
+    hand-over is refused by the cluster."""
+    stream = ingress_stream(1)
+    assert key_slot(stream.encode()) != key_slot(handoff_key("intake", "new").encode())
+    event_id = await send(rc, WebhookReceived(source="open", payload={"n": 99}), partition=1)
+    await rc.xgroup_create(stream, "intake", id="0", mkstream=True)
+    [[_, [(entry, _)]]] = await rc.xreadgroup("intake", "old", {stream: ">"})
+    entry_id = entry.decode()
+    monkeypatch.setattr(groups, "is_cluster", lambda _: False)
+    with pytest.raises(CrossSlotTransactionError):
+        await groups.hand_over(rc, "intake", stream, entry_id, "new")
+    monkeypatch.undo()
+    CALLS.clear()
+    FIXED["intake"] = True
+    # A long claim_idle: only the adoption, not a reclaim, can bring the entry here.
+    options = fast_options(partitions=PARTITIONS, claim_idle=60.0, drain_timeout=2.0,
+                           consumer="new")  # fmt: skip
+    worker = Worker([Intake()], redis=rc, log=log, options=options)
+    stop = asyncio.Event()
+    task = asyncio.create_task(worker.run(stop))
+    try:
+        await worker.setup()
+        assert await groups.hand_over(rc, "intake", stream, entry_id, "new")
+        await wait_for(lambda: completed(log, 1), 20, "the handed-over entry handled")
+        await wait_for(
+            lambda: _no_pending(rc, stream, "intake"), 20, "the handed-over entry acknowledged"
+        )
+    finally:
+        stop.set()
+        await task
+    assert CALLS == [99]
+    assert [e for _, e, _ in await inbox_rows(log)] == [event_id]
+
+
+async def _no_pending(rc: aioredis.Redis, stream: str, group: str) -> bool:
+    return int((await rc.xpending(stream, group))["pending"]) == 0
 
 
 # -- connecting -------------------------------------------------------------------------------
@@ -276,6 +341,17 @@ async def test_the_relays_page_multi_across_slots_is_refused(
     assert await relay.publish(page) == 1
     assert await rc.xlen(agent_stream("reviewer")) == 1
     assert (await relay.checkpoint()).position == page[-1].log_position
+
+
+async def test_one_xreadgroup_over_every_stream_is_refused(
+    rc: aioredis.Redis, log: EventLog, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A worker reading all of an agent's streams in one XREADGROUP (as on one Redis) stops
+    with the cluster's error; the per-slot readers are what the test above ran."""
+    monkeypatch.setattr(worker_mod, "slot_groups", lambda _, keys: [list(keys)])
+    worker = Worker([Intake()], redis=rc, log=log, options=fast_options(partitions=PARTITIONS))
+    with pytest.raises(RedisClusterException, match="same key slot"):
+        await asyncio.wait_for(worker.run(asyncio.Event()), 30)
 
 
 def test_the_server_itself_refuses_a_cross_slot_multi(cluster: str) -> None:
