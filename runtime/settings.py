@@ -246,11 +246,10 @@ _LOG_LEVELS = {"debug", "info", "warning", "error", "critical"}
 def _parse(field: str, key: str, raw: Any) -> Any:
     """Turn one raw value into the field's type, or raise naming ``key``."""
     if field in ("redis_url",):
+        # redis+cluster:// (rediss+cluster://): a Redis Cluster, any one node of it.
         url = _url(key, str(raw), {"redis", "rediss", "unix", "redis+cluster", "rediss+cluster"})
-        if urlsplit(url).scheme.endswith("+cluster") and urlsplit(url).path.strip("/") not in (
-            "",
-            "0",
-        ):
+        parts = urlsplit(url)
+        if parts.scheme.endswith("+cluster") and parts.path.strip("/") not in ("", "0"):
             raise SettingsError(key, "a Redis Cluster has only database 0: drop the /<db> path")
         return url
     if field in ("database_url", "runtime_database_url"):

@@ -67,7 +67,9 @@ def cluster_url(url: str) -> str | None:
     if plain is None:
         return None
     if not parts.hostname:
-        raise SettingsError("REDIS_URL", f"{parts.scheme}:// needs a host (any node of the cluster)")
+        raise SettingsError(
+            "REDIS_URL", f"{parts.scheme}:// needs a host (any node of the cluster)"
+        )
     if parts.path.strip("/") not in ("", "0") or "db=" in parts.query:
         raise SettingsError(
             "REDIS_URL",

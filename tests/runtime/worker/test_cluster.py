@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import typing
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
@@ -28,6 +29,7 @@ from runtime.effects.tools import ToolContext, tool
 from runtime.errors import SettingsError
 from runtime.log.store import EventLog
 from runtime.settings import Settings
+from runtime.streams.durability import check_redis_durability
 from runtime.streams.keys import (
     DLQ_STREAM,
     agent_stream,
@@ -291,10 +293,32 @@ def test_cluster_urls_are_recognised_and_checked() -> None:
         cluster_url("redis+cluster:///0")
     settings = Settings.from_env({"REDIS_URL": "redis+cluster://h:7000"})
     assert settings.redis_url == "redis+cluster://h:7000"
-    with pytest.raises(SettingsError, match="REDIS_URL.*only database 0"):
+    with pytest.raises(SettingsError, match=r"REDIS_URL.*only database 0"):
         Settings.from_env({"REDIS_URL": "redis+cluster://h:7000/2"})
-    with pytest.raises(SettingsError, match="REDIS_URL.*scheme"):
+    with pytest.raises(SettingsError, match=r"REDIS_URL.*scheme"):
         Settings.from_env({"REDIS_URL": "cluster://h:7000"})
+
+
+async def test_durability_is_checked_on_every_master(rc: aioredis.Redis) -> None:
+    cluster = typing.cast(Any, rc)
+    primaries = cluster.get_primaries()
+    assert len(primaries) == 3
+    found = await check_redis_durability(rc)
+    assert not found.durable
+    assert found.problem is not None and "appendonly is 'no'" in found.problem
+    try:
+        for node in primaries:
+            await cluster.config_set("appendonly", "yes", target_nodes=node)
+            await cluster.config_set("appendfsync", "always", target_nodes=node)
+        assert (await check_redis_durability(rc)).durable
+        # One master that fsyncs less is enough to break promise 1: it is named.
+        await cluster.config_set("appendfsync", "everysec", target_nodes=primaries[2])
+        found = await check_redis_durability(rc)
+        assert not found.durable and found.appendfsync == "everysec"
+        assert found.problem == f"{primaries[2].name}: appendfsync is 'everysec', not 'always'"
+    finally:
+        for node in primaries:
+            await cluster.config_set("appendonly", "no", target_nodes=node)
 
 
 # -- the broken variants: the old MULTIs span slots, and the cluster refuses them -----------------
@@ -374,4 +398,3 @@ def test_the_server_itself_refuses_a_cross_slot_multi(cluster: str) -> None:
         with pytest.raises(ClusterCrossSlotError, match="same slot"):
             pipe.execute()
         assert plain.exists(DLQ_STREAM) == 0
-
