@@ -25,7 +25,7 @@ from prometheus_client import (
     generate_latest,
 )
 from pydantic import BaseModel, Field
-from redis.exceptions import RedisError
+from redis.exceptions import RedisClusterException, RedisError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from runtime.log.pool import create_pool
@@ -179,7 +179,8 @@ def create_app(
         app.state.ingestor = Ingestor(redis, config.ingress)
         try:
             # Promise 1: a 202 is only as safe as Redis's fsync. Warn, or refuse to start.
-            with contextlib.suppress(RedisError, OSError):  # unreachable: /readyz says so
+            # (Unreachable: /readyz says so.)
+            with contextlib.suppress(RedisError, RedisClusterException, OSError):
                 await ensure_durable_redis(redis, settings, component="agentrt serve")
             settle_gc()
             yield
@@ -327,7 +328,7 @@ def create_app(
             await request.app.state.redis.ping()
             checks["redis"] = "ok"
             durability = await check_redis_durability(request.app.state.redis)
-        except (RedisError, OSError) as exc:
+        except (RedisError, RedisClusterException, OSError) as exc:
             checks["redis"] = f"unreachable: {type(exc).__name__}"
         pool: asyncpg.Pool | None = request.app.state.pg
         if pool is None:
@@ -361,7 +362,7 @@ def create_app(
     @app.get("/metrics", summary="Prometheus metrics", response_class=Response)
     async def metrics_endpoint(request: Request) -> Response:
         redis: aioredis.Redis = request.app.state.redis
-        with contextlib.suppress(RedisError, OSError):
+        with contextlib.suppress(RedisError, RedisClusterException, OSError):
             await observe_streams(redis, config.ingress.partitions, metrics)
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 

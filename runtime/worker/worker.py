@@ -34,8 +34,8 @@ from uuid import UUID
 import asyncpg
 import redis.asyncio as aioredis
 import structlog
+from redis.exceptions import ClusterError, RedisError, ResponseError
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import RedisError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from runtime.agents.agent import Agent
@@ -380,7 +380,8 @@ class Worker:
                     count=min(opts.batch, free),
                     block=opts.block_ms,
                 )
-            except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
+            except (RedisConnectionError, RedisTimeoutError, ClusterError, OSError) as exc:
+                # (ClusterError: a cluster that is down or failing over, for now.)
                 log.warning("worker.read_failed", agent=name, error=str(exc), retry_in=backoff)
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 5.0)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import socket
 import typing
 import uuid
 from collections.abc import AsyncIterator, Iterator
@@ -319,6 +320,21 @@ async def test_durability_is_checked_on_every_master(rc: aioredis.Redis) -> None
     finally:
         for node in primaries:
             await cluster.config_set("appendonly", "no", target_nodes=node)
+
+
+async def test_an_unreachable_cluster_gets_503_not_500() -> None:
+    """No node answers: the ingress says the event store is unreachable (Retry-After)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # closed again: nothing listens there
+    async with ingress(f"redis+cluster://127.0.0.1:{port}", make_config(partitions=2)) as c:
+        r = await c.post("/webhooks/open", content=b'{"n": 1}', headers=JSON)
+        assert r.status_code == 503, r.text
+        assert r.json()["code"] == "redis_unavailable"
+        assert r.headers["retry-after"] == "7"
+        ready = await c.get("/readyz")
+        assert ready.status_code == 503
+        assert ready.json()["redis"].startswith("unreachable")
 
 
 # -- the broken variants: the old MULTIs span slots, and the cluster refuses them -----------------
