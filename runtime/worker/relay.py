@@ -420,6 +420,7 @@ class Relay:
             if self._cluster:
                 # The agents' streams are in other slots: entries first, then the
                 # progress (see _publish_split for why that order is safe).
+                await self._check_lease()
                 await self._add_entries(entries, [])
             async with self.redis.pipeline(transaction=True) as pipe:
                 await pipe.watch(self.lease_key)
@@ -515,8 +516,7 @@ class Relay:
         timer members (ZADD of a member already there changes nothing). No event
         is skipped: the checkpoint never passes an entry not yet written.
         """
-        if await self.redis.get(self.lease_key) != self._token.encode():
-            raise LeaseLost(f"relay {self.name!r} lost its lease to another relay")
+        await self._check_lease()
         entries = [(agent_stream(a), _fields(e)) for e in page for a in self.route(e)]
         timers = [(e, e.body) for e in page if isinstance(e.body, TimerScheduled)]
         await self._add_entries(entries, timers)
@@ -542,6 +542,12 @@ class Relay:
             metrics.RELAYED.labels(fields["type"]).inc()
         self.published += len(entries)
         return len(entries)
+
+    async def _check_lease(self) -> None:
+        """Raise :class:`LeaseLost` unless this relay holds the lease (before unfenced
+        writes: a relay replaced meanwhile then writes nothing, in the common case)."""
+        if await self.redis.get(self.lease_key) != self._token.encode():
+            raise LeaseLost(f"relay {self.name!r} lost its lease to another relay")
 
     async def _add_entries(
         self,
