@@ -58,11 +58,12 @@ JSON = {"content-type": "application/json"}
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """A ``redis+cluster://`` URL of a three-master cluster of this module's own."""
-    try:
-        with redis_cluster(tmp_path_factory.mktemp("cluster")) as ports:
-            yield f"redis+cluster://127.0.0.1:{ports[0]}"
-    except RuntimeError as exc:
-        pytest.skip(f"cannot start a Redis Cluster here: {exc}")
+    with contextlib.ExitStack() as stack:
+        try:
+            ports = stack.enter_context(redis_cluster(tmp_path_factory.mktemp("cluster")))
+        except RuntimeError as exc:  # no binary, or its nodes would not start or meet
+            pytest.skip(f"cannot start a Redis Cluster here: {exc}")
+        yield f"redis+cluster://127.0.0.1:{ports[0]}"
 
 
 @pytest.fixture
