@@ -11,6 +11,7 @@ import socket
 import typing
 import uuid
 from collections.abc import AsyncIterator, Iterator
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
@@ -28,6 +29,8 @@ from runtime.agents.agent import Agent
 from runtime.agents.context import Context
 from runtime.effects.tools import ToolContext, tool
 from runtime.errors import SettingsError
+from runtime.events.builtin import TimerScheduled
+from runtime.events.model import NewEvent
 from runtime.log.store import EventLog
 from runtime.settings import Settings
 from runtime.streams.durability import check_redis_durability
@@ -43,8 +46,11 @@ from runtime.worker import dead_letters as dlq
 from runtime.worker import groups
 from runtime.worker import worker as worker_mod
 from runtime.worker.groups import handoff_key
-from runtime.worker.relay import Relay
+from runtime.worker.relay import LIVE, TIMERS_KEY, Relay
 from runtime.worker.worker import Worker
+from tests.runtime.worker.test_relay_identity import NEW, OLD, append, caught_up, published
+from tests.runtime.worker.test_relay_identity import relay as relay_for
+from tests.runtime.worker.test_relay_identity import running as running_relay
 from tests.support.cluster import redis_cluster
 from tests.support.events import Noted
 from tests.support.runtime import count_type, fast_options, inbox_rows, send, wait_for
@@ -292,6 +298,33 @@ async def _no_pending(rc: aioredis.Redis, stream: str, group: str) -> bool:
     return int((await rc.xpending(stream, group))["pending"]) == 0
 
 
+async def test_the_relay_backfills_and_fires_timers_on_a_cluster(
+    rc: aioredis.Redis, log: EventLog
+) -> None:
+    """A new subscription with backfill gets the history (entries, then the progress in the
+    relay's slot), and a timer scheduled through a page fires once (ZADD in another slot)."""
+    async with running_relay(relay_for(log, rc, OLD)) as old:
+        before = await append(log, 5)
+        await caught_up(log, old, before[-1], agents={"xavier": 5})
+    assert "{" in old.checkpoint_key  # the relay's keys share a hash tag on a cluster
+    async with running_relay(relay_for(log, rc, NEW, backfill=True, batch=2)) as new:
+        after = await append(log, 3, 100)
+        await caught_up(log, new, after[-1], agents={"xavier": 8, "yolanda": 8})
+        timer = TimerScheduled(timer_id=uuid.uuid4(), agent="xavier", name="nudge",
+                               due_at=datetime.now(UTC) - timedelta(seconds=1))  # fmt: skip
+        await log.append("run-t", [NewEvent(body=timer)])
+        await wait_for(lambda: _fired(log), 20, "the timer fired")
+    assert await published(rc, "xavier") == before + after
+    assert await published(rc, "yolanda") == before + after
+    assert set((await rc.hgetall(new.subscriptions_key)).values()) == {LIVE.encode()}
+    assert await rc.zcard(TIMERS_KEY) == 0
+    assert await count_type(log, "timer.fired") == 1
+
+
+async def _fired(log: EventLog) -> bool:
+    return await count_type(log, "timer.fired") >= 1
+
+
 # -- connecting -------------------------------------------------------------------------------
 
 
@@ -378,8 +411,6 @@ async def test_the_relays_page_multi_across_slots_is_refused(
 ) -> None:
     """The relay's single-Redis MULTI (the subscribers' streams and the checkpoint) fails on
     the cluster; the cluster path publishes the same page."""
-    from runtime.events.model import NewEvent
-
     await log.append("run-x", [NewEvent(body=Noted(text="t", n=1))])
     page = await log.read_all()
     relay = Relay(log, rc, AGENTS)
