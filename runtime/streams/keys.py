@@ -9,6 +9,7 @@ from collections.abc import Iterable
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
+import redis
 import redis.asyncio as aioredis
 import structlog
 from redis.asyncio.cluster import RedisCluster
@@ -90,7 +91,19 @@ def redis_client(url: str, **options: Any) -> aioredis.Redis:
     seed = cluster_url(url)
     if seed is None:
         return aioredis.Redis.from_url(url, **options)
-    return typing.cast(aioredis.Redis, RedisCluster.from_url(seed, **options))
+    cluster = RedisCluster.from_url(seed, **options)
+    # Older redis-py cluster clients refuse MULTI (``transaction=True``) and
+    # have no pub/sub: say so now rather than at the first dead letter.
+    try:
+        cluster.pipeline(transaction=True)
+        cluster.pubsub  # noqa: B018 - an AttributeError where it is missing
+    except (RedisClusterException, AttributeError):
+        raise SettingsError(
+            "REDIS_URL",
+            f"redis+cluster:// needs a redis-py whose asyncio cluster client takes MULTI "
+            f"and pub/sub (this is redis-py {redis.__version__}; tested with 8.1)",
+        ) from None
+    return typing.cast(aioredis.Redis, cluster)
 
 
 def is_cluster(redis: Any) -> bool:
