@@ -253,7 +253,12 @@ _LOG_LEVELS = {"debug", "info", "warning", "error", "critical"}
 def _parse(field: str, key: str, raw: Any) -> Any:
     """Turn one raw value into the field's type, or raise naming ``key``."""
     if field in ("redis_url",):
-        return _url(key, str(raw), {"redis", "rediss", "unix"})
+        # redis+cluster:// (rediss+cluster://): a Redis Cluster, any one node of it.
+        url = _url(key, str(raw), {"redis", "rediss", "unix", "redis+cluster", "rediss+cluster"})
+        parts = urlsplit(url)
+        if parts.scheme.endswith("+cluster") and parts.path.strip("/") not in ("", "0"):
+            raise SettingsError(key, "a Redis Cluster has only database 0: drop the /<db> path")
+        return url
     if field in ("database_url", "runtime_database_url"):
         return _url(key, str(raw), {"postgres", "postgresql"})
     if field in ("state_dir", "webhooks_config"):

@@ -25,7 +25,7 @@ from prometheus_client import (
     generate_latest,
 )
 from pydantic import BaseModel, Field
-from redis.exceptions import RedisError
+from redis.exceptions import RedisClusterException, RedisError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from runtime.log.pool import create_pool
@@ -37,7 +37,7 @@ from runtime.streams.durability import (
     check_redis_durability,
     ensure_durable_redis,
 )
-from runtime.streams.keys import ingress_stream
+from runtime.streams.keys import ingress_stream, redis_client
 from webhooks import auth
 from webhooks.config import ResolvedSource, WebhooksConfig
 from webhooks.errors import (
@@ -169,7 +169,9 @@ def create_app(
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        redis = aioredis.Redis.from_url(
+        # A plain or a cluster client (``redis+cluster://``): the ingress's one
+        # script keeps to one slot (the partition's hash tag).
+        redis = redis_client(
             settings.require_redis_url(),
             socket_connect_timeout=2,
             socket_timeout=5,
@@ -182,7 +184,8 @@ def create_app(
         app.state.ingestor = Ingestor(redis, config.ingress)
         try:
             # Promise 1: a 202 is only as safe as Redis's fsync. Warn, or refuse to start.
-            with contextlib.suppress(RedisError, OSError):  # unreachable: /readyz says so
+            # (Unreachable: /readyz says so.)
+            with contextlib.suppress(RedisError, RedisClusterException, OSError):
                 await ensure_durable_redis(redis, settings, component="agentrt serve")
             settle_gc()
             ops_metrics.process_started("ingress")
@@ -332,7 +335,7 @@ def create_app(
             await request.app.state.redis.ping()
             checks["redis"] = "ok"
             durability = await check_redis_durability(request.app.state.redis)
-        except (RedisError, OSError) as exc:
+        except (RedisError, RedisClusterException, OSError) as exc:
             checks["redis"] = f"unreachable: {type(exc).__name__}"
         pool: asyncpg.Pool | None = request.app.state.pg
         if pool is None:
@@ -366,7 +369,7 @@ def create_app(
     @app.get("/metrics", summary="Prometheus metrics", response_class=Response)
     async def metrics_endpoint(request: Request) -> Response:
         redis: aioredis.Redis = request.app.state.redis
-        with contextlib.suppress(RedisError, OSError):
+        with contextlib.suppress(RedisError, RedisClusterException, OSError):
             await observe_streams(redis, config.ingress.partitions, metrics)
         # Several processes (serve --workers N, a supervisor's children): all of them,
         # summed, from the shared directory; one process: its own registry.

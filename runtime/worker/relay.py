@@ -6,6 +6,8 @@ agent subscribed to its type, schedules timers, and moves its checkpoint. So
 a crash publishes a page whole or not at all; a page published twice (a
 checkpoint lost with Redis's last second of AOF, say) is absorbed by the
 agents' inbox rows. One relay runs at a time per name, under a lease in Redis.
+(On a Redis Cluster the streams are in other slots than the checkpoint: the
+entries go first, then the checkpoint, see ``Relay._publish_split``.)
 
 Its name (``AGENTRT_RELAY_NAME``, ``default``) belongs to the deployment, not
 to its routes: adding an agent or a subscription keeps the checkpoint. Beside
@@ -69,7 +71,7 @@ from runtime.events.model import (
 )
 from runtime.log.store import EventLog
 from runtime.ops import metrics
-from runtime.streams.keys import KEY_PREFIX, agent_stream, log_wake_channel
+from runtime.streams.keys import KEY_PREFIX, agent_stream, is_cluster, log_wake_channel
 from runtime.worker.claims import RELEASE_HELD, RENEW_HELD
 
 log = structlog.get_logger(__name__)
@@ -87,10 +89,11 @@ _NAME = re.compile(r"[A-Za-z0-9_.:-]{1,100}")
 # subscription fields. Enter subscriptions this relay name has not seen yet, at
 # the checkpoint (or the start of the log, for a backfill); a relay name with
 # no checkpoint first adopts the one its routes had when relays were named
-# after them.
+# after them (not on a Redis Cluster, where that key is in another slot; no
+# cluster deployment predates the names).
 _JOIN = """
 local at = redis.call('GET', KEYS[1])
-if not at then
+if not at and KEYS[3] then
     at = redis.call('GET', KEYS[3])
     if at then redis.call('SET', KEYS[1], at) end
 end
@@ -150,8 +153,15 @@ class Relay:
         self.timer_interval = timer_interval
         self.anchor_interval = anchor_interval
         self.anchors = anchors
-        # Positions belong to one log (schema): the keys say which.
-        base = f"{KEY_PREFIX}relay:{log.schema}:{self.name}"
+        #: A Redis Cluster client: the subscribers' streams are in other slots than
+        #: the relay's own keys, so a page is published in two steps (:meth:`publish`).
+        self._cluster = is_cluster(redis)
+        # Positions belong to one log (schema): the keys say which. On a Redis
+        # Cluster they share a hash tag, so the fenced MULTIs (WATCH the lease,
+        # write the checkpoint and the subscriptions) stay in one slot. (A
+        # single Redis keeps the names it always had.)
+        scope = f"{log.schema}:{self.name}"
+        base = f"{KEY_PREFIX}relay:{{{scope}}}" if self._cluster else f"{KEY_PREFIX}relay:{scope}"
         self.checkpoint_key = f"{base}:position"
         self.lease_key = f"{base}:lease"
         #: Older checkpoints, newest first, to rewind to if the log lost the last.
@@ -196,7 +206,9 @@ class Relay:
         fields = self.subscriptions()
         if not fields:
             return 0
-        keys = [self.checkpoint_key, self.subscriptions_key, self._legacy_checkpoint_key]
+        keys = [self.checkpoint_key, self.subscriptions_key]
+        if not self._cluster:
+            keys.append(self._legacy_checkpoint_key)
         return int(await self._join(keys=keys, args=["1" if self.backfill else "0", *fields]))
 
     async def release(self) -> bool:
@@ -398,17 +410,27 @@ class Relay:
             if not page:
                 break
             last = page[-1].log_position
+            entries = [
+                (agent_stream(agent), _fields(event))
+                for event in page
+                for agent in self.route(event)
+                if (since := behind.get(_field(agent, event.event_type))) is not None
+                and event.log_position > since
+            ]
+            if self._cluster:
+                # The agents' streams are in other slots: entries first, then the
+                # progress (see _publish_split for why that order is safe).
+                await self._check_lease()
+                await self._add_entries(entries, [])
             async with self.redis.pipeline(transaction=True) as pipe:
                 await pipe.watch(self.lease_key)
                 if await pipe.get(self.lease_key) != self._token.encode():
                     raise LeaseLost(f"relay {self.name!r} lost its lease to another relay")
                 pipe.multi()  # type: ignore[no-untyped-call]
-                for event in page:
-                    for agent in self.route(event):
-                        since = behind.get(_field(agent, event.event_type))
-                        if since is not None and event.log_position > since:
-                            pipe.xadd(agent_stream(agent), _fields(event))
-                            sent += 1
+                if not self._cluster:
+                    for stream, fields in entries:
+                        pipe.xadd(stream, fields)
+                sent += len(entries)
                 progress: dict[Any, Any] = {
                     f: str(last) for f, since in behind.items() if since < last
                 }
@@ -446,6 +468,8 @@ class Relay:
 
     async def publish(self, page: list[RecordedEvent]) -> int:
         """Publish one page and move the checkpoint past it, atomically; entries added."""
+        if self._cluster:
+            return await self._publish_split(page)
         async with self.redis.pipeline(transaction=True) as pipe:
             # Fenced by the lease: a relay that stalled past it and was
             # replaced publishes nothing (EXEC fails if the lease changed).
@@ -478,6 +502,68 @@ class Relay:
             metrics.RELAYED.labels(event_type).inc()
         self.published += len(relayed)
         return len(relayed)
+
+    async def _publish_split(self, page: list[RecordedEvent]) -> int:
+        """:meth:`publish` on a Redis Cluster: the page's entries, then the checkpoint.
+
+        The subscribers' streams and the timers are in other slots than the
+        checkpoint, and no MULTI spans two slots. So the entries and the timers
+        are written first (a pipeline, a round trip per node), and only then is
+        the checkpoint moved, in a MULTI of the relay's own slot fenced by the
+        lease. A crash or a lost lease between the two publishes the page again
+        from the checkpoint: the same events again, which the agents' inbox rows
+        and activation claims absorb (run once, committed once), and the same
+        timer members (ZADD of a member already there changes nothing). No event
+        is skipped: the checkpoint never passes an entry not yet written.
+        """
+        await self._check_lease()
+        entries = [(agent_stream(a), _fields(e)) for e in page for a in self.route(e)]
+        timers = [(e, e.body) for e in page if isinstance(e.body, TimerScheduled)]
+        await self._add_entries(entries, timers)
+        cursor = str(Cursor.of(page[-1]))
+        now = time.monotonic()
+        anchored = now >= self._next_anchor
+        async with self.redis.pipeline(transaction=True) as pipe:
+            await pipe.watch(self.lease_key)
+            if await pipe.get(self.lease_key) != self._token.encode():
+                raise LeaseLost(f"relay {self.name!r} lost its lease to another relay")
+            pipe.multi()  # type: ignore[no-untyped-call]
+            pipe.set(self.checkpoint_key, cursor)
+            if anchored:
+                pipe.lpush(self.anchors_key, cursor)
+                pipe.ltrim(self.anchors_key, 0, self.anchors - 1)
+            try:
+                await pipe.execute()
+            except WatchError:
+                raise LeaseLost(f"relay {self.name!r} lost its lease while publishing") from None
+        if anchored:
+            self._next_anchor = now + self.anchor_interval
+        for _, fields in entries:
+            metrics.RELAYED.labels(fields["type"]).inc()
+        self.published += len(entries)
+        return len(entries)
+
+    async def _check_lease(self) -> None:
+        """Raise :class:`LeaseLost` unless this relay holds the lease (before unfenced
+        writes: a relay replaced meanwhile then writes nothing, in the common case)."""
+        if await self.redis.get(self.lease_key) != self._token.encode():
+            raise LeaseLost(f"relay {self.name!r} lost its lease to another relay")
+
+    async def _add_entries(
+        self,
+        entries: list[tuple[str, dict[Any, Any]]],
+        timers: list[tuple[RecordedEvent, TimerScheduled]],
+    ) -> None:
+        """XADD ``entries`` and schedule ``timers`` in one pipeline (not a MULTI: on a
+        cluster it spans slots); raises if any of them failed."""
+        if not entries and not timers:
+            return
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for stream, fields in entries:
+                pipe.xadd(stream, fields)
+            for event, timer in timers:
+                self._schedule(pipe, event, timer)
+            await pipe.execute()
 
     @staticmethod
     def _schedule(pipe: Any, event: RecordedEvent, timer: TimerScheduled) -> None:
