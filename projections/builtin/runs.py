@@ -14,6 +14,7 @@ import msgspec
 from projections.builtin._common import FINAL_ERRORS
 from projections.engine import Projection, Tables
 from runtime.agents.agent import Agent
+from runtime.agents.filters import Filters, accepts
 from runtime.events.builtin import (
     BOOKKEEPING,
     ActivationCompleted,
@@ -184,6 +185,9 @@ class RunsProjection(Projection):
         #: event type -> agents it goes to (ingress events: those reading the ingress).
         self._routes: dict[str, list[str]] = {}
         self._ingress_routes: dict[str, list[str]] = {}
+        #: agent -> its event filters (agents with any): events it filters out never
+        #: reach it, so the run does not wait for them.
+        self._filters: dict[str, Filters] = {a.name: f for a in agents if (f := a.filters())}
         for agent in agents:
             for t in sorted(agent.subscribed_types()):
                 self._routes.setdefault(t, []).append(agent.name)
@@ -192,10 +196,14 @@ class RunsProjection(Projection):
 
     def _targets(self, e: RecordedEvent) -> list[str]:
         if _ingress(e):
-            return self._ingress_routes.get(e.event_type, [])
-        targets = self._routes.get(e.event_type, [])
-        if type(e.body) is TimerFired:
-            return [a for a in targets if a == e.body.agent]
+            targets = self._ingress_routes.get(e.event_type, [])
+        else:
+            targets = self._routes.get(e.event_type, [])
+            if type(e.body) is TimerFired:
+                return [a for a in targets if a == e.body.agent]
+        if self._filters:
+            f = self._filters
+            return [a for a in targets if a not in f or accepts(f[a], e.event_type, e.body)]
         return targets
 
     async def apply(

@@ -56,6 +56,7 @@ import structlog
 from redis.exceptions import RedisError, WatchError
 
 from runtime.agents.agent import Agent
+from runtime.agents.filters import Filters, accepts, describe
 from runtime.agents.loading import subscribers
 from runtime.errors import LeaseLost, SettingsError
 from runtime.events.builtin import BOOKKEEPING, TimerFired, TimerScheduled
@@ -143,6 +144,10 @@ class Relay:
         self.routes: dict[str, list[str]] = (
             dict(agents) if isinstance(agents, Mapping) else subscribers(agents)
         )
+        #: Agent -> its event filters (agents with any): an event goes to those it passes.
+        self.filters: dict[str, Filters] = (
+            {} if isinstance(agents, Mapping) else {a.name: f for a in agents if (f := a.filters())}
+        )
         #: The deployment's relay: its lease and checkpoint survive changes of routes.
         self.name = name
         #: Whether subscriptions this name has not seen get the log from its start.
@@ -224,6 +229,10 @@ class Relay:
         targets = self.routes.get(event.event_type, [])
         if isinstance(event.body, TimerFired):
             return [a for a in targets if a == event.body.agent]
+        if self.filters:
+            return [a for a in targets
+                    if a not in self.filters or accepts(self.filters[a], event.event_type,
+                                                        event.body)]  # fmt: skip
         return targets
 
     async def run(self, stop: asyncio.Event) -> None:
@@ -236,7 +245,8 @@ class Relay:
                 await asyncio.wait_for(stop.wait(), self.lease_ms / 3000)
         if stop.is_set():
             return
-        log.info("relay.started", name=self.name, routes=len(self.routes))
+        log.info("relay.started", name=self.name, routes=len(self.routes),
+                 filters={a: describe(f) for a, f in sorted(self.filters.items())})  # fmt: skip
         # The publish and timer loops watch ``stop`` themselves; the lease loop
         # renews until they are done (``letting_go``), then ends by itself too.
         graceful = [

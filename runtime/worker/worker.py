@@ -40,6 +40,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from runtime.agents.agent import Agent
 from runtime.agents.context import FROM_START, Trigger, activation_id_for, transition_event
+from runtime.agents.filters import Filters, accepts
 from runtime.effects.breaker import CircuitBreaker, Transition
 from runtime.effects.steps import Steps
 from runtime.errors import (
@@ -115,6 +116,8 @@ class _Group:
     live: dict[str, frozenset[str]] = dataclasses.field(default_factory=dict)
     live_rev: Any = None
     live_read_at: float = 0.0
+    #: The agent's event filters (type -> any-of), checked before an activation.
+    filters: Filters = dataclasses.field(default_factory=dict)
 
 
 async def _bounded(tasks: Sequence[asyncio.Task[Any]], what: str) -> None:
@@ -162,6 +165,7 @@ class Worker:
                 streams=[*(ingress if a.reads_ingress else []), agent_stream(a.name)],
                 types=a.subscribed_types(),
                 timeout=a.timeout or opts.handler_timeout,
+                filters=a.filters(),
             )
             for a in agents
         ]
@@ -452,6 +456,11 @@ class Worker:
             await self._ack(g, stream, entry_id)
             metrics.ACTIVATIONS.labels(agent, "skipped").inc()
             return
+        if delivery.type in g.filters and not self._passes(g, delivery):
+            # Filtered out: acknowledged without an activation, like a type not subscribed.
+            await self._ack(g, stream, entry_id)
+            metrics.ACTIVATIONS.labels(agent, "filtered").inc()
+            return
         with structlog.contextvars.bound_contextvars(
             agent=agent,
             run_id=str(delivery.run_id),
@@ -481,6 +490,15 @@ class Worker:
             metrics.ACTIVATIONS.labels(agent, outcome).inc()
             if outcome != "duplicate":
                 metrics.ACTIVATION_SECONDS.labels(agent).observe(time.perf_counter() - started)
+
+    def _passes(self, g: _Group, d: Delivery) -> bool:
+        """Whether the entry's body passes the agent's filters. A body that does not decode
+        passes: its activation dead-letters it (InvalidDelivery), as for any agent."""
+        try:
+            body = self.log.registry.decode(d.type, d.schema_version, d.body, strict=True)
+        except (EventDecodeError, UnknownEventType):
+            return True
+        return accepts(g.filters, d.type, body)
 
     async def _activate(self, g: _Group, d: Delivery, fields: dict[Any, Any], claimed: bool) -> str:
         claim = self.claims.claim(g.agent.name, d.inbox_id)
