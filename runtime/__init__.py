@@ -15,6 +15,10 @@ _EXPORTS: dict[str, str] = {
     # agents: what users write against
     "Agent": "runtime.agents.agent",
     "Context": "runtime.agents.context",
+    "MachineState": "runtime.agents.machine",
+    "StateMachine": "runtime.agents.machine",
+    "On": "runtime.agents.filters",
+    "Where": "runtime.agents.filters",
     "Budget": "runtime.effects.budget",
     "ToolContext": "runtime.effects.tools",
     "tool": "runtime.effects.tools",
@@ -34,6 +38,8 @@ _EXPORTS: dict[str, str] = {
     "ActivationCompleted": "runtime.events.builtin",
     "StepRecorded": "runtime.events.builtin",
     "RunForked": "runtime.events.builtin",
+    "StateTransitioned": "runtime.events.builtin",
+    "StateTransitionRefused": "runtime.events.builtin",
     "causation_order": "runtime.events.causation",
     "ANY_VERSION": "runtime.log.store",
     "NO_STREAM": "runtime.log.store",
@@ -63,6 +69,7 @@ _EXPORTS: dict[str, str] = {
     "ErrorCode": "runtime.errors",
     "EventDecodeError": "runtime.errors",
     "InvalidAppend": "runtime.errors",
+    "InvalidTransition": "runtime.errors",
     "ServiceUnavailable": "runtime.errors",
     "SettingsError": "runtime.errors",
     "StepDivergence": "runtime.errors",
@@ -93,16 +100,22 @@ __all__ = [
     "EventLog",
     "EventRegistry",
     "InvalidAppend",
+    "InvalidTransition",
     "LLMResult",
     "LogPosition",
     "LogQueries",
+    "MachineState",
     "NewEvent",
+    "On",
     "RecordedEvent",
     "Relay",
     "RunForked",
     "ServiceUnavailable",
     "Settings",
     "SettingsError",
+    "StateMachine",
+    "StateTransitionRefused",
+    "StateTransitioned",
     "StepDivergence",
     "StepFailed",
     "StepRecorded",
@@ -110,6 +123,7 @@ __all__ = [
     "ToolContext",
     "UnknownEvent",
     "UnknownEventType",
+    "Where",
     "Worker",
     "WorkerOptions",
     "audit_seal",
@@ -142,6 +156,8 @@ def __dir__() -> list[str]:
 if TYPE_CHECKING:
     from runtime.agents.agent import Agent
     from runtime.agents.context import Context
+    from runtime.agents.filters import On, Where
+    from runtime.agents.machine import MachineState, StateMachine
     from runtime.effects.budget import Budget
     from runtime.effects.tools import ToolContext, tool
     from runtime.errors import (
@@ -153,6 +169,7 @@ if TYPE_CHECKING:
         ErrorCode,
         EventDecodeError,
         InvalidAppend,
+        InvalidTransition,
         ServiceUnavailable,
         SettingsError,
         StepDivergence,
@@ -164,6 +181,8 @@ if TYPE_CHECKING:
         ApprovalDecided,
         ApprovalRequested,
         RunForked,
+        StateTransitioned,
+        StateTransitionRefused,
         StepRecorded,
         TimerFired,
     )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import enum
 import uuid
 from collections.abc import Awaitable, Callable, Mapping
 from datetime import UTC, datetime
@@ -17,11 +18,18 @@ from redis.exceptions import RedisError
 from structlog.typing import FilteringBoundLogger
 
 from runtime.agents.agent import Agent
+from runtime.agents.machine import MachineState, StateMachine, state_name
 from runtime.effects.breaker import CircuitBreaker, Transition
 from runtime.effects.steps import StepOutput, Steps, raise_if_failed
 from runtime.effects.tools import Tool, ToolContext
-from runtime.errors import AgentrtError, UnknownTool
-from runtime.events.builtin import ApprovalRequested, CircuitTransitioned, TimerScheduled
+from runtime.errors import AgentrtError, InvalidTransition, UnknownTool
+from runtime.events.builtin import (
+    ApprovalRequested,
+    CircuitTransitioned,
+    StateTransitioned,
+    StateTransitionRefused,
+    TimerScheduled,
+)
 from runtime.events.model import Event, NewEvent, RecordedEvent, new_event_id
 from runtime.events.values import StepError
 
@@ -109,6 +117,8 @@ class Context:
         self.log: FilteringBoundLogger = structlog.get_logger("agentrt.agent")
         self._activation_text = str(activation_id)
         self._scope: str | None = None
+        #: ``state.transitioned`` events at the head of ``emitted`` (see ``transition``).
+        self._moves = 0
 
     @property
     def _key_scope(self) -> str:
@@ -138,6 +148,48 @@ class Context:
         )
         self.emitted.append(event)
         return event.event_id
+
+    def transition(self, to: str | enum.Enum, *, reason: str = "") -> str:
+        """Move the run's state machine to ``to`` (the agent is a :class:`~runtime.StateMachine`).
+
+        Checked against ``ctx.state.current``, the state as the log records it
+        (plus this activation's own transitions). An allowed transition records
+        ``state.transitioned``, committed with the activation ahead of what it
+        emits (so an event this activation emits is handled in the new state),
+        and updates ``ctx.state``. Any other raises
+        :class:`~runtime.errors.InvalidTransition` and records
+        ``state.transition_refused``: catch it to go on (the refusal commits with
+        the activation), or let it end the activation (outcome
+        ``transition_refused``: only the refusal commits). Returns the new state.
+        """
+        machine = self.agent
+        if not isinstance(machine, StateMachine):
+            raise TypeError(f"agent {machine.name!r} is not a StateMachine: it has no states")
+        state = self.state
+        if not isinstance(state, MachineState):
+            raise TypeError(
+                f"agent {machine.name!r}: ctx.state is a {type(state).__name__}, not a "
+                "MachineState (initial_state() must return one and evolve() must call "
+                "super().evolve())"
+            )
+        target = state_name(to)
+        allowed = machine.allowed(state.current)
+        if target not in allowed:
+            refused = StateTransitionRefused(agent=machine.name, from_state=state.current,
+                                             to_state=target, allowed=list(allowed),
+                                             reason=reason)  # fmt: skip
+            self.emit(refused)
+            raise InvalidTransition(machine.name, state.current, target, allowed, event=refused)
+        moved = StateTransitioned(
+            agent=machine.name, from_state=state.current, to_state=target, reason=reason
+        )
+        self.emit(moved)
+        # Ahead of the activation's other events: a later activation triggered by one
+        # of them folds the run's events before its trigger, this transition included.
+        self.emitted.insert(self._moves, self.emitted.pop())
+        self._moves += 1
+        self.state = machine.advance(state, moved)
+        return target
 
     def sleep_until(self, when: datetime, name: str = "timer", payload: Any = None) -> UUID:
         """Schedule a durable ``timer.fired`` for this agent at ``when`` (it survives restarts).

@@ -154,6 +154,28 @@ class RunForked(Event, tag="run.forked"):
     input_changed: bool = False
 
 
+class StateTransitioned(Event, tag="state.transitioned"):
+    """A state machine agent moved its run from one declared state to another
+    (``ctx.transition``); committed with the activation, ahead of what it emitted."""
+
+    agent: str
+    from_state: str
+    to_state: str
+    reason: str = ""
+
+
+class StateTransitionRefused(Event, tag="state.transition_refused"):
+    """``ctx.transition`` asked for a transition the agent does not declare: refused
+    (:class:`~runtime.errors.InvalidTransition`), the run's state unchanged."""
+
+    agent: str
+    from_state: str
+    to_state: str
+    #: The states the machine may go to from ``from_state``.
+    allowed: list[str] = msgspec.field(default_factory=list)
+    reason: str = ""
+
+
 #: Event types that only record what happened and are never delivered to agents.
 BOOKKEEPING = frozenset(
     {
