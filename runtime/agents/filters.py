@@ -93,7 +93,8 @@ class Where(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
             if name == "subject":
                 parts.append(f"subject~/{expected}/")
             elif name == "pointer":
-                parts.append(f"{path}=={msgspec.json.encode(expected).decode()}")
+                shown = "?" if expected is msgspec.UNSET else msgspec.json.encode(expected).decode()
+                parts.append(f"{path}=={shown}")
             else:
                 parts.append(f"{name}={expected}")
         return " ".join(parts) or "(no condition)"

@@ -5,6 +5,10 @@ events that pass (each with a broken variant the test catches)."""
 from __future__ import annotations
 
 import asyncio
+import json
+import os
+import subprocess
+import sys
 import uuid
 from datetime import UTC, datetime
 from typing import Any
@@ -25,6 +29,7 @@ from runtime.log.store import EventLog
 from runtime.settings import Settings
 from runtime.streams.keys import agent_stream, ingress_stream
 from tests.projections.test_builtin_properties import fold
+from tests.support import REPO
 from tests.support.runtime import fast_options, inbox_rows, send, wait_for
 from webhooks.events import Address, EmailReceived, RowChanged
 
@@ -329,3 +334,30 @@ def _completed(agent: str, trigger: RecordedEvent) -> Event:
     aid = activation_id_for(agent, trigger.event_id)
     return ActivationCompleted(agent=agent, activation_id=aid, trigger_id=trigger.event_id,
                                trigger_type=trigger.event_type, steps=0)  # fmt: skip
+
+
+# -- agentrt agents: the app's subscriptions with their filters ------------------------------
+
+
+class Misfiltered(Refunds):
+    name = "misfiltered"
+    subscribes = (On(EmailReceived, where=Where(table="orders")),)
+
+
+def _agentrt(*args: str) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "COLUMNS": "200", "NO_COLOR": "1"}
+    return subprocess.run([sys.executable, "-m", "runtime", *args], env=env, cwd=REPO,
+                          capture_output=True, text=True, timeout=60)  # fmt: skip
+
+
+def test_agentrt_agents_lists_filters_and_refuses_a_bad_one() -> None:
+    listed = _agentrt("agents", "--app", f"{__name__}:Refunds", "--json")
+    assert listed.returncode == 0, listed.stderr
+    [doc] = json.loads(listed.stdout)
+    assert doc["subscribes"] == ["email.received"]
+    assert doc["filters"] == {"email.received": ["sender_domain=example.com subject~/(?i)refund/"]}
+    table = _agentrt("agents", "--app", f"{__name__}:Refunds")
+    assert "where sender_domain=example.com subject~/(?i)refund/" in table.stdout
+    bad = _agentrt("agents", "--app", f"{__name__}:Misfiltered")
+    assert bad.returncode == 1
+    assert "email.received has no /table" in " ".join(bad.stderr.split())
