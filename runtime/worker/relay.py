@@ -221,7 +221,8 @@ class Relay:
         return bool(await self._release(keys=[self.lease_key], args=[self._token]))
 
     def route(self, event: RecordedEvent) -> list[str]:
-        """The agents this event goes to (none for bookkeeping and for ingress events)."""
+        """The agents this event goes to (none for bookkeeping and for ingress events): its
+        type's subscribers, those with filters only if it passes them."""
         if event.event_type in BOOKKEEPING:
             return []
         if event.producer is not None and event.producer.startswith("ingress:"):
