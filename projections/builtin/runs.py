@@ -145,7 +145,8 @@ class RunsProjection(Projection):
       or, with the app's agents (``agents=``), an event of the run has a subscriber
       that has not completed it (the relay's routing: ingress events go to the
       agents reading the ingress, others to their subscribers, ``timer.fired`` to
-      its agent); without the agents, until the run's first ``activation.completed``.
+      its agent, and an agent with filters only the events that pass them); without
+      the agents, until the run's first ``activation.completed``.
     * ``completed`` otherwise.
 
     ``source`` is the root event's ``source`` attribute if its body has one, else

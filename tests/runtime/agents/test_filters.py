@@ -18,6 +18,7 @@ import pytest
 import redis.asyncio as aioredis
 
 from projections.builtin.runs import RunsProjection
+from projections.fork import _subscribers
 from runtime import Agent, Context, Event, NewEvent, On, RecordedEvent, Relay, Where, Worker
 from runtime.agents.context import activation_id_for
 from runtime.agents.filters import accepts
@@ -361,3 +362,11 @@ def test_agentrt_agents_lists_filters_and_refuses_a_bad_one() -> None:
     bad = _agentrt("agents", "--app", f"{__name__}:Misfiltered")
     assert bad.returncode == 1
     assert "email.received has no /table" in " ".join(bad.stderr.split())
+
+
+def test_a_fork_routes_by_the_same_filters() -> None:
+    agents: dict[str, Agent] = {"watcher": Watcher(), "everything": Everything()}
+    paid, pending = row(status="paid"), row(status="pending")
+    assert [a.name for a in _subscribers(agents, paid, ingress=False)] == ["watcher", "everything"]
+    assert [a.name for a in _subscribers(agents, pending, ingress=False)] == ["everything"]
+    assert _subscribers(agents, paid, ingress=True) == []  # neither reads the ingress
