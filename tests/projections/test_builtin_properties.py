@@ -3,6 +3,7 @@ equals folding it in one (what a rebuild does), table for table, row for row."""
 
 from __future__ import annotations
 
+import collections
 import itertools
 from collections.abc import Sequence
 from typing import Any
@@ -85,7 +86,9 @@ async def test_every_builtin_projection_folds_the_same_in_any_batches(
         whole = await fold(log.pool, p, settings.read_schema, events, [len(events) or 1])
         batched = await fold(log.pool, p, settings.read_schema, events, sizes)
         assert batched == whole, p.name
-        if p.name == "agent_state" and len(events) >= 3:
+        # Events without a run (circuit transitions) fold into no agent's state.
+        per_run = collections.Counter(e.run_id for e in events if e.run_id is not None)
+        if p.name == "agent_state" and max(per_run.values(), default=0) >= 3:
             assert whole["snapshots"], "a snapshot every 3 events of a run"
 
 
