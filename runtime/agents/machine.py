@@ -48,11 +48,13 @@ from runtime.events.builtin import StateTransitioned
 from runtime.events.model import RecordedEvent
 
 
-class MachineState(msgspec.Struct, kw_only=True):
+class MachineState(msgspec.Struct, frozen=True, kw_only=True):
     """``ctx.state`` of a :class:`StateMachine`: where the run's machine is.
 
+    Frozen: the state moves only by ``ctx.transition`` (recorded), never by assignment.
     Subclass it to keep more state (give ``initial_state`` the subclass, and call
-    ``super().evolve`` in your ``evolve``): the machine's fields stay its own.
+    ``super().evolve`` in your ``evolve``; ``msgspec.structs.replace`` makes the next
+    state): the machine's fields stay its own.
     """
 
     current: str

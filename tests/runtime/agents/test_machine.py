@@ -10,6 +10,7 @@ import uuid
 from datetime import UTC, datetime
 from typing import Any, ClassVar
 
+import msgspec
 import pytest
 
 from runtime import (
@@ -204,3 +205,42 @@ def test_a_good_declaration_loads_and_strings_work_as_states() -> None:
     assert w.state_names() == ("a", "b", "c")
     assert w.allowed("b") == ("a", "c") and w.final_states() == ("c",)
     assert validate([Desk()])[0].state_names() == ("intake", "research", "draft", "done")
+
+
+class Counted(MachineState):
+    drafts: int = 0
+
+
+class Drafter(Desk):
+    """Keeps more state beside the machine's: how many times it entered draft."""
+
+    name = "drafter"
+
+    def initial_state(self) -> Counted:
+        return Counted(current="intake")
+
+    def evolve(self, state: Any, event: RecordedEvent) -> Any:
+        state = super().evolve(state, event)
+        body = event.body
+        if (
+            isinstance(body, StateTransitioned)
+            and body.agent == self.name
+            and (body.to_state == "draft")
+        ):
+            state = msgspec.structs.replace(state, drafts=state.drafts + 1)
+        return state
+
+
+async def test_a_machine_state_subclass_keeps_its_fields_and_cannot_be_assigned() -> None:
+    steps = [("intake", "research"), ("research", "draft"), ("draft", "research")]
+    history = [msgspec.structs.replace(moved(a, b), agent="drafter") for a, b in steps]
+    history.append(moved("research", "draft"))  # another machine's: not this one's state
+    drafter = Drafter()
+    state = drafter.initial_state()
+    for e in [_recorded(b, uuid.uuid4(), n) for n, b in enumerate(history, 1)]:
+        state = drafter.evolve(state, e)
+    assert state == Counted(current="research", previous="draft", transitions=3, drafts=1)
+    with pytest.raises(AttributeError):
+        state.current = "done"  # type: ignore[misc]
+    [d] = validate([drafter])
+    assert d.state_decode_type() is Counted
