@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import msgspec
 
-from runtime import Agent, Budget, Context, Event
+from runtime import Agent, Budget, Context, Event, On, Where
 from webhooks.demo.shop import find_orders
 from webhooks.events import EmailReceived, RowChanged
 
@@ -122,13 +122,14 @@ class Anomalies(Agent):
     order never paid."""
 
     name = "anomalies"
-    subscribes = (RowChanged,)
+    # A filter as data: the relay, `agentrt agents` and the runs table show it.
+    subscribes = (On(RowChanged, where=Where(table="orders", op="u")),)
     tier = "fast"
     system = "You review suspicious changes to a shop's orders. Say in one sentence what happened."
     tools = (find_orders,)
 
     async def handle(self, event: RowChanged, ctx: Context) -> None:
-        if event.table != "orders" or event.after is None:
+        if event.after is None:
             return
         after, before = event.after, event.before or {}
         reasons = []
