@@ -22,6 +22,11 @@ _EXPORTS: dict[str, str] = {
     "Budget": "runtime.effects.budget",
     "ToolContext": "runtime.effects.tools",
     "tool": "runtime.effects.tools",
+    "Plan": "runtime.agents.supervisor",
+    "Specialist": "runtime.agents.supervisor",
+    "Subtask": "runtime.agents.supervisor",
+    "Supervision": "runtime.agents.supervisor",
+    "Supervisor": "runtime.agents.supervisor",
     # events and the log
     "START": "runtime.events.model",
     "Event": "runtime.events.model",
@@ -34,6 +39,12 @@ _EXPORTS: dict[str, str] = {
     "registry": "runtime.events.model",
     "ApprovalDecided": "runtime.events.builtin",
     "ApprovalRequested": "runtime.events.builtin",
+    "ApprovalEscalated": "runtime.events.builtin",
+    "SupervisionFinished": "runtime.events.builtin",
+    "TaskAssigned": "runtime.events.builtin",
+    "TaskCompleted": "runtime.events.builtin",
+    "TaskFailed": "runtime.events.builtin",
+    "TaskOutcome": "runtime.events.builtin",
     "TimerFired": "runtime.events.builtin",
     "ActivationCompleted": "runtime.events.builtin",
     "StepRecorded": "runtime.events.builtin",
@@ -87,6 +98,7 @@ __all__ = [
     "AgentrtError",
     "AppendResult",
     "ApprovalDecided",
+    "ApprovalEscalated",
     "ApprovalRequested",
     "Budget",
     "BudgetExceeded",
@@ -107,18 +119,28 @@ __all__ = [
     "MachineState",
     "NewEvent",
     "On",
+    "Plan",
     "RecordedEvent",
     "Relay",
     "RunForked",
     "ServiceUnavailable",
     "Settings",
     "SettingsError",
+    "Specialist",
     "StateMachine",
     "StateTransitionRefused",
     "StateTransitioned",
     "StepDivergence",
     "StepFailed",
     "StepRecorded",
+    "Subtask",
+    "Supervision",
+    "SupervisionFinished",
+    "Supervisor",
+    "TaskAssigned",
+    "TaskCompleted",
+    "TaskFailed",
+    "TaskOutcome",
     "TimerFired",
     "ToolContext",
     "UnknownEvent",
@@ -158,6 +180,7 @@ if TYPE_CHECKING:
     from runtime.agents.context import Context
     from runtime.agents.filters import On, Where
     from runtime.agents.machine import MachineState, StateMachine
+    from runtime.agents.supervisor import Plan, Specialist, Subtask, Supervision, Supervisor
     from runtime.effects.budget import Budget
     from runtime.effects.tools import ToolContext, tool
     from runtime.errors import (
@@ -179,11 +202,17 @@ if TYPE_CHECKING:
     from runtime.events.builtin import (
         ActivationCompleted,
         ApprovalDecided,
+        ApprovalEscalated,
         ApprovalRequested,
         RunForked,
         StateTransitioned,
         StateTransitionRefused,
         StepRecorded,
+        SupervisionFinished,
+        TaskAssigned,
+        TaskCompleted,
+        TaskFailed,
+        TaskOutcome,
         TimerFired,
     )
     from runtime.events.causation import causation_order

@@ -8,7 +8,7 @@ import enum
 import uuid
 from collections.abc import Awaitable, Callable, Mapping
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Literal, Protocol
 from uuid import UUID
 
 import asyncpg
@@ -24,6 +24,7 @@ from runtime.effects.steps import StepOutput, Steps, raise_if_failed
 from runtime.effects.tools import Tool, ToolContext
 from runtime.errors import AgentrtError, InvalidTransition, UnknownTool
 from runtime.events.builtin import (
+    APPROVAL_DEADLINE,
     ApprovalRequested,
     CircuitTransitioned,
     StateTransitioned,
@@ -211,15 +212,59 @@ class Context:
         )
         return timer_id
 
-    def request_approval(self, subject: str, details: Any = None) -> UUID:
-        """Ask a human; the run resumes when an ``approval.decided`` with this id arrives."""
+    def request_approval(
+        self,
+        subject: str,
+        details: Any = None,
+        *,
+        deadline: datetime | None = None,
+        default: Literal["approve", "deny", "escalate"] | None = None,
+        escalate_to: str | None = None,
+    ) -> UUID:
+        """Ask a human; the run resumes when an ``approval.decided`` with this id arrives.
+
+        With a ``deadline`` (timezone-aware; ``await ctx.now()`` plus a delta), a
+        durable timer applies ``default`` when it passes with no decision:
+        ``approve`` or ``deny`` record the ``approval.decided`` (``by="deadline"``;
+        a human's later answer is refused, as a second answer always is), and
+        ``escalate`` sends an ``approval.escalated`` to the agent ``escalate_to``.
+        """
+        if (deadline is None) != (default is None):
+            raise ValueError("request_approval: give both deadline and default, or neither")
+        if default is not None and default not in ("approve", "deny", "escalate"):
+            raise ValueError(f"request_approval: default must be approve, deny or escalate, "
+                             f"not {default!r}")  # fmt: skip
+        if (default == "escalate") != (escalate_to is not None):
+            raise ValueError("request_approval: escalate_to goes with default='escalate'")
+        if deadline is not None and deadline.tzinfo is None:
+            raise ValueError("request_approval needs a timezone-aware deadline")
         approval_id = uuid.uuid5(self.activation_id, f"approval/{len(self.emitted)}")
+        due = None if deadline is None else deadline.astimezone(UTC)
         self.emit(
             ApprovalRequested(
-                approval_id=approval_id, agent=self.agent.name, subject=subject, details=details
+                approval_id=approval_id,
+                agent=self.agent.name,
+                subject=subject,
+                details=details,
+                deadline=due,
+                default=default,
+                escalate_to=escalate_to,
             )
         )
+        if due is not None:
+            # The relay applies the default when this fires (runtime.log.approvals).
+            self.sleep_until(due, APPROVAL_DEADLINE, payload={"approval_id": str(approval_id)})
         return approval_id
+
+    async def now(self) -> datetime:
+        """The current time, as a durable step: a retry or a replay gets the recorded time
+        back, so what the handler derives from it (a deadline, a timer) stays the same."""
+
+        async def read() -> StepOutput:
+            return StepOutput(result=datetime.now(UTC).isoformat())
+
+        record = await self.steps.run("clock", "now", None, read)
+        return datetime.fromisoformat(record.result)
 
     # -- steps ----------------------------------------------------------------
 

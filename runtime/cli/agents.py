@@ -338,20 +338,25 @@ def register(app: typer.Typer) -> None:
         by: Annotated[str, typer.Option(help="Who decides (recorded)")] = "",
         comment: Annotated[str, typer.Option(help="Recorded with the decision")] = "",
     ) -> None:
-        """Answer an approval request (no id: list the open ones)."""
+        """Answer an approval request, after showing what it asks (no id: list the open ones,
+        each with its subject, details, run, agent, deadline and default)."""
         import uuid
+        from datetime import UTC, datetime
 
+        from runtime.events.builtin import ApprovalRequested
         from runtime.log import approvals
 
         settings = with_servers(ctx.obj, redis=False)
 
         async def go() -> None:
             lg = await open_log(settings)
+            now = datetime.now(UTC)
             try:
                 if approval_id is None:
                     waiting = await approvals.pending_approvals(lg)
                     for aid, run_id, req in waiting:
-                        out.print(f"{aid}  run {run_id}  {req.agent}: {escape(req.subject)}")
+                        for line in approvals.describe(aid, run_id, req, now=now):
+                            out.print(escape(line))
                     if not waiting:
                         out.print("no approvals waiting")
                     return
@@ -359,6 +364,10 @@ def register(app: typer.Typer) -> None:
                     target = uuid.UUID(approval_id)
                 except ValueError:
                     raise typer.BadParameter(f"{approval_id!r} is not a UUID") from None
+                asked = await approvals.request_of(lg, target)
+                assert isinstance(asked.body, ApprovalRequested)
+                for line in approvals.describe(target, asked.run_id, asked.body, now=now):
+                    out.print(escape(line))
                 await approvals.decide(lg, target, approved=not deny, by=by, comment=comment)
                 out.print(f"{'denied' if deny else 'approved'} {target}")
             finally:

@@ -58,8 +58,14 @@ from redis.exceptions import RedisError, WatchError
 from runtime.agents.agent import Agent
 from runtime.agents.filters import Filters, accepts, describe
 from runtime.agents.loading import subscribers
-from runtime.errors import LeaseLost, SettingsError
-from runtime.events.builtin import BOOKKEEPING, TimerFired, TimerScheduled
+from runtime.errors import ApprovalNotFound, LeaseLost, SettingsError
+from runtime.events.builtin import (
+    APPROVAL_DEADLINE,
+    BOOKKEEPING,
+    TimerFired,
+    TimerScheduled,
+    addressed_to,
+)
 from runtime.events.ids import run_stream, timers_stream
 from runtime.events.model import (
     START,
@@ -70,6 +76,7 @@ from runtime.events.model import (
     RecordedEvent,
     encode_body,
 )
+from runtime.log import approvals
 from runtime.log.store import EventLog
 from runtime.ops import metrics
 from runtime.streams.keys import KEY_PREFIX, agent_stream, is_cluster, log_wake_channel
@@ -228,8 +235,9 @@ class Relay:
         if event.producer is not None and event.producer.startswith("ingress:"):
             return []  # it reached its agents through the ingress streams
         targets = self.routes.get(event.event_type, [])
-        if isinstance(event.body, TimerFired):
-            return [a for a in targets if a == event.body.agent]
+        addressee = addressed_to(event.body)
+        if addressee is not None:
+            return [a for a in targets if a == addressee]
         if self.filters:
             return [a for a in targets
                     if a not in self.filters or accepts(self.filters[a], event.event_type,
@@ -603,6 +611,10 @@ class Relay:
         due = await self.redis.zrangebyscore(TIMERS_KEY, "-inf", now_ms, start=0, num=100)
         for member in typing.cast(list[bytes], due):
             timer = msgspec.json.decode(member, type=_Timer)
+            if timer.name == APPROVAL_DEADLINE:
+                await self._approval_deadline(timer)
+                await self.redis.zrem(TIMERS_KEY, member)
+                continue
             fired = TimerFired(
                 timer_id=timer.timer_id,
                 agent=timer.agent,
@@ -626,6 +638,22 @@ class Relay:
             await self.redis.zrem(TIMERS_KEY, member)
             log.info("timer.fired", timer_id=str(timer.timer_id), agent=timer.agent)
         return len(due)
+
+    async def _approval_deadline(self, timer: _Timer) -> None:
+        """An approval's deadline: its default applies, unless someone decided first."""
+        raw = (timer.payload or {}).get("approval_id") if isinstance(timer.payload, dict) else None
+        try:
+            approval_id = uuid.UUID(str(raw))
+        except ValueError:
+            log.error("approval.deadline_without_id", timer_id=str(timer.timer_id))
+            return
+        try:
+            outcome = await approvals.apply_deadline(self.log, approval_id,
+                                                     fired_by=timer.causation_id)  # fmt: skip
+        except ApprovalNotFound:
+            log.error("approval.deadline_unknown", approval_id=str(approval_id))
+            return
+        log.info("approval.deadline", approval_id=str(approval_id), outcome=outcome)
 
 
 async def _set_on(stop: asyncio.Event, wake: asyncio.Event) -> None:

@@ -37,7 +37,8 @@ from projections.queries import encode_cursor
 from projections.registry import registered
 from runtime.agents.agent import Agent
 from runtime.effects.retry import RetryPolicy
-from runtime.events.model import RecordedEvent
+from runtime.events.builtin import ApprovalDecided, ApprovalRequested
+from runtime.events.model import NewEvent, RecordedEvent
 from runtime.llm.calls import LLM
 from runtime.llm.client import model_client
 from runtime.log.store import EventLog
@@ -152,7 +153,16 @@ def data_routes(app: FastAPI) -> list[APIRoute]:
 
 
 def concrete(path: str, run_id: uuid.UUID) -> str:
-    return path.replace("{run_id}", str(run_id))
+    return path.replace("{run_id}", str(run_id)).replace("{approval_id}", str(uuid.uuid4()))
+
+
+def method_of(route: APIRoute) -> str:
+    [method] = route.methods
+    return method
+
+
+#: A body every route accepts (the GET routes ignore it).
+BODY = {"approved": True}
 
 
 def assert_error(response: httpx.Response, status: int, code: str) -> dict[str, Any]:
@@ -182,14 +192,14 @@ async def test_every_route_refuses_a_missing_or_wrong_token(api: httpx.AsyncClie
     for route in routes:
         for headers in wrong:
             # httpx merges the client's headers: replace the Authorization header.
-            request = api.build_request("GET", concrete(route.path, anyone))
+            request = api.build_request(method_of(route), concrete(route.path, anyone), json=BODY)
             request.headers.pop("Authorization")
             request.headers.update({k: v.encode() for k, v in headers.items()})
             response = await api.send(request)
             assert_error(response, 401, "unauthorized")
             assert response.headers["www-authenticate"] == "Bearer", route.path
         # The right token gets past the check (to a 404: no such run, or no projection yet).
-        response = await api.get(concrete(route.path, anyone))
+        response = await api.request(method_of(route), concrete(route.path, anyone), json=BODY)
         assert response.status_code != 401, (route.path, response.text)
 
 
@@ -210,7 +220,9 @@ async def test_without_a_configured_token_every_route_is_closed(
     async with client_of(app) as client:
         for route in data_routes(app):
             for headers in ({}, {"Authorization": "Bearer "}, AUTH):
-                response = await client.get(concrete(route.path, uuid.uuid4()), headers=headers)
+                response = await client.request(
+                    method_of(route), concrete(route.path, uuid.uuid4()), headers=headers, json=BODY
+                )
                 body = assert_error(response, 401, "unauthorized")
         assert "AGENTRT_API_TOKEN" in body["message"]
 
@@ -236,7 +248,7 @@ async def test_openapi_documents_every_route_with_its_schemas_and_security(
         "/runs/{run_id}/state", "/audit", "/usage", "/dead-letters", "/circuit-transitions",
     }  # fmt: skip
     for route in routes:
-        op = doc["paths"][route.path]["get"]
+        op = doc["paths"][route.path][method_of(route).lower()]
         assert op["security"] == [{"bearer": []}], route.path
         ok = op["responses"]["200"]["content"]["application/json"]["schema"]
         ref = ok.get("$ref") or ok["items"]["$ref"]
@@ -610,3 +622,66 @@ async def test_agentrt_api_makes_a_token_keeps_it_private_and_reuses_it(
         assert str(path) in stderr and "curl -H" in stderr, stderr
         assert token not in stderr  # where it is, not what it is
     assert tokens[0] == tokens[1]
+
+
+# -- approvals ----------------------------------------------------------------------------
+
+
+async def _ask(log: EventLog, run_id: uuid.UUID) -> uuid.UUID:
+    approval_id = uuid.uuid4()
+    asked = ApprovalRequested(approval_id=approval_id, agent="approver", subject="ship 3 x SKU?")
+    await log.append(f"run-{run_id}", [NewEvent(body=asked, run_id=run_id, producer="approver")])
+    return approval_id
+
+
+async def test_deciding_an_approval_records_who_and_refuses_a_second_answer(
+    api: httpx.AsyncClient, log: EventLog
+) -> None:
+    run_id = uuid.uuid4()
+    approval_id = await _ask(log, run_id)
+    path = f"/runs/{run_id}/approvals/{approval_id}"
+    response = await api.post(path, json={"approved": False, "comment": "too many", "by": "ada"})
+    assert response.status_code == 200, response.text
+    assert response.json() == {
+        "approval_id": str(approval_id),
+        "run_id": str(run_id),
+        "approved": False,
+        "by": "api:ada",
+        "comment": "too many",
+    }
+    [decided] = [e for e in await log.read_run(run_id) if isinstance(e.body, ApprovalDecided)]
+    assert (decided.body.approved, decided.body.by, decided.body.comment) == (
+        False,
+        "api:ada",
+        "too many",
+    )
+    assert decided.producer == "human:api:ada"
+    # A second answer, whatever it says, is refused: the first stands.
+    again = await api.post(path, json={"approved": True})
+    body = assert_error(again, 409, "approval_already_decided")
+    assert "already denied by api:ada" in body["message"]
+    assert await count_type(log, "approval.decided") == 1
+
+
+async def test_approval_route_answers_404_422_and_401_clearly(
+    api: httpx.AsyncClient, log: EventLog
+) -> None:
+    run_id = uuid.uuid4()
+    approval_id = await _ask(log, run_id)
+    path = f"/runs/{run_id}/approvals/{approval_id}"
+    # No such approval, or the approval of another run: 404.
+    assert_error(await api.post(f"/runs/{run_id}/approvals/{uuid.uuid4()}", json=BODY), 404,
+                 "approval_not_found")  # fmt: skip
+    assert_error(await api.post(f"/runs/{uuid.uuid4()}/approvals/{approval_id}", json=BODY), 404,
+                 "approval_not_found")  # fmt: skip
+    assert_error(await api.post(f"/runs/nope/approvals/{approval_id}", json=BODY), 422,
+                 "invalid_request")  # fmt: skip
+    for bad in (b"", b"{", b"[]", b'{"approved": "yes"}', b"{}", b'{"approved": true, "x": 1}'):
+        response = await api.post(path, content=bad, headers={"content-type": "application/json"})
+        body = assert_error(response, 422, "invalid_request")
+        assert "approved: bool" in body["message"]
+    response = await api.post(path, json=BODY, headers={"Authorization": "Bearer wrong"})
+    assert_error(response, 401, "unauthorized")
+    # Nothing was decided by any of these.
+    assert await count_type(log, "approval.decided") == 0
+    assert (await api.post(path, json=BODY)).status_code == 200

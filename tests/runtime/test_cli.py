@@ -234,3 +234,32 @@ def test_dlq_redrive_refuses_a_handled_event_unless_forced(settings: Settings) -
     finally:
         client.delete(f"agentrt:agent:{{{agent}}}")
         client.close()
+
+
+async def test_approve_shows_what_is_asked_then_decides_once(
+    settings: Settings, log: EventLog
+) -> None:
+    from datetime import UTC, datetime, timedelta
+
+    from runtime.events.builtin import ApprovalRequested
+    from runtime.events.model import NewEvent
+
+    run_id, approval_id = uuid.uuid4(), uuid.uuid4()
+    due = datetime.now(UTC) + timedelta(hours=1)
+    asked = ApprovalRequested(approval_id=approval_id, agent="gatekeeper", subject="ship SKU-7?",
+                              details={"order": "o7"}, deadline=due, default="deny")  # fmt: skip
+    await log.append(f"run-{run_id}", [NewEvent(body=asked, run_id=run_id)])
+    listed = await asyncio.to_thread(agentrt, settings, "approve")
+    assert listed.returncode == 0, listed.stderr
+    for part in (str(approval_id), "ship SKU-7?", '{"order":"o7"}', str(run_id), "gatekeeper",
+                 due.isoformat(), "then: deny"):  # fmt: skip
+        assert part in listed.stdout, (part, listed.stdout)
+    decided = await asyncio.to_thread(agentrt, settings, "approve", str(approval_id), "--by", "ada")
+    assert decided.returncode == 0, decided.stderr
+    assert "ship SKU-7?" in decided.stdout and f"approved {approval_id}" in decided.stdout
+    again = await asyncio.to_thread(
+        agentrt, settings, "approve", str(approval_id), "--deny", "--by", "bob"
+    )
+    assert again.returncode == 1 and "already approved by ada" in again.stderr
+    none_left = await asyncio.to_thread(agentrt, settings, "approve")
+    assert "no approvals waiting" in none_left.stdout
