@@ -167,13 +167,20 @@ class Supervisor(Agent):
     async def synthesise(self, supervision: Supervision, ctx: Any) -> Any:
         """What the outcomes add up to (default: a model's summary of the results, with the
         subtasks that failed or timed out named as such)."""
-        lines = [f"Request: {supervision.request}"]
-        for t in supervision.outcomes:
+        outcomes = supervision.outcomes
+        counts = ", ".join(
+            f"{sum(t.status == s for t in outcomes)} {s.replace('_', ' ')}"
+            for s in ("completed", "failed", "timed_out")
+        )
+        lines = [f"Summarise the results of {len(outcomes)} subtasks ({counts}), saying "
+                 "what is missing."]  # fmt: skip
+        for t in outcomes:
             if t.status == "completed":
                 lines.append(f"- {t.worker} ({t.description}): {t.result}")
             else:
                 lines.append(f"- {t.worker} ({t.description}): {t.status} ({t.error})")
-        answer = await ctx.llm("Summarise these results:\n" + "\n".join(lines))
+        lines.append(f"The request was: {supervision.request}")
+        answer = await ctx.llm("\n".join(lines))
         return answer.text
 
     # -- the fold -------------------------------------------------------------
@@ -196,10 +203,11 @@ class Supervisor(Agent):
             case TaskFailed(supervisor=who) if who == self.name:
                 return _settle(state, body.task_id, "failed", error=body.error)
             case TimerFired(agent=who, name=name) if who == self.name and name == TIMEOUT_TIMER:
-                task_id = uuid.UUID(str((body.payload or {}).get("task_id")))
-                waited = (body.payload or {}).get("timeout")
-                return _settle(state, task_id, "timed_out",
-                               error=f"no result within {waited} s")  # fmt: skip
+                payload = body.payload if isinstance(body.payload, dict) else {}
+                task_id = uuid.UUID(str(payload.get("task_id")))
+                waited = payload.get("timeout")
+                within = f"{waited:g} s" if isinstance(waited, int | float) else "its timeout"
+                return _settle(state, task_id, "timed_out", error=f"no result within {within}")
             case SupervisionFinished(supervisor=who) if who == self.name:
                 return msgspec.structs.replace(state, finished=True)
         return state

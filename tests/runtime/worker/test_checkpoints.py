@@ -14,6 +14,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import redis.asyncio as aioredis
@@ -33,9 +34,11 @@ def _command(agent: str) -> list[str]:
             "--claim-idle", "0.5", "--max-deliveries", "10", "--no-relay"]  # fmt: skip
 
 
-async def _until(check: object, proc: subprocess.Popen[bytes], err: Path, what: str) -> None:
+async def _until(
+    check: Callable[[], Awaitable[bool]], proc: subprocess.Popen[bytes], err: Path, what: str
+) -> None:
     deadline = time.monotonic() + 60
-    while not await check():  # type: ignore[operator]
+    while not await check():
         if proc.poll() is not None:
             raise AssertionError(f"worker exited {proc.returncode}:\n{err.read_text()[-3000:]}")
         if time.monotonic() > deadline:
