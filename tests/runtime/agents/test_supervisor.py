@@ -5,11 +5,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Sequence
+from datetime import UTC, datetime
 
 import pytest
 import redis.asyncio as aioredis
 
-from runtime import Agent, Relay, SupervisionFinished, TaskAssigned, Worker
+from projections.replay import replay_run
+from runtime import Agent, Context, Relay, SupervisionFinished, TaskAssigned, Worker
 from runtime.effects.retry import RetryPolicy
 from runtime.events.model import RecordedEvent
 from runtime.llm.calls import LLM
@@ -69,7 +71,7 @@ def _statuses(finished: SupervisionFinished) -> list[tuple[str, str]]:
 
 
 async def test_plan_assign_gather_synthesise(
-    redis: aioredis.Redis, log: EventLog, llm: LLM
+    redis: aioredis.Redis, log: EventLog, llm: LLM, settings: Settings
 ) -> None:
     run_id = await send(redis, request("researcher", "writer", "researcher", timeout=120))
     agents = [Lead(), Researcher(), Writer()]
@@ -98,6 +100,30 @@ async def test_plan_assign_gather_synthesise(
     handled = [(who, eid) for who, eid, _ in await inbox_rows(log) if eid in assigned]
     assert sorted(handled) == sorted((w, eid) for eid, w in assigned.items())
     assert await count_type(log, "timer.scheduled") == 3
+    # The run replays identically: the deadlines came from a recorded clock step.
+    report = await replay_run(log, agents, run_id, settings=settings)
+    assert report.identical, report.divergent
+    assert len(report.activations) >= 7  # plan, 3 tasks, 3 results
+
+
+async def test_broken_variant_deadlines_from_the_wall_clock_do_not_replay(
+    redis: aioredis.Redis, log: EventLog, llm: LLM, settings: Settings,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:  # fmt: skip
+    """What the replay check above guards: a clock that is not a recorded step."""
+
+    async def wall_clock(self: Context) -> datetime:
+        return datetime.now(UTC)
+
+    monkeypatch.setattr(Context, "now", wall_clock)
+    run_id = await send(redis, request("researcher", "writer", "researcher", timeout=120))
+    agents = [Lead(), Researcher(), Writer()]
+    async with running(agents, redis, log, llm):
+        await wait_for(lambda: _has(log, "supervision.finished"), seconds=60, what="synthesis")
+    report = await replay_run(log, agents, run_id, settings=settings)
+    [planning] = report.divergent
+    assert planning.divergence is not None and planning.divergence.kind == "emit"
+    assert "due_at" in planning.divergence.diff
 
 
 async def test_a_failing_subtask_is_reported_not_hidden(
