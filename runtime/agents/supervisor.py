@@ -37,7 +37,7 @@ import msgspec
 from redis.exceptions import RedisError
 
 from runtime.agents.agent import Agent, _tag
-from runtime.errors import ClaimLost, StepDivergence
+from runtime.errors import ClaimLost, OutputInvalid, StepDivergence, StepFailed
 from runtime.events.builtin import (
     SupervisionFinished,
     TaskAssigned,
@@ -228,7 +228,14 @@ class Supervisor(Agent):
 
     async def _start(self, event: Event, ctx: Any) -> None:
         request = self.request(event)
-        plan = await self.plan(request, ctx)
+        try:
+            plan = await self.plan(request, ctx)
+        except (OutputInvalid, StepFailed) as exc:
+            # No plan, no subtasks: the request ends here, and says why.
+            ctx.log.warning("supervisor.plan_failed", error=str(exc))
+            ctx.emit(SupervisionFinished(supervisor=self.name, request=request, outcomes=[],
+                                         error=f"no plan: {exc}"))  # fmt: skip
+            return
         known = set(self.worker_names())
         now = await ctx.now()  # a step: a retry or replay sets the same deadlines
         state = Supervision(request=request)

@@ -217,6 +217,8 @@ class SupervisionFinished(Event, tag="supervision.finished"):
     completed: int = 0
     failed: int = 0
     timed_out: int = 0
+    #: Why there are no subtasks at all (the plan could not be made), else None.
+    error: str | None = None
 
 
 def addressed_to(body: Event) -> str | None:

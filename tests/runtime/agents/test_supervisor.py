@@ -20,7 +20,7 @@ from runtime.log.store import EventLog
 from runtime.settings import Settings
 from runtime.worker.relay import TIMERS_KEY
 from tests.support.apps.supervised import Broken as BrokenSpecialist
-from tests.support.apps.supervised import Lead, Researcher, Slow, Writer, request
+from tests.support.apps.supervised import Lead, Researcher, Slow, Unplannable, Writer, request
 from tests.support.runtime import count_type, fast_options, inbox_rows, send, wait_for
 
 
@@ -158,6 +158,19 @@ async def test_a_worker_the_plan_invents_fails_that_subtask(
         "no worker named 'nobody' (workers: broken, researcher, slow, writer)"
     )
     assert (finished.completed, finished.failed) == (2, 1)
+
+
+async def test_a_plan_that_cannot_be_made_ends_the_request_saying_why(
+    redis: aioredis.Redis, log: EventLog, llm: LLM
+) -> None:
+    await send(redis, request("researcher", "writer", "researcher", timeout=120))
+    async with running([Unplannable(), Researcher(), Writer()], redis, log, llm):
+        await wait_for(lambda: _has(log, "supervision.finished"), seconds=60, what="the end")
+    [finished] = await _finished(log)
+    assert finished.outcomes == [] and finished.supervisor == "unplannable"
+    assert finished.error is not None and "every subtask needs a budget line" in finished.error
+    assert await count_type(log, "task.assigned") == 0
+    assert await count_type(log, "step.recorded") == 3  # the first answer and 2 reflections
 
 
 async def test_a_subtask_past_its_timeout_is_given_up_and_its_late_result_ignored(

@@ -70,6 +70,18 @@ class Lead(Supervisor):
         return {"summary": summary, "from": done}
 
 
+class NoPlan(ThreePlan):
+    """A plan no answer satisfies (a rule the schema cannot say)."""
+
+    def __post_init__(self) -> None:
+        raise ValueError("every subtask needs a budget line")
+
+
+class Unplannable(Lead):
+    name = "unplannable"
+    plan_type = NoPlan
+
+
 def request(*workers: str, timeout: float) -> ResearchRequested:
     """A request the offline model plans as one subtask per worker, in this order."""
     parts = " ".join(f'"{w}" "task for {w}"' for w in workers)
