@@ -22,7 +22,13 @@ from runtime.agents.machine import MachineState, StateMachine, state_name
 from runtime.effects.breaker import CircuitBreaker, Transition
 from runtime.effects.steps import StepOutput, Steps, raise_if_failed
 from runtime.effects.tools import Tool, ToolContext
-from runtime.errors import AgentrtError, InvalidTransition, UnknownTool
+from runtime.errors import (
+    AgentrtError,
+    AlreadyDecided,
+    ApprovalNotFound,
+    InvalidTransition,
+    UnknownTool,
+)
 from runtime.events.builtin import (
     APPROVAL_DEADLINE,
     ApprovalRequested,
@@ -33,6 +39,8 @@ from runtime.events.builtin import (
 )
 from runtime.events.model import Event, NewEvent, RecordedEvent, new_event_id
 from runtime.events.values import StepError
+from runtime.log import approvals
+from runtime.log.store import EventLog
 
 if TYPE_CHECKING:
     from runtime.llm.calls import LLM, LLMResult
@@ -255,6 +263,34 @@ class Context:
             # The relay applies the default when this fires (runtime.log.approvals).
             self.sleep_until(due, APPROVAL_DEADLINE, payload={"approval_id": str(approval_id)})
         return approval_id
+
+    async def decide_approval(
+        self, approval_id: UUID, *, approved: bool, comment: str = ""
+    ) -> bool:
+        """Decide an approval as this agent (``by="agent:<name>"``): what the target of an
+        escalation does. A durable step (a retry does not decide again); True if this is
+        the approval's decision, False if someone decided first (that one stands)."""
+        by = f"agent:{self.agent.name}"
+
+        async def decide() -> StepOutput:
+            log = getattr(self.services, "log", None)
+            if not isinstance(log, EventLog):
+                raise RuntimeError("deciding an approval needs a worker's event log")
+            try:
+                await approvals.decide(log, approval_id, approved=approved, by=by,
+                                       comment=comment, producer=self.agent.name)  # fmt: skip
+            except AlreadyDecided as exc:
+                return StepOutput(result={"decided": False, "approved": exc.approved,
+                                          "by": exc.by})  # fmt: skip
+            except ApprovalNotFound as exc:
+                error = StepError(type=type(exc).__name__, message=str(exc), code=str(exc.code))
+                return StepOutput(error=error)
+            return StepOutput(result={"decided": True, "approved": approved, "by": by})
+
+        request = {"approval_id": str(approval_id), "approved": approved, "comment": comment}
+        record = await self.steps.run("approval", "decide", request, decide)
+        raise_if_failed(record)
+        return bool(record.result["decided"])
 
     async def now(self) -> datetime:
         """The current time, as a durable step: a retry or a replay gets the recorded time

@@ -87,17 +87,20 @@ async def decide(
     by: str = "",
     comment: str = "",
     run_id: UUID | None = None,
+    producer: str | None = None,
 ) -> UUID:
     """Append ``approval.decided`` to the request's run (once); the decision's event id.
 
     The relay delivers it to the agents subscribed to ``approval.decided``.
     ``run_id``: the run the caller believes the approval belongs to (another
     run's approval is :class:`ApprovalNotFound`, as an unknown one is).
+    ``producer``: the envelope's producer (default ``human:<by>``; an agent's name
+    when an agent decides).
     """
     request = await request_of(log, approval_id)
     if run_id is not None and request.run_id != run_id:
         raise ApprovalNotFound(approval_id)
-    producer = f"human:{by}" if by else "human"
+    producer = producer or (f"human:{by}" if by else "human")
     body = ApprovalDecided(approval_id=approval_id, approved=approved, by=by, comment=comment)
     inserted, first = await _decide_once(log, request, body, producer)
     if not inserted:

@@ -86,6 +86,18 @@ class Manager(Agent):
         ctx.emit(OrderAudited(order_id=event.details["order"], seen_by=seen))
 
 
+class DecidingManager(Agent):
+    """The escalation's target decides itself (a durable step), and tells what it got."""
+
+    name = "manager"
+    subscribes = (ApprovalEscalated,)
+
+    async def handle(self, event: ApprovalEscalated, ctx: Context) -> None:
+        mine = await ctx.decide_approval(event.approval_id, approved=False, comment="too late")
+        again = await ctx.decide_approval(event.approval_id, approved=True)
+        ctx.emit(OrderAudited(order_id=event.details["order"], seen_by=f"manager {mine} {again}"))
+
+
 @pytest.fixture(autouse=True)
 def _quotes() -> None:
     QUOTES.clear()
@@ -166,6 +178,25 @@ async def test_escalate_at_the_deadline_goes_to_the_named_agent_and_stays_open(
     assert (await _audits(log))[1] == "approved by boss at SKU-4: 42 EUR"
     assert await count_type(log, "approval.escalated") == 1
     assert [r[0] for r in await inbox_rows(log)].count("manager") == 1
+
+
+async def test_the_escalation_s_target_agent_decides_once(
+    redis: aioredis.Redis, log: EventLog
+) -> None:
+    await send(redis, OrderPlaced(order_id="d6", sku="SKU-6"))
+    async with running([Escalating(), DecidingManager()], redis, log):
+        await wait_for(lambda: _has(log, "orders.audited", 2), what="the run going on")
+    assert sorted(await _audits(log)) == [
+        "denied by agent:manager at SKU-6: 42 EUR",
+        "manager True False",  # its own second answer was refused
+    ]
+    [decision] = await _decisions(log)
+    assert (decision.approved, decision.by) == (False, "agent:manager")
+    assert decision.comment == "too late"
+    with pytest.raises(AlreadyDecided, match="already denied by agent:manager"):
+        await approvals.decide(log, decision.approval_id, approved=True, by="ada")
+    steps = [e.body for e in await log.read_all() if isinstance(e.body, StepRecorded)]
+    assert [s.kind for s in steps if s.agent == "manager"] == ["approval", "approval"]
 
 
 async def test_broken_variant_a_decision_with_its_own_event_id_is_not_single(
