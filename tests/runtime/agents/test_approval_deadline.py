@@ -15,6 +15,7 @@ from runtime.agents.context import Trigger
 from runtime.effects.tools import ToolContext, tool
 from runtime.errors import AlreadyDecided
 from runtime.events.builtin import StepRecorded
+from runtime.events.model import NewEvent
 from runtime.log import approvals
 from runtime.log.store import EventLog
 from runtime.worker.relay import TIMERS_KEY
@@ -250,3 +251,31 @@ def test_describe_shows_what_is_asked() -> None:
     for part in ("ship SKU-1?", '{"order":"d1"}', str(run_id), "gatekeeper",
                  "2026-01-01T00:01:30+00:00 (in 90 s)", "escalate to manager"):  # fmt: skip
         assert part in text, (part, text)
+
+
+async def _asked(log: EventLog, **deadline: Any) -> uuid.UUID:
+    run_id, approval_id = uuid.uuid4(), uuid.uuid4()
+    body = ApprovalRequested(approval_id=approval_id, agent="gatekeeper", subject="?",
+                             deadline=datetime.now(UTC), **deadline)  # fmt: skip
+    await log.append(f"run-{run_id}", [NewEvent(body=body, run_id=run_id)])
+    return approval_id
+
+
+async def test_a_deadline_applied_twice_decides_or_escalates_once(log: EventLog) -> None:
+    """The relay may fire a timer twice (a crash between its append and its ZREM)."""
+    approved = await _asked(log, default="approve")
+    assert await approvals.apply_deadline(log, approved, fired_by=uuid.uuid4()) == "approved"
+    again = await approvals.apply_deadline(log, approved, fired_by=uuid.uuid4())
+    assert again == "already_decided"
+    escalated = await _asked(log, default="escalate", escalate_to="manager")
+    for _ in range(2):
+        await approvals.apply_deadline(log, escalated, fired_by=uuid.uuid4())
+    assert await count_type(log, "approval.decided") == 1
+    assert await count_type(log, "approval.escalated") == 1
+    # Decided meanwhile: the escalation does not happen.
+    decided = await _asked(log, default="escalate", escalate_to="manager")
+    await approvals.decide(log, decided, approved=True, by="ada")
+    assert await approvals.apply_deadline(log, decided, fired_by=uuid.uuid4()) == (
+        "already_decided"
+    )
+    assert await count_type(log, "approval.escalated") == 1
