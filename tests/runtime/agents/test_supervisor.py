@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import signal
+import subprocess
+import sys
 from collections.abc import AsyncIterator, Sequence
 from datetime import UTC, datetime
+from pathlib import Path
 
 import pytest
 import redis.asyncio as aioredis
@@ -16,12 +20,22 @@ from runtime.effects.retry import RetryPolicy
 from runtime.events.model import RecordedEvent
 from runtime.llm.calls import LLM
 from runtime.llm.client import model_client
+from runtime.llm.offline import OfflineServer
 from runtime.log.store import EventLog
 from runtime.settings import Settings
 from runtime.worker.relay import TIMERS_KEY
+from tests.support import REPO
 from tests.support.apps.supervised import Broken as BrokenSpecialist
 from tests.support.apps.supervised import Lead, Researcher, Slow, Unplannable, Writer, request
-from tests.support.runtime import count_type, fast_options, inbox_rows, send, wait_for
+from tests.support.runtime import (
+    count_type,
+    fast_options,
+    inbox_rows,
+    send,
+    wait_for,
+    worker_env,
+)
+from tests.support.servers import Servers
 
 
 @pytest.fixture
@@ -215,8 +229,8 @@ async def _timeout_across_restart(
     redis: aioredis.Redis, log: EventLog, llm: LLM, relay: type[Relay]
 ) -> list[SupervisionFinished]:
     """Plan and assign, stop everything once the timers are set and the fast subtasks are
-    done, start anew; the synthesis made within 15 s of the restart, if any."""
-    await send(redis, request("researcher", "slow", "writer", timeout=6))
+    done, start anew; the synthesis made within 20 s of the restart, if any."""
+    await send(redis, request("researcher", "slow", "writer", timeout=10))
     # The slow worker runs nowhere (its pool is down): only the timeout settles it.
     agents = [Lead(), Researcher(), Writer()]
     async with running(agents, redis, log, llm, relay=relay):
@@ -226,7 +240,7 @@ async def _timeout_across_restart(
     assert await _finished(log) == []
     async with running(agents, redis, log, llm, relay=relay):
         with contextlib.suppress(AssertionError):
-            await wait_for(lambda: _has(log, "supervision.finished"), seconds=15,
+            await wait_for(lambda: _has(log, "supervision.finished"), seconds=20,
                            what="synthesis")  # fmt: skip
     return await _finished(log)
 
@@ -262,3 +276,42 @@ def test_a_supervisor_subscribes_to_its_results_and_timers() -> None:
         "timer.fired",
     }
     assert Researcher().subscribed_types() == {"task.assigned"}
+
+
+async def test_a_timeout_fires_after_kill_9_of_the_worker_process_that_set_it(
+    redis: aioredis.Redis, log: EventLog, settings: Settings, servers: Servers, tmp_path: Path
+) -> None:
+    """The same across real processes: the worker (and its relay) killed with SIGKILL once
+    the timers are set; a new process fires them and the synthesis reports the timeout."""
+    command = [sys.executable, "-m", "runtime", "worker", "--app",
+               "tests.support.apps.supervised:team", "--partitions", "2",
+               "--claim-idle", "0.5"]  # fmt: skip
+    err = tmp_path / "worker.txt"
+    await send(redis, request("researcher", "slow", "writer", timeout=15))
+    with OfflineServer() as server, err.open("ab") as errors:
+        env = worker_env(settings, servers, server.base_url, tmp_path / "calls.txt", 0.0)
+        first = subprocess.Popen(command, env=env, cwd=REPO, stdout=errors, stderr=errors)
+        try:
+            await wait_for(lambda: _zcard(redis, 3), seconds=60, what="3 timers scheduled")
+            await wait_for(lambda: _has(log, "task.completed", 2), seconds=60, what="2 results")
+        finally:
+            first.send_signal(signal.SIGKILL)
+            first.wait()
+        assert await count_type(log, "timer.fired") == 0, err.read_text()[-2000:]
+        second = subprocess.Popen(command, env=env, cwd=REPO, stdout=errors, stderr=errors)
+        try:
+            await wait_for(lambda: _has(log, "supervision.finished"), seconds=90,
+                           what="the synthesis")  # fmt: skip
+        finally:
+            second.send_signal(signal.SIGTERM)
+            try:
+                second.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                second.kill()
+                second.wait()
+    [finished] = await _finished(log)
+    assert _statuses(finished) == [
+        ("researcher", "completed"),
+        ("slow", "timed_out"),
+        ("writer", "completed"),
+    ]

@@ -89,3 +89,5 @@ def request(*workers: str, timeout: float) -> ResearchRequested:
 
 
 agents = [Lead(), Researcher(), Writer(), Broken(), Slow()]
+#: A deployment whose slow worker pool is down (its subtasks can only time out).
+team = [Lead(), Researcher(), Writer()]
