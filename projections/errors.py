@@ -72,3 +72,24 @@ class InvalidInput(ReadSideError):
 
     status = 422
     code = "invalid_input"
+
+
+class ApprovalMissing(ReadSideError):
+    """No approval with this id waits in this run."""
+
+    status = 404
+    code = "approval_not_found"
+
+
+class ApprovalConflict(ReadSideError):
+    """The approval has a decision already (a person's, or its deadline's default)."""
+
+    status = 409
+    code = "approval_already_decided"
+
+
+class InvalidBody(ReadSideError):
+    """A request body that does not decode as the route's type."""
+
+    status = 422
+    code = "invalid_request"

@@ -334,13 +334,17 @@ def _deliverable(event: NewEvent) -> bool:
     return event_type_of(event.body) not in BOOKKEEPING
 
 
-def _subscribers(agents: Mapping[str, Agent], event_type: str, *, ingress: bool) -> list[Agent]:
-    """Who handles the event: the relay's rule (the app's agents subscribed to its type, in
-    the app's order), and for an ingress event only agents that read the ingress streams."""
+def _subscribers(agents: Mapping[str, Agent], body: Event, *, ingress: bool) -> list[Agent]:
+    """Who handles the event: the relay's rule (the app's agents subscribed to its type
+    whose filters it passes, in the app's order), and for an ingress event only agents
+    that read the ingress streams."""
+    event_type = event_type_of(body)
     return [
         a
         for a in agents.values()
-        if event_type in a.subscribed_types() and (a.reads_ingress or not ingress)
+        if event_type in a.subscribed_types()
+        and (a.reads_ingress or not ingress)
+        and a.accepts(event_type, body)
     ]
 
 
@@ -436,10 +440,7 @@ class _Fork:
         head = [self.forked(), root]
         ingress = (root.producer or "").startswith("ingress:")
         queue = collections.deque(
-            _Pending(a, root)
-            for a in _subscribers(
-                self.plan.agents, self.plan.parent.root.event_type, ingress=ingress
-            )
+            _Pending(a, root) for a in _subscribers(self.plan.agents, root.body, ingress=ingress)
         )
         if not queue:
             self.write(run_stream(self.run_id), head)
@@ -449,9 +450,7 @@ class _Fork:
             head = []
             for event in outputs:
                 if _deliverable(event):
-                    for a in _subscribers(
-                        self.plan.agents, event_type_of(event.body), ingress=False
-                    ):
+                    for a in _subscribers(self.plan.agents, event.body, ingress=False):
                         queue.append(_Pending(a, event))
         await self.commit()
         calls, tools, tin, tout, usd = self.usage

@@ -93,6 +93,8 @@ class RunRow(msgspec.Struct, frozen=True, kw_only=True):
     fork_step: int | None
     position: str
     updated_at: datetime
+    #: State machine agent -> the run's current state in it (the ``machines`` read model).
+    states: dict[str, str] = {}
 
 
 class TimelineEntry(msgspec.Struct, frozen=True, kw_only=True):
@@ -160,13 +162,31 @@ class AgentStateRow(msgspec.Struct, frozen=True, kw_only=True):
     updated_at: datetime
 
 
+class MachineRow(msgspec.Struct, frozen=True, kw_only=True):
+    """Where a state machine agent is within a run: its current ``state``, the
+    ``previous`` one, how many ``transitions`` it took and how many were ``refused``
+    (the last as ``from -> to``)."""
+
+    run_id: UUID
+    agent: str
+    state: str
+    previous: str | None
+    transitions: int
+    refused: int
+    last_refused: str | None
+    last_reason: str | None
+    position: str
+    updated_at: datetime
+
+
 class AuditEntry(msgspec.Struct, frozen=True, kw_only=True):
     """Who did what, when: one state transition, approval, model or tool call, circuit
     transition, dead letter, redrive, budget stop or activation completion.
 
     ``action`` is a stable name (llm.call, tool.call, event.emitted, event.received,
     approval.requested, approval.decided, timer.scheduled, timer.fired,
-    circuit.transitioned, activation.dead_lettered, dead_letter.redriven,
+    circuit.transitioned, state.transitioned, state.transition_refused,
+    activation.dead_lettered, dead_letter.redriven,
     run.budget_exceeded, activation.completed, run.forked); ``actor`` the agent,
     the producer, the approver or ``breaker``; ``subject`` the tool, model,
     approval subject or circuit it is about.
@@ -365,6 +385,7 @@ class ReadModels:
             for name in (
                 "runs", "timeline", "audit_log", "usage_daily", "dead_letters",
                 "circuit_transitions", "agent_states", "projection_checkpoints",
+                "machine_states",
             )
         }  # fmt: skip
         self._log = f'"{settings.db_schema}".events'
@@ -419,7 +440,7 @@ class ReadModels:
             f"ORDER BY started_at DESC, run_id DESC LIMIT {n}",
             *w.args,
         )
-        items = [_run_row(r) for r in rows[:limit]]
+        items = await self._with_states([_run_row(r) for r in rows[:limit]])
         more = len(rows) > limit
         last = items[-1] if items else None
         return Page(items, encode_cursor(last.started_at, last.run_id) if more and last else None)
@@ -431,7 +452,46 @@ class ReadModels:
         )
         if not rows:
             await self._unknown_run(run_id, "runs")
-        return _run_row(rows[0])
+        [row] = await self._with_states([_run_row(rows[0])])
+        return row
+
+    async def _with_states(self, rows: list[RunRow]) -> list[RunRow]:
+        """``rows`` with their state machines' states (none while the ``machines`` read
+        model does not exist: a deployment that never ran a state machine)."""
+        if not rows:
+            return rows
+        try:
+            found = await self._pool.fetch(
+                f"SELECT run_id, agent, state FROM {self._t['machine_states']} "
+                "WHERE run_id = ANY($1::uuid[]) ORDER BY agent",
+                [r.run_id for r in rows],
+            )
+        except asyncpg.UndefinedTableError:
+            return rows
+        states: dict[UUID, dict[str, str]] = {}
+        for f in found:
+            states.setdefault(f[0], {})[f[1]] = f[2]
+        return [msgspec.structs.replace(r, states=states[r.run_id]) if r.run_id in states
+                else r for r in rows]  # fmt: skip
+
+    async def machines(self, run_id: UUID) -> list[MachineRow]:
+        """The run's state machines, by agent name (empty: none moved or refused yet, or
+        the ``machines`` read model was never built)."""
+        try:
+            rows = await self._pool.fetch(
+                "SELECT run_id, agent, state, previous, transitions, refused, last_refused, "
+                f"last_reason, last_tx, last_position, updated_at "
+                f"FROM {self._t['machine_states']} WHERE run_id = $1 ORDER BY agent",
+                run_id,
+            )
+        except asyncpg.UndefinedTableError:
+            return []
+        return [
+            MachineRow(run_id=r[0], agent=r[1], state=r[2], previous=r[3], transitions=r[4],
+                       refused=r[5], last_refused=r[6], last_reason=r[7],
+                       position=f"{r[8]}:{r[9]}", updated_at=r[10])
+            for r in rows
+        ]  # fmt: skip
 
     async def _unknown_run(self, run_id: UUID, projection: str) -> None:
         """Raise :class:`UnknownRun`: "not projected yet" when the log has the run."""

@@ -43,6 +43,7 @@ class ErrorCode(enum.StrEnum):
     CLAIM_LOST = "activation_claim_lost"
     HANDLER_TIMEOUT = "handler_timeout"
     REDRIVE_REFUSED = "redrive_refused"
+    INVALID_TRANSITION = "invalid_transition"
 
 
 class AgentrtError(Exception):
@@ -381,6 +382,38 @@ class RedriveRefused(AgentrtError):
     dead-lettered: a redrive would run the handler a second time."""
 
     code = ErrorCode.REDRIVE_REFUSED
+
+
+class InvalidTransition(AgentrtError):
+    """``ctx.transition`` asked a state machine for a transition it does not declare.
+
+    The refusal is recorded (``state.transition_refused``, in ``event``) and the
+    run's state is unchanged. A handler may catch it and go on (the refusal
+    commits with the rest of the activation); uncaught, it ends the activation
+    with the outcome ``transition_refused``, committing the refusal alone.
+    """
+
+    code = ErrorCode.INVALID_TRANSITION
+
+    def __init__(
+        self,
+        agent: str,
+        from_state: str,
+        to_state: str,
+        allowed: Iterable[str],
+        *,
+        event: object = None,
+    ) -> None:
+        self.allowed = tuple(allowed)
+        listed = ", ".join(self.allowed) or "nowhere (it is a final state)"
+        super().__init__(
+            f"agent {agent!r} refused the transition {from_state} -> {to_state}: "
+            f"from {from_state} it may go to {listed}"
+        )
+        self.agent = agent
+        self.from_state = from_state
+        self.to_state = to_state
+        self.event = event
 
 
 class InvalidRequestError(AgentrtError, ValueError):

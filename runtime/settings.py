@@ -240,13 +240,25 @@ ENV_KEYS: dict[str, str] = {
     "api_token": "AGENTRT_API_TOKEN",
 }
 
+
+def env_names() -> frozenset[str]:
+    """Every environment variable :meth:`Settings.from_env` reads (compose files are
+    checked against it: a misspelt name would be silently ignored)."""
+    return frozenset(ENV_KEYS.values())
+
+
 _LOG_LEVELS = {"debug", "info", "warning", "error", "critical"}
 
 
 def _parse(field: str, key: str, raw: Any) -> Any:
     """Turn one raw value into the field's type, or raise naming ``key``."""
     if field in ("redis_url",):
-        return _url(key, str(raw), {"redis", "rediss", "unix"})
+        # redis+cluster:// (rediss+cluster://): a Redis Cluster, any one node of it.
+        url = _url(key, str(raw), {"redis", "rediss", "unix", "redis+cluster", "rediss+cluster"})
+        parts = urlsplit(url)
+        if parts.scheme.endswith("+cluster") and parts.path.strip("/") not in ("", "0"):
+            raise SettingsError(key, "a Redis Cluster has only database 0: drop the /<db> path")
+        return url
     if field in ("database_url", "runtime_database_url"):
         return _url(key, str(raw), {"postgres", "postgresql"})
     if field in ("state_dir", "webhooks_config"):
@@ -316,8 +328,13 @@ def _parse(field: str, key: str, raw: Any) -> Any:
         if number < (0 if field == "run_budget_tokens" else 1):
             raise SettingsError(key, f"{number} is too small")
         return number
-    if field in ("run_budget_usd", "llm_timeout", "breaker_reset_timeout", "handler_timeout",
-                 "breaker_cache"):
+    if field in (
+        "run_budget_usd",
+        "llm_timeout",
+        "breaker_reset_timeout",
+        "handler_timeout",
+        "breaker_cache",
+    ):
         amount = _finite(key, raw)
         if amount < 0 or (field in ("llm_timeout", "handler_timeout") and amount == 0):
             raise SettingsError(key, f"{amount} must be positive")

@@ -26,10 +26,11 @@ from prometheus_client import (
     generate_latest,
 )
 from pydantic import BaseModel, Field
-from redis.exceptions import RedisError
+from redis.exceptions import RedisClusterException, RedisError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from runtime.log.pool import create_pool
+from runtime.ops import metrics as ops_metrics
 from runtime.ops.process import settle_gc
 from runtime.ops.tracing import request_parent, span
 from runtime.settings import Settings
@@ -38,7 +39,7 @@ from runtime.streams.durability import (
     check_redis_durability,
     ensure_durable_redis,
 )
-from runtime.streams.keys import ingress_stream
+from runtime.streams.keys import ingress_stream, redis_client
 from webhooks import auth
 from webhooks.config import ResolvedSource, WebhooksConfig
 from webhooks.errors import (
@@ -129,17 +130,21 @@ class Metrics:
             buckets=(0.001, 0.0025, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 1.0),
             registry=self.registry,
         )
+        # Read from Redis at scrape time: with several processes, the latest reading of
+        # a live one is the value (see runtime.ops.metrics).
         self.stream_length = Gauge(
             "agentrt_ingress_stream_length",
             "Entries in each ingress stream",
             ["stream"],
             registry=self.registry,
+            multiprocess_mode="livemostrecent",
         )
         self.group_lag = Gauge(
             "agentrt_consumer_group_lag",
             "Entries not yet delivered to a consumer group (pending ones on Redis < 7)",
             ["stream", "group"],
             registry=self.registry,
+            multiprocess_mode="livemostrecent",
         )
 
 
@@ -166,7 +171,9 @@ def create_app(
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        redis = aioredis.Redis.from_url(
+        # A plain or a cluster client (``redis+cluster://``): the ingress's one
+        # script keeps to one slot (the partition's hash tag).
+        redis = redis_client(
             settings.require_redis_url(),
             socket_connect_timeout=2,
             socket_timeout=5,
@@ -179,11 +186,14 @@ def create_app(
         app.state.ingestor = Ingestor(redis, config.ingress)
         try:
             # Promise 1: a 202 is only as safe as Redis's fsync. Warn, or refuse to start.
-            with contextlib.suppress(RedisError, OSError):  # unreachable: /readyz says so
+            # (Unreachable: /readyz says so.)
+            with contextlib.suppress(RedisError, RedisClusterException, OSError):
                 await ensure_durable_redis(redis, settings, component="agentrt serve")
             settle_gc()
+            ops_metrics.process_started("ingress")
             yield
         finally:
+            ops_metrics.process_stopping()
             await redis.aclose()
             if pool is not None:
                 await pool.close()
@@ -351,7 +361,7 @@ def create_app(
             await request.app.state.redis.ping()
             checks["redis"] = "ok"
             durability = await check_redis_durability(request.app.state.redis)
-        except (RedisError, OSError) as exc:
+        except (RedisError, RedisClusterException, OSError) as exc:
             checks["redis"] = f"unreachable: {type(exc).__name__}"
         pool: asyncpg.Pool | None = request.app.state.pg
         if pool is None:
@@ -385,9 +395,13 @@ def create_app(
     @app.get("/metrics", summary="Prometheus metrics", response_class=Response)
     async def metrics_endpoint(request: Request) -> Response:
         redis: aioredis.Redis = request.app.state.redis
-        with contextlib.suppress(RedisError, OSError):
+        with contextlib.suppress(RedisError, RedisClusterException, OSError):
             await observe_streams(redis, config.ingress.partitions, metrics)
-        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+        # Several processes (serve --workers N, a supervisor's children): all of them,
+        # summed, from the shared directory; one process: its own registry.
+        shared = ops_metrics.multiprocess_dir()
+        registry = metrics.registry if shared is None else ops_metrics.scrape_registry(shared)
+        return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
 
     app.state.metrics = metrics
     if routes:

@@ -3,17 +3,19 @@
 from __future__ import annotations
 
 import base64
+import contextlib
 import os
+import tempfile
 import time
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 from rich.console import Console
 
-from runtime.cli import configure_logging, err, open_log, out, run, settings_of, with_servers
-from runtime.ops.tracing import configure_tracing
+from runtime.cli import configure_logging, err, out, run, settings_of, with_servers
 from runtime.settings import Settings
 from webhooks import auth
 from webhooks.config import ResolvedSource, load
@@ -29,8 +31,15 @@ _CONTENT_TYPES = {
 
 
 def _source(settings: Settings, name: str, config: Path | None) -> ResolvedSource:
+    if config is None:
+        from webhooks.up import made_config
+
+        config = settings.webhooks_config
+        if not config.exists() and made_config(settings).exists():
+            config = made_config(settings)  # the one `agentrt up` made
+            err.print(f"[dim]sources from {config}[/]", soft_wrap=True)
     try:
-        _, sources = load(config or settings.webhooks_config)
+        _, sources = load(config)
     except ConfigError as exc:
         err.print(f"[red]error[/] {exc}")
         raise typer.Exit(2) from None
@@ -111,7 +120,14 @@ def serve(
     ctx: typer.Context,
     host: Annotated[str, typer.Option(help="Interface to listen on")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="Port")] = 8000,
-    workers: Annotated[int, typer.Option(help="Worker processes")] = 1,
+    workers: Annotated[
+        int,
+        typer.Option(
+            min=1,
+            help="Worker processes; with more than one, /metrics sums them all "
+            "(files in PROMETHEUS_MULTIPROC_DIR, else a temporary directory)",
+        ),
+    ] = 1,
     config: Annotated[
         Path | None,
         typer.Option(help="Sources file (env AGENTRT_WEBHOOKS_CONFIG; default ./webhooks.toml)"),
@@ -131,6 +147,7 @@ def serve(
     except ConfigError as exc:
         err.print(f"[red]error[/] {exc}")
         raise typer.Exit(2) from None
+    _check_metrics_dir()
     # The embedded servers when no URLs are set; uvicorn's workers read the URLs from env.
     settings = with_servers(settings, redis=True)
     if settings.require_durable_redis:
@@ -142,16 +159,52 @@ def serve(
         REDIS_URL=settings.require_redis_url(),
         DATABASE_URL=settings.require_database_url(),
     )
-    uvicorn.run(
-        "webhooks.app:app_from_env",
-        factory=True,
-        host=host,
-        port=port,
-        workers=workers,
-        loop="uvloop",
-        http="httptools",
-        **uvicorn_logging(settings, access_log=access_log),
-    )
+    with _shared_metrics(workers):
+        uvicorn.run(
+            "webhooks.app:app_from_env",
+            factory=True,
+            host=host,
+            port=port,
+            workers=workers,
+            loop="uvloop",
+            http="httptools",
+            **uvicorn_logging(settings, access_log=access_log),
+        )
+
+
+def _check_metrics_dir() -> None:
+    from runtime.ops import metrics
+
+    given = os.environ.get(metrics.MULTIPROC_ENV)
+    if given is not None and not Path(given).is_dir():
+        err.print(
+            f"[red]error[/] {metrics.MULTIPROC_ENV}={given} is not a directory "
+            "(create it, or unset it to let serve make one)"
+        )
+        raise typer.Exit(2)
+
+
+@contextlib.contextmanager
+def _shared_metrics(workers: int) -> Iterator[None]:
+    """One /metrics for several uvicorn workers: prometheus-client's multiprocess mode.
+
+    uvicorn spawns its workers, so a variable set here is in place before they import
+    prometheus_client. A directory given in PROMETHEUS_MULTIPROC_DIR belongs to whoever
+    set it (a supervisor that empties it for all its children); otherwise a temporary
+    one is made here and removed at exit.
+    """
+    from runtime.ops import metrics
+
+    if workers == 1 or metrics.MULTIPROC_ENV in os.environ:
+        yield
+        return
+    made = tempfile.mkdtemp(prefix="agentrt-metrics-")
+    os.environ.update(metrics.prepare_multiprocess(made))
+    try:
+        yield
+    finally:
+        del os.environ[metrics.MULTIPROC_ENV]
+        metrics.remove_dir(made)
 
 
 def uvicorn_logging(settings: Settings, *, access_log: bool = False) -> dict[str, Any]:
@@ -173,30 +226,27 @@ async def _require_durable_redis(settings: Settings) -> None:
         await redis.aclose()
 
 
-def demo(ctx: typer.Context) -> None:
-    """The quick start: signed webhooks -> ingress -> agents (LLM, tools) -> the log, audited."""
-    from webhooks.demo.pipeline import run_demo
+def demo(
+    ctx: typer.Context,
+    port: Annotated[int, typer.Option(help="First port (ingress, API, metrics); 0: free ones")] = 0,
+) -> None:
+    """The quick start: `agentrt up --demo` that exits when the sample webhooks are handled.
 
-    settings = with_servers(ctx.obj, redis=True)
+    Starts the embedded servers (they keep running) and the whole system with the sample
+    application, posts realistic webhooks, prints the runs, seals and verifies the log.
+    """
+    from runtime.cli.up import run_up
+
     if "AGENTRT_LOG_LEVEL" not in os.environ:
-        configure_logging("warning", json=settings.log_json)  # the demo prints what matters
-    configure_tracing("agentrt-demo")
-
-    async def go() -> bool:
-        log = await open_log(settings)
-        try:
-            return await run_demo(settings, log, Console(highlight=False, soft_wrap=True))
-        finally:
-            await log.pool.close()
-
-    if not run(go()):
-        raise typer.Exit(1)
+        configure_logging("warning", json=settings_of(ctx).log_json)  # the demo prints what matters
+    run_up(ctx, app_target=None, host="127.0.0.1", port=port, workers=1, demo=True,
+           keep_servers=True, exit_after_demo=True)  # fmt: skip
     Console().print(
         "\nnext: `agentrt runs` lists these runs and `agentrt runs show RUN` draws one; "
         "`agentrt replay RUN --app webhooks.demo.agents` re-runs it against the record; "
-        "`agentrt fork RUN --at 3 --app webhooks.demo.agents --tier fast` branches it; "
-        "`agentrt api` serves them as JSON; `agentrt log tail` follows the log; "
-        "`agentrt services down` stops the servers."
+        "`agentrt fork RUN --at 2 --app webhooks.demo.agents --tier smart` branches it; "
+        "`agentrt up` runs the whole system until Ctrl-C; `agentrt services down` stops "
+        "the servers."
     )
 
 

@@ -7,7 +7,7 @@ import uuid
 from datetime import UTC, datetime
 
 import redis.asyncio as aioredis
-from redis.exceptions import RedisError
+from redis.exceptions import RedisClusterException, RedisError
 
 from runtime.events.model import encode_body, event_type_of
 from runtime.ops.tracing import current_traceparent
@@ -143,7 +143,9 @@ class Ingestor:
                 keys=[stream, dedupe_key(partition, str(event_id))],
                 args=[self._ttl_ms, self.config.max_backlog, str(event_id), *fields],
             )
-        except (RedisError, OSError) as exc:
+        except (RedisError, RedisClusterException, OSError) as exc:
+            # (RedisClusterException: a Redis Cluster none of whose nodes answered,
+            # or whose slots are not all covered.)
             raise Unavailable(
                 f"the event store is unreachable ({type(exc).__name__}); nothing was accepted",
                 code="redis_unavailable",

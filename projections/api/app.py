@@ -82,6 +82,10 @@ def create_api(
             ErrorBody(code=code, message=str(exc.detail)), exc.status_code, _headers(exc.headers)
         )
 
+    @app.get("/healthz", summary="The process is alive (no token: it tells nothing)")
+    async def healthz() -> dict[str, str]:
+        return {"status": "ok"}
+
     install(app, backend)
     app.state.backend = backend
     return app

@@ -12,10 +12,12 @@ from datetime import date, datetime
 from typing import TYPE_CHECKING, Annotated, Any, Literal
 from uuid import UUID
 
-from fastapi import APIRouter, Depends, Query, Response
+import msgspec
+from fastapi import APIRouter, Depends, Query, Request, Response
 
-from projections.api.http import ReadRoute, json_response, ok
+from projections.api.http import JSON, ReadRoute, _error, json_response, ok
 from projections.api.openapi import schema_of
+from projections.errors import ApprovalConflict, ApprovalMissing, InvalidBody
 from projections.queries import (
     MAX_LIMIT,
     AgentStateRow,
@@ -30,9 +32,35 @@ from projections.queries import (
     UsageRow,
 )
 from projections.timetravel import RunState, state_at
+from runtime.errors import AlreadyDecided, ApprovalNotFound
+from runtime.log import approvals
 
 if TYPE_CHECKING:  # the backend is the app module's (which imports this one)
     from projections.api.backend import Backend
+
+#: ``by`` of a decision made through the API: the bearer token's holder (there is one
+#: token; a name given in the body is recorded after it, as the holder's claim).
+API_IDENTITY = "api"
+
+
+class DecisionBody(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """``POST /runs/{run_id}/approvals/{approval_id}``'s body."""
+
+    approved: bool
+    comment: Annotated[str, msgspec.Meta(max_length=4000)] = ""
+    #: Who, on the token holder's side, decides (recorded as ``api:<by>``).
+    by: Annotated[str, msgspec.Meta(max_length=200)] = ""
+
+
+class Decision(msgspec.Struct, kw_only=True):
+    """An approval's decision as recorded."""
+
+    approval_id: UUID
+    run_id: UUID
+    approved: bool
+    by: str
+    comment: str
+
 
 #: The result types whose schemas the OpenAPI document carries.
 SCHEMA_TYPES: tuple[Any, ...] = (
@@ -46,6 +74,8 @@ SCHEMA_TYPES: tuple[Any, ...] = (
     list[UsageRow],
     Page[DeadLetterRow],
     Page[CircuitTransitionRow],
+    Decision,
+    DecisionBody,
 )
 
 Status = Literal[
@@ -251,5 +281,45 @@ def router(backend: Backend, check: Callable[..., Awaitable[None]]) -> APIRouter
             name=name, since=since, until=until, limit=limit, cursor=cursor
         )
         return json_response(page)
+
+    @r.post(
+        "/runs/{run_id}/approvals/{approval_id}",
+        response_class=Response,
+        responses={
+            **ok(schema_of(Decision), "The decision, recorded"),
+            409: _error("The approval was decided already (code `approval_already_decided`)"),
+        },
+        openapi_extra={
+            "requestBody": {
+                "required": True,
+                "content": {JSON: {"schema": schema_of(DecisionBody)}},
+            }
+        },
+        summary="Decide a waiting approval",
+        tags=["approvals"],
+        description="Approve or deny an `approval.requested` of the run. The decision is "
+        "recorded as `approval.decided` with `by` naming the API token's holder (and the "
+        "`by` of the body, when given); the run goes on. 404 if the run has no such "
+        "approval, 409 if it was decided already (by someone, or by its deadline's "
+        "default), 422 for a body that is not `{approved: bool, comment?: str, by?: str}`.",
+    )
+    async def decide_approval(run_id: UUID, approval_id: UUID, request: Request) -> Response:
+        try:
+            body = msgspec.json.decode(await request.body(), type=DecisionBody)
+        except (msgspec.ValidationError, msgspec.DecodeError) as exc:
+            raise InvalidBody(f"the body must be {{approved: bool, comment?: str, "
+                              f"by?: str}}: {exc}") from None  # fmt: skip
+        by = API_IDENTITY if not body.by else f"{API_IDENTITY}:{body.by}"
+        log = await backend.log()
+        try:
+            await approvals.decide(log, approval_id, approved=body.approved, by=by,
+                                   comment=body.comment, run_id=run_id)  # fmt: skip
+        except ApprovalNotFound:
+            raise ApprovalMissing(f"run {run_id} has no approval {approval_id}") from None
+        except AlreadyDecided as exc:
+            raise ApprovalConflict(exc.message) from None
+        decision = Decision(approval_id=approval_id, run_id=run_id, approved=body.approved,
+                            by=by, comment=body.comment)  # fmt: skip
+        return json_response(decision)
 
     return r

@@ -1,5 +1,5 @@
 """The built-in read models: runs, agent state, timeline, audit, usage, dead letters,
-circuit transitions (one module each); :mod:`projections.queries` reads them."""
+circuit transitions, state machines (one module each); :mod:`projections.queries` reads them."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ from projections.builtin.agent_state import AgentStateProjection
 from projections.builtin.audit import AuditProjection
 from projections.builtin.circuits import CircuitTransitionsProjection
 from projections.builtin.dead_letters import DeadLettersProjection
+from projections.builtin.machines import MachinesProjection
 from projections.builtin.runs import RunsProjection
 from projections.builtin.timeline import TimelineProjection
 from projections.builtin.usage import UsageProjection
@@ -21,6 +22,7 @@ __all__ = [
     "AuditProjection",
     "CircuitTransitionsProjection",
     "DeadLettersProjection",
+    "MachinesProjection",
     "RunsProjection",
     "TimelineProjection",
     "UsageProjection",
@@ -48,4 +50,5 @@ def builtin_projections(
         UsageProjection(),
         DeadLettersProjection(),
         CircuitTransitionsProjection(),
+        MachinesProjection(),
     ]

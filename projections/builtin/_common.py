@@ -17,6 +17,8 @@ from runtime.events.builtin import (
     DeadLetterRedriven,
     RunBudgetExceeded,
     RunForked,
+    StateTransitioned,
+    StateTransitionRefused,
     StepRecorded,
     TimerFired,
     TimerScheduled,
@@ -115,5 +117,12 @@ def _summary(e: RecordedEvent) -> str:
             changes.append("input")
         what = f" with {', '.join(changes)}" if changes else ""
         return clip(f"forked from {b.parent_run_id} at step {b.at_step}{what}")
+    if type(b) is StateTransitioned:
+        why = f": {b.reason}" if b.reason else ""
+        return clip(f"{b.agent} moved {b.from_state} -> {b.to_state}{why}")
+    if type(b) is StateTransitionRefused:
+        allowed = ", ".join(b.allowed) or "nowhere"
+        return clip(f"{b.agent} refused {b.from_state} -> {b.to_state} "
+                    f"(from {b.from_state} only: {allowed})")  # fmt: skip
     by = f" by {e.producer}" if e.producer else ""
     return clip(f"{e.event_type}{by}")

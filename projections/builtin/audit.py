@@ -20,6 +20,8 @@ from runtime.events.builtin import (
     DeadLetterRedriven,
     RunBudgetExceeded,
     RunForked,
+    StateTransitioned,
+    StateTransitionRefused,
     StepRecorded,
     TimerFired,
     TimerScheduled,
@@ -40,7 +42,9 @@ class AuditProjection(Projection):
     external effects), every emitted domain event (``event.emitted``; from the
     ingress ``event.received``; non-bookkeeping events with a producer), approvals
     (``approval.requested``, ``approval.decided`` with the approver as actor),
-    timers, circuit transitions (actor ``breaker``), dead letters, redrives, budget
+    state machine transitions and refused ones (``state.transitioned``,
+    ``state.transition_refused``, subject ``from -> to``), timers, circuit
+    transitions (actor ``breaker``), dead letters, redrives, budget
     stops, activation completions and forks. ``actor`` is the agent, the producer
     or the approver; ``subject`` what it was about (the model, the tool, the
     approval's subject, the circuit); ``summary`` is searchable text (a GIN index on
@@ -148,6 +152,13 @@ def _row(e: RecordedEvent, subjects: dict[str, str]) -> tuple[Any, ...] | None:
         actor = b.by or actor or "human"
         subject = subjects.get(str(b.approval_id))
         detail = {"approval_id": b.approval_id, "approved": b.approved, "comment": b.comment}
+    elif isinstance(b, StateTransitioned | StateTransitionRefused):
+        action, actor = e.event_type, b.agent
+        subject = f"{b.from_state} -> {b.to_state}"
+        detail = {"from_state": b.from_state, "to_state": b.to_state, "reason": b.reason,
+                  "causation_id": e.causation_id}  # fmt: skip
+        if isinstance(b, StateTransitionRefused):
+            detail["allowed"] = b.allowed
     elif isinstance(b, TimerScheduled | TimerFired):
         action = e.event_type
         actor, subject = actor or b.agent, b.name

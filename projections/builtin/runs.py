@@ -14,6 +14,7 @@ import msgspec
 from projections.builtin._common import FINAL_ERRORS
 from projections.engine import Projection, Tables
 from runtime.agents.agent import Agent
+from runtime.agents.filters import Filters, accepts
 from runtime.events.builtin import (
     BOOKKEEPING,
     ActivationCompleted,
@@ -144,7 +145,8 @@ class RunsProjection(Projection):
       or, with the app's agents (``agents=``), an event of the run has a subscriber
       that has not completed it (the relay's routing: ingress events go to the
       agents reading the ingress, others to their subscribers, ``timer.fired`` to
-      its agent); without the agents, until the run's first ``activation.completed``.
+      its agent, and an agent with filters only the events that pass them); without
+      the agents, until the run's first ``activation.completed``.
     * ``completed`` otherwise.
 
     ``source`` is the root event's ``source`` attribute if its body has one, else
@@ -184,6 +186,9 @@ class RunsProjection(Projection):
         #: event type -> agents it goes to (ingress events: those reading the ingress).
         self._routes: dict[str, list[str]] = {}
         self._ingress_routes: dict[str, list[str]] = {}
+        #: agent -> its event filters (agents with any): events it filters out never
+        #: reach it, so the run does not wait for them.
+        self._filters: dict[str, Filters] = {a.name: f for a in agents if (f := a.filters())}
         for agent in agents:
             for t in sorted(agent.subscribed_types()):
                 self._routes.setdefault(t, []).append(agent.name)
@@ -192,10 +197,14 @@ class RunsProjection(Projection):
 
     def _targets(self, e: RecordedEvent) -> list[str]:
         if _ingress(e):
-            return self._ingress_routes.get(e.event_type, [])
-        targets = self._routes.get(e.event_type, [])
-        if type(e.body) is TimerFired:
-            return [a for a in targets if a == e.body.agent]
+            targets = self._ingress_routes.get(e.event_type, [])
+        else:
+            targets = self._routes.get(e.event_type, [])
+            if type(e.body) is TimerFired:
+                return [a for a in targets if a == e.body.agent]
+        if self._filters:
+            f = self._filters
+            return [a for a in targets if a not in f or accepts(f[a], e.event_type, e.body)]
         return targets
 
     async def apply(

@@ -25,6 +25,7 @@ from projections.engine import Progress as RebuildProgress
 from projections.engine import ProjectionStatus, Projector
 from projections.registry import registered
 from runtime.cli import err, importable_cwd, open_log, out, run, with_servers
+from runtime.ops import metrics
 from runtime.settings import Settings
 
 projections_app = typer.Typer(
@@ -70,7 +71,16 @@ def _age(seconds: float) -> str:
 
 def register(app: typer.Typer) -> None:
     @app.command("projector")
-    def projector_cmd(ctx: typer.Context, app_module: AppOption = None) -> None:
+    def projector_cmd(
+        ctx: typer.Context,
+        app_module: AppOption = None,
+        metrics_port: Annotated[
+            int,
+            typer.Option(
+                help="Serve Prometheus metrics (/metrics, /healthz) on this port (0: off)"
+            ),
+        ] = 0,
+    ) -> None:
         """Fold the log into the read models, live: catch up from each checkpoint, then follow.
 
         Projections that are new, or whose version changed, are rebuilt beside the
@@ -78,6 +88,9 @@ def register(app: typer.Typer) -> None:
         SIGINT/SIGTERM stop it between pages; nothing is ever folded twice.
         """
         settings = _settings(ctx)
+        metrics.process_started("projector")
+        if metrics_port:
+            metrics.serve_metrics(metrics_port)
 
         async def go() -> None:
             stop = asyncio.Event()

@@ -20,7 +20,7 @@ from rich.table import Table
 from rich.tree import Tree
 
 from projections.cli.common import command_settings
-from projections.queries import STATUSES, Page, ReadModels, RunRow, TimelineEntry
+from projections.queries import STATUSES, MachineRow, Page, ReadModels, RunRow, TimelineEntry
 from runtime.cli import err, importable_cwd, open_log, out, run, with_servers
 from runtime.settings import Settings
 
@@ -135,9 +135,12 @@ def runs_table(rows: Sequence[RunRow]) -> Table:
     # No box: a run id is 36 characters and must never be cut (it is what users copy).
     table = Table(box=None, pad_edge=False, header_style="bold", padding=(0, 1))
     forks = any(r.parent_run_id is not None for r in rows)
+    machines = any(r.states for r in rows)
     table.add_column("run", no_wrap=True, min_width=36)
     table.add_column("started", no_wrap=True)
     table.add_column("status", no_wrap=True)
+    if machines:  # only when a run has a state machine
+        table.add_column("state", overflow="fold")
     table.add_column("trigger", overflow="fold", min_width=14)
     table.add_column("agents", overflow="fold", min_width=10)
     table.add_column("duration", justify="right", no_wrap=True)
@@ -152,6 +155,7 @@ def runs_table(rows: Sequence[RunRow]) -> Table:
             str(r.run_id),
             when(r.started_at, short=True),
             status(r.status),
+            *([escape(machine_states(r.states))] if machines else []),
             escape(trigger),
             escape(", ".join(r.agents)) or "-",
             duration(r.duration_ms),
@@ -167,6 +171,29 @@ def runs_table(rows: Sequence[RunRow]) -> Table:
             cells.append(parent)
         table.add_row(*cells)
     return table
+
+
+def machine_states(states: dict[str, str]) -> str:
+    """A run's state machines: the state alone for one, ``agent:state`` for several."""
+    if not states:
+        return "-"
+    if len(states) == 1:
+        return next(iter(states.values()))
+    return ", ".join(f"{a}:{s}" for a, s in sorted(states.items()))
+
+
+def machine_lines(machines: Sequence[MachineRow]) -> list[str]:
+    """One line per state machine of a run (markup)."""
+    lines = []
+    for m in machines:
+        facts = [f"{m.transitions} transition{'' if m.transitions == 1 else 's'}"]
+        if m.previous is not None:
+            facts.insert(0, f"from {escape(m.previous)}")
+        if m.refused:
+            facts.append(f"[red]{m.refused} refused[/] (last {escape(m.last_refused or '')})")
+        lines.append(f"state     {escape(m.agent)}: [bold]{escape(m.state)}[/]  "
+                     f"({', '.join(facts)})")  # fmt: skip
+    return lines
 
 
 def summary(r: RunRow) -> list[str]:
@@ -275,7 +302,7 @@ def runs_list(
             cursor=cursor,
         )
 
-    page = run(read(settings, query, catch_up=("runs",) if catch_up else (), app=app))
+    page = run(read(settings, query, catch_up=("runs", "machines") if catch_up else (), app=app))
     if json_:
         sys.stdout.buffer.write(msgspec.json.encode(page) + b"\n")
         sys.stdout.flush()
@@ -310,18 +337,19 @@ def runs_show(
         ) from None
     settings = _settings(ctx)
 
-    async def query(models: ReadModels) -> tuple[RunRow, list[TimelineEntry]]:
-        return await models.run(rid), await models.timeline(rid)
+    async def query(
+        models: ReadModels,
+    ) -> tuple[RunRow, list[TimelineEntry], list[MachineRow]]:
+        return await models.run(rid), await models.timeline(rid), await models.machines(rid)
 
-    row, entries = run(
-        read(settings, query, catch_up=("runs", "timeline") if catch_up else (), app=app)
-    )
+    views = ("runs", "timeline", "machines") if catch_up else ()
+    row, entries, machines = run(read(settings, query, catch_up=views, app=app))
     if json_:
-        doc = {"run": row, "timeline": entries}
+        doc = {"run": row, "timeline": entries, "machines": machines}
         sys.stdout.buffer.write(msgspec.json.encode(doc) + b"\n")
         sys.stdout.flush()
         return
-    for line in summary(row):
+    for line in [*summary(row), *machine_lines(machines)]:
         out.print(line)
     out.print()
     out.print(timeline_tree(entries))

@@ -6,6 +6,7 @@ import re
 from collections.abc import Sequence
 from typing import Any, ClassVar
 
+from runtime.agents.filters import On, Where, accepts
 from runtime.effects.budget import Budget
 from runtime.effects.tools import Tool
 from runtime.events.model import Event, RecordedEvent
@@ -37,8 +38,9 @@ class Agent:
 
     #: The agent's name: its consumer group and its own stream ``agentrt:agent:{name}``.
     name: ClassVar[str] = ""
-    #: Event types (classes or dotted tags) this agent handles.
-    subscribes: ClassVar[Sequence[type[Event] | str]] = ()
+    #: Event types (classes or dotted tags) this agent handles; ``On(type, where=Where(...))``
+    #: takes only the events of a type that pass a filter (:mod:`runtime.agents.filters`).
+    subscribes: ClassVar[Sequence[type[Event] | str | On]] = ()
     #: System prompt of ``ctx.llm`` calls.
     system: ClassVar[str] = ""
     #: Model tier of ``ctx.llm`` calls (mapped to a model id by the settings).
@@ -96,15 +98,38 @@ class Agent:
     def subscribed_types(self) -> frozenset[str]:
         return frozenset(_tag(t) for t in self.subscribes)
 
+    def filters(self) -> dict[str, tuple[Where, ...]]:
+        """Event type -> the filters its events must pass (any one of them); a type
+        without an entry is taken whole (it is also subscribed without a filter)."""
+        filtered: dict[str, list[Where]] = {}
+        whole = set()
+        for s in self.subscribes:
+            tag = _tag(s)
+            wheres = s.alternatives() if isinstance(s, On) else ()
+            if wheres:
+                filtered.setdefault(tag, []).extend(wheres)
+            else:
+                whole.add(tag)
+        return {t: tuple(ws) for t, ws in filtered.items() if t not in whole}
+
+    def accepts(self, event_type: str, body: Event) -> bool:
+        """Whether this agent handles ``body`` (an event of a subscribed type): its filters."""
+        return accepts(self.filters(), event_type, body)
+
     def __repr__(self) -> str:
         return f"<agent {self.name!r} on {sorted(self.subscribed_types())}>"
 
 
-def _tag(t: type[Event] | str) -> str:
+def _tag(t: type[Event] | str | On) -> str:
+    if isinstance(t, On):
+        for w in t.alternatives():
+            if not isinstance(w, Where):
+                raise TypeError(f"On(..., where=) takes Where filters, got {w!r}")
+        return _tag(t.event)
     if isinstance(t, str):
         return t
     if isinstance(t, type) and issubclass(t, Event):
         tag = t.__struct_config__.tag
         if isinstance(tag, str):
             return tag
-    raise TypeError(f"subscribes must hold Event classes or dotted tags, got {t!r}")
+    raise TypeError(f"subscribes must hold Event classes, dotted tags or On(...), got {t!r}")

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import enum
 import uuid
 from collections.abc import Awaitable, Callable, Mapping
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Literal, Protocol
 from uuid import UUID
 
 import asyncpg
@@ -17,13 +18,29 @@ from redis.exceptions import RedisError
 from structlog.typing import FilteringBoundLogger
 
 from runtime.agents.agent import Agent
+from runtime.agents.machine import MachineState, StateMachine, state_name
 from runtime.effects.breaker import CircuitBreaker, Transition
 from runtime.effects.steps import StepOutput, Steps, raise_if_failed
 from runtime.effects.tools import Tool, ToolContext
-from runtime.errors import AgentrtError, UnknownTool
-from runtime.events.builtin import ApprovalRequested, CircuitTransitioned, TimerScheduled
+from runtime.errors import (
+    AgentrtError,
+    AlreadyDecided,
+    ApprovalNotFound,
+    InvalidTransition,
+    UnknownTool,
+)
+from runtime.events.builtin import (
+    APPROVAL_DEADLINE,
+    ApprovalRequested,
+    CircuitTransitioned,
+    StateTransitioned,
+    StateTransitionRefused,
+    TimerScheduled,
+)
 from runtime.events.model import Event, NewEvent, RecordedEvent, new_event_id
 from runtime.events.values import StepError
+from runtime.log import approvals
+from runtime.log.store import EventLog
 from runtime.ops.tracing import current_traceparent
 
 if TYPE_CHECKING:
@@ -110,6 +127,8 @@ class Context:
         self.log: FilteringBoundLogger = structlog.get_logger("agentrt.agent")
         self._activation_text = str(activation_id)
         self._scope: str | None = None
+        #: ``state.transitioned`` events at the head of ``emitted`` (see ``transition``).
+        self._moves = 0
 
     @property
     def _key_scope(self) -> str:
@@ -142,6 +161,48 @@ class Context:
         self.emitted.append(event)
         return event.event_id
 
+    def transition(self, to: str | enum.Enum, *, reason: str = "") -> str:
+        """Move the run's state machine to ``to`` (the agent is a :class:`~runtime.StateMachine`).
+
+        Checked against ``ctx.state.current``, the state as the log records it
+        (plus this activation's own transitions). An allowed transition records
+        ``state.transitioned``, committed with the activation ahead of what it
+        emits (so an event this activation emits is handled in the new state),
+        and updates ``ctx.state``. Any other raises
+        :class:`~runtime.errors.InvalidTransition` and records
+        ``state.transition_refused``: catch it to go on (the refusal commits with
+        the activation), or let it end the activation (outcome
+        ``transition_refused``: only the refusal commits). Returns the new state.
+        """
+        machine = self.agent
+        if not isinstance(machine, StateMachine):
+            raise TypeError(f"agent {machine.name!r} is not a StateMachine: it has no states")
+        state = self.state
+        if not isinstance(state, MachineState):
+            raise TypeError(
+                f"agent {machine.name!r}: ctx.state is a {type(state).__name__}, not a "
+                "MachineState (initial_state() must return one and evolve() must call "
+                "super().evolve())"
+            )
+        target = state_name(to)
+        allowed = machine.allowed(state.current)
+        if target not in allowed:
+            refused = StateTransitionRefused(agent=machine.name, from_state=state.current,
+                                             to_state=target, allowed=list(allowed),
+                                             reason=reason)  # fmt: skip
+            self.emit(refused)
+            raise InvalidTransition(machine.name, state.current, target, allowed, event=refused)
+        moved = StateTransitioned(
+            agent=machine.name, from_state=state.current, to_state=target, reason=reason
+        )
+        self.emit(moved)
+        # Ahead of the activation's other events: a later activation triggered by one
+        # of them folds the run's events before its trigger, this transition included.
+        self.emitted.insert(self._moves, self.emitted.pop())
+        self._moves += 1
+        self.state = machine.advance(state, moved)
+        return target
+
     def sleep_until(self, when: datetime, name: str = "timer", payload: Any = None) -> UUID:
         """Schedule a durable ``timer.fired`` for this agent at ``when`` (it survives restarts).
 
@@ -162,15 +223,87 @@ class Context:
         )
         return timer_id
 
-    def request_approval(self, subject: str, details: Any = None) -> UUID:
-        """Ask a human; the run resumes when an ``approval.decided`` with this id arrives."""
+    def request_approval(
+        self,
+        subject: str,
+        details: Any = None,
+        *,
+        deadline: datetime | None = None,
+        default: Literal["approve", "deny", "escalate"] | None = None,
+        escalate_to: str | None = None,
+    ) -> UUID:
+        """Ask a human; the run resumes when an ``approval.decided`` with this id arrives.
+
+        With a ``deadline`` (timezone-aware; ``await ctx.now()`` plus a delta), a
+        durable timer applies ``default`` when it passes with no decision:
+        ``approve`` or ``deny`` record the ``approval.decided`` (``by="deadline"``;
+        a human's later answer is refused, as a second answer always is), and
+        ``escalate`` sends an ``approval.escalated`` to the agent ``escalate_to``.
+        """
+        if (deadline is None) != (default is None):
+            raise ValueError("request_approval: give both deadline and default, or neither")
+        if default is not None and default not in ("approve", "deny", "escalate"):
+            raise ValueError(f"request_approval: default must be approve, deny or escalate, "
+                             f"not {default!r}")  # fmt: skip
+        if (default == "escalate") != (escalate_to is not None):
+            raise ValueError("request_approval: escalate_to goes with default='escalate'")
+        if deadline is not None and deadline.tzinfo is None:
+            raise ValueError("request_approval needs a timezone-aware deadline")
         approval_id = uuid.uuid5(self.activation_id, f"approval/{len(self.emitted)}")
+        due = None if deadline is None else deadline.astimezone(UTC)
         self.emit(
             ApprovalRequested(
-                approval_id=approval_id, agent=self.agent.name, subject=subject, details=details
+                approval_id=approval_id,
+                agent=self.agent.name,
+                subject=subject,
+                details=details,
+                deadline=due,
+                default=default,
+                escalate_to=escalate_to,
             )
         )
+        if due is not None:
+            # The relay applies the default when this fires (runtime.log.approvals).
+            self.sleep_until(due, APPROVAL_DEADLINE, payload={"approval_id": str(approval_id)})
         return approval_id
+
+    async def decide_approval(
+        self, approval_id: UUID, *, approved: bool, comment: str = ""
+    ) -> bool:
+        """Decide an approval as this agent (``by="agent:<name>"``): what the target of an
+        escalation does. A durable step (a retry does not decide again); True if this is
+        the approval's decision, False if someone decided first (that one stands)."""
+        by = f"agent:{self.agent.name}"
+
+        async def decide() -> StepOutput:
+            log = getattr(self.services, "log", None)
+            if not isinstance(log, EventLog):
+                raise RuntimeError("deciding an approval needs a worker's event log")
+            try:
+                await approvals.decide(log, approval_id, approved=approved, by=by,
+                                       comment=comment, producer=self.agent.name)  # fmt: skip
+            except AlreadyDecided as exc:
+                return StepOutput(result={"decided": False, "approved": exc.approved,
+                                          "by": exc.by})  # fmt: skip
+            except ApprovalNotFound as exc:
+                error = StepError(type=type(exc).__name__, message=str(exc), code=str(exc.code))
+                return StepOutput(error=error)
+            return StepOutput(result={"decided": True, "approved": approved, "by": by})
+
+        request = {"approval_id": str(approval_id), "approved": approved, "comment": comment}
+        record = await self.steps.run("approval", "decide", request, decide)
+        raise_if_failed(record)
+        return bool(record.result["decided"])
+
+    async def now(self) -> datetime:
+        """The current time, as a durable step: a retry or a replay gets the recorded time
+        back, so what the handler derives from it (a deadline, a timer) stays the same."""
+
+        async def read() -> StepOutput:
+            return StepOutput(result=datetime.now(UTC).isoformat())
+
+        record = await self.steps.run("clock", "now", None, read)
+        return datetime.fromisoformat(record.result)
 
     # -- steps ----------------------------------------------------------------
 

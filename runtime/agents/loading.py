@@ -8,6 +8,7 @@ from collections.abc import Iterable
 from typing import Any
 
 from runtime.agents.agent import NAME, Agent
+from runtime.agents.machine import StateMachine
 from runtime.errors import AppLoadError
 from runtime.events.model import registry as default_registry
 
@@ -38,6 +39,15 @@ def validate(agents: Iterable[Agent]) -> list[Agent]:
                 f"subscribes to {unknown}, which no imported module defines "
                 "(import the module that declares the event class)",
             )
+        for tag, wheres in sorted(agent.filters().items()):
+            for w in wheres:
+                if problems := w.problems(known[tag]):
+                    raise AppLoadError(
+                        f"agent {agent.name!r}",
+                        f"filter Where({w.describe()}) on {tag}: {'; '.join(problems)}",
+                    )
+        if isinstance(agent, StateMachine) and (problems := agent.machine_problems()):
+            raise AppLoadError(f"agent {agent.name!r}", f"state machine: {'; '.join(problems)}")
         if type(agent).handle is Agent.handle:
             raise AppLoadError(f"agent {agent.name!r}", "has no handle(event, ctx) method")
         if not inspect.iscoroutinefunction(agent.handle):

@@ -51,6 +51,24 @@ FromStartOption = Annotated[
 ]
 
 
+MetricsPortOption = Annotated[
+    int,
+    typer.Option(
+        help="Serve Prometheus metrics (/metrics, /healthz) on this port (0: off); "
+        "under a supervisor sharing PROMETHEUS_MULTIPROC_DIR, all its processes summed"
+    ),
+]
+
+
+def _serve_metrics(port: int, component: str) -> None:
+    """The process's metrics endpoint (a daemon thread, gone with the process)."""
+    from runtime.ops import metrics
+
+    metrics.process_started(component)
+    if port:
+        metrics.serve_metrics(port)
+
+
 def _relay(
     lg: EventLog, redis: Any, agents: list[Agent], settings: Settings, *, from_start: bool
 ) -> Relay:
@@ -126,9 +144,7 @@ def register(app: typer.Typer) -> None:
             bool, typer.Option("--relay/--no-relay", help="Also run the outbox relay here")
         ] = True,
         from_start: FromStartOption = False,
-        metrics_port: Annotated[
-            int, typer.Option(help="Serve Prometheus metrics on this port (0: off)")
-        ] = 0,
+        metrics_port: MetricsPortOption = 0,
     ) -> None:
         """Run agents: consumer groups, durable steps, one transaction per activation."""
         agents = load_agents(app_target)
@@ -145,10 +161,7 @@ def register(app: typer.Typer) -> None:
             )
         except ValueError as exc:
             raise typer.BadParameter(str(exc)) from None
-        if metrics_port:
-            from prometheus_client import start_http_server
-
-            start_http_server(metrics_port)
+        _serve_metrics(metrics_port, "worker")
         configure_tracing("agentrt-worker")
 
         async def go() -> None:
@@ -192,7 +205,10 @@ def register(app: typer.Typer) -> None:
 
     @app.command("relay")
     def relay_cmd(
-        ctx: typer.Context, app_target: AppOption, from_start: FromStartOption = False
+        ctx: typer.Context,
+        app_target: AppOption,
+        from_start: FromStartOption = False,
+        metrics_port: MetricsPortOption = 0,
     ) -> None:
         """Publish emitted events from the log to the streams of their subscribers.
 
@@ -202,6 +218,7 @@ def register(app: typer.Typer) -> None:
         """
         agents = load_agents(app_target)
         settings = with_servers(ctx.obj, redis=True)
+        _serve_metrics(metrics_port, "relay")
         configure_tracing("agentrt-relay")
 
         async def go() -> None:
@@ -325,20 +342,25 @@ def register(app: typer.Typer) -> None:
         by: Annotated[str, typer.Option(help="Who decides (recorded)")] = "",
         comment: Annotated[str, typer.Option(help="Recorded with the decision")] = "",
     ) -> None:
-        """Answer an approval request (no id: list the open ones)."""
+        """Answer an approval request, after showing what it asks (no id: list the open ones,
+        each with its subject, details, run, agent, deadline and default)."""
         import uuid
+        from datetime import UTC, datetime
 
+        from runtime.events.builtin import ApprovalRequested
         from runtime.log import approvals
 
         settings = with_servers(ctx.obj, redis=False)
 
         async def go() -> None:
             lg = await open_log(settings)
+            now = datetime.now(UTC)
             try:
                 if approval_id is None:
                     waiting = await approvals.pending_approvals(lg)
                     for aid, run_id, req in waiting:
-                        out.print(f"{aid}  run {run_id}  {req.agent}: {escape(req.subject)}")
+                        for line in approvals.describe(aid, run_id, req, now=now):
+                            out.print(escape(line))
                     if not waiting:
                         out.print("no approvals waiting")
                     return
@@ -346,6 +368,10 @@ def register(app: typer.Typer) -> None:
                     target = uuid.UUID(approval_id)
                 except ValueError:
                     raise typer.BadParameter(f"{approval_id!r} is not a UUID") from None
+                asked = await approvals.request_of(lg, target)
+                assert isinstance(asked.body, ApprovalRequested)
+                for line in approvals.describe(target, asked.run_id, asked.body, now=now):
+                    out.print(escape(line))
                 await approvals.decide(lg, target, approved=not deny, by=by, comment=comment)
                 out.print(f"{'denied' if deny else 'approved'} {target}")
             finally:

@@ -120,6 +120,10 @@ class TimerFired(Event, tag="timer.fired"):
     payload: Any = None
 
 
+#: The name of the timer that applies an approval's default at its deadline.
+APPROVAL_DEADLINE = "approval.deadline"
+
+
 class ApprovalRequested(Event, tag="approval.requested"):
     """A run waits for a human: an ``approval.decided`` with this id resumes it."""
 
@@ -127,15 +131,108 @@ class ApprovalRequested(Event, tag="approval.requested"):
     agent: str
     subject: str
     details: Any = None
+    #: When the ``default`` applies if nobody decided (None: the request waits for ever).
+    deadline: datetime | None = None
+    #: What happens at the deadline: ``approve``, ``deny`` (an ``approval.decided`` by
+    #: ``deadline``) or ``escalate`` (an ``approval.escalated`` to ``escalate_to``).
+    default: str | None = None
+    escalate_to: str | None = None
 
 
 class ApprovalDecided(Event, tag="approval.decided"):
-    """A human's answer to an ``approval.requested``."""
+    """The answer to an ``approval.requested``: a human's, or the default at its deadline
+    (``by == "deadline"``). There is one per approval: the first one stands."""
 
     approval_id: UUID
     approved: bool
     by: str = ""
     comment: str = ""
+
+
+class ApprovalEscalated(Event, tag="approval.escalated"):
+    """Nobody decided by the deadline: the request goes to the agent ``to`` (it stays open)."""
+
+    approval_id: UUID
+    to: str
+    subject: str
+    details: Any = None
+    deadline: datetime | None = None
+
+
+class TaskAssigned(Event, tag="task.assigned"):
+    """A supervisor gave a subtask to one specialist agent (delivered to ``worker`` only)."""
+
+    task_id: UUID
+    supervisor: str
+    worker: str
+    description: str
+    priority: int = 0
+    #: Seconds the supervisor waits for the result before giving the subtask up.
+    timeout: float = 0.0
+    #: The request the plan was made for (context for the specialist).
+    request: str = ""
+
+
+class TaskCompleted(Event, tag="task.completed"):
+    """A specialist's result for a subtask (delivered to its ``supervisor`` only)."""
+
+    task_id: UUID
+    supervisor: str
+    worker: str
+    result: Any = None
+
+
+class TaskFailed(Event, tag="task.failed"):
+    """A subtask that could not be done (delivered to its ``supervisor`` only)."""
+
+    task_id: UUID
+    supervisor: str
+    worker: str
+    error: str
+    error_type: str = ""
+
+
+class TaskOutcome(msgspec.Struct, kw_only=True):
+    """One subtask of a supervised request, as it ended (or ``pending``, while it runs)."""
+
+    task_id: UUID
+    worker: str
+    description: str
+    priority: int = 0
+    timeout: float = 0.0
+    #: ``pending``, ``completed``, ``failed`` or ``timed_out``.
+    status: str = "pending"
+    result: Any = None
+    error: str | None = None
+
+
+class SupervisionFinished(Event, tag="supervision.finished"):
+    """A supervisor's synthesis: every subtask's outcome (completed, failed or timed out,
+    none hidden) and what the supervisor made of them."""
+
+    supervisor: str
+    request: str
+    outcomes: list[TaskOutcome]
+    result: Any = None
+    completed: int = 0
+    failed: int = 0
+    timed_out: int = 0
+    #: Why there are no subtasks at all (the plan could not be made), else None.
+    error: str | None = None
+
+
+def addressed_to(body: Event) -> str | None:
+    """The one agent an addressed event goes to (a timer's, a task's, an escalation's),
+    else None (every agent subscribed to its type)."""
+    if isinstance(body, TimerFired):
+        return body.agent
+    if isinstance(body, TaskAssigned):
+        return body.worker
+    if isinstance(body, TaskCompleted | TaskFailed):
+        return body.supervisor
+    if isinstance(body, ApprovalEscalated):
+        return body.to
+    return None
 
 
 class RunForked(Event, tag="run.forked"):
@@ -152,6 +249,28 @@ class RunForked(Event, tag="run.forked"):
     #: The system prompt given with ``--prompt-file`` (its text), used from ``at_step`` on.
     prompt: str | None = None
     input_changed: bool = False
+
+
+class StateTransitioned(Event, tag="state.transitioned"):
+    """A state machine agent moved its run from one declared state to another
+    (``ctx.transition``); committed with the activation, ahead of what it emitted."""
+
+    agent: str
+    from_state: str
+    to_state: str
+    reason: str = ""
+
+
+class StateTransitionRefused(Event, tag="state.transition_refused"):
+    """``ctx.transition`` asked for a transition the agent does not declare: refused
+    (:class:`~runtime.errors.InvalidTransition`), the run's state unchanged."""
+
+    agent: str
+    from_state: str
+    to_state: str
+    #: The states the machine may go to from ``from_state``.
+    allowed: list[str] = msgspec.field(default_factory=list)
+    reason: str = ""
 
 
 #: Event types that only record what happened and are never delivered to agents.

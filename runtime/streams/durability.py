@@ -11,6 +11,7 @@ then the answer is "could not verify", which counts as not durable.
 
 from __future__ import annotations
 
+import typing
 from typing import Any
 
 import msgspec
@@ -20,6 +21,7 @@ from redis.exceptions import ResponseError
 
 from runtime.errors import RedisNotDurable
 from runtime.settings import Settings
+from runtime.streams.keys import is_cluster
 
 __all__ = ["RedisDurability", "check_redis_durability", "ensure_durable_redis"]
 
@@ -68,19 +70,33 @@ def _text(value: object) -> str | None:
     return value.decode() if isinstance(value, bytes) else str(value)
 
 
-async def check_redis_durability(redis: aioredis.Redis) -> RedisDurability:
+async def check_redis_durability(redis: aioredis.Redis, **node: Any) -> RedisDurability:
     """Ask the server (``CONFIG GET append*``; ``INFO persistence`` if CONFIG is refused).
 
     A refused CONFIG (disabled or renamed by a managed service, or an ACL
     without ``+config``) gives an unverified, not durable answer; connection
     errors propagate, as anything else that cannot reach Redis would.
+
+    On a Redis Cluster every master is asked (``node``: the one asked, as
+    ``target_nodes``); the answer is the first that is not durable, its
+    problem naming the node.
     """
+    if is_cluster(redis) and not node:
+        cluster = typing.cast(Any, redis)
+        await cluster.initialize()  # learns the nodes (once; a no-op after)
+        answers = []
+        for primary in cluster.get_primaries():
+            found = await check_redis_durability(redis, target_nodes=primary)
+            if not found.durable:
+                return msgspec.structs.replace(found, problem=f"{primary.name}: {found.problem}")
+            answers.append(found)
+        return answers[0]
     try:
-        raw = await redis.config_get("append*")
+        raw = await redis.config_get("append*", **node)
     except ResponseError as exc:
         appendonly: str | None = None
         try:  # INFO is usually allowed: it tells AOF on/off, not the fsync policy.
-            info = await redis.info("persistence")
+            info = await redis.info("persistence", **node)
             if "aof_enabled" in info:
                 appendonly = "yes" if str(info["aof_enabled"]) == "1" else "no"
         except ResponseError:

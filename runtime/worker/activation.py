@@ -22,7 +22,7 @@ import structlog
 from runtime.agents.agent import Agent
 from runtime.agents.context import FROM_START, Context, Services, Trigger
 from runtime.effects.steps import Steps
-from runtime.errors import BudgetExceeded
+from runtime.errors import BudgetExceeded, InvalidTransition
 from runtime.events.builtin import ActivationCompleted
 from runtime.events.model import Event, NewEvent, RecordedEvent
 from runtime.ops.tracing import current_traceparent
@@ -36,7 +36,8 @@ Spend = tuple[int, float] | Callable[[], Awaitable[tuple[int, float]]]
 class Activation:
     """What one run of a handler produced."""
 
-    #: ``completed``, or ``budget_exceeded`` when a model call would have gone over budget.
+    #: ``completed``, ``budget_exceeded`` when a model call would have gone over budget, or
+    #: ``transition_refused`` when an InvalidTransition escaped the handler.
     outcome: str
     #: What the handler emitted (dropped when the budget stopped the run).
     emitted: list[NewEvent]
@@ -63,7 +64,9 @@ async def activate(
     The handler's own errors propagate (the caller retries or dead-letters);
     a :class:`~runtime.errors.BudgetExceeded` ends the activation with outcome
     ``budget_exceeded``, keeping the reason and dropping what was emitted (an
-    activation commits whole or not at all). A handler that no longer takes
+    activation commits whole or not at all); an uncaught
+    :class:`~runtime.errors.InvalidTransition` likewise, with outcome
+    ``transition_refused`` and its ``state.transition_refused``. A handler that no longer takes
     steps the record holds raises :class:`~runtime.errors.StepDivergence`.
 
     ``ctx.state`` is ``state`` (a snapshot's, when one was loaded; else the
@@ -91,6 +94,14 @@ async def activate(
         ctx.emitted.clear()
         if isinstance(stop.event, Event):
             extra.append(stop.event)
+    except InvalidTransition as refused:
+        # Deterministic (the state is the log's): retrying would refuse again. The
+        # activation ends here and commits the refusal alone, never half its work.
+        log.warning("state.transition_refused", detail=str(refused))
+        outcome = "transition_refused"
+        ctx.emitted.clear()
+        if isinstance(refused.event, Event):
+            extra.append(refused.event)
     completed = ActivationCompleted(
         agent=agent.name,
         activation_id=activation_id,

@@ -31,11 +31,12 @@ from uuid import UUID
 
 import redis.asyncio as aioredis
 import structlog
+from redis.crc import key_slot
 from redis.exceptions import RedisError
 
 from runtime.errors import ClaimLost
 from runtime.log.group import Batcher
-from runtime.streams.keys import KEY_PREFIX
+from runtime.streams.keys import KEY_PREFIX, is_cluster, slot_groups
 
 log = structlog.get_logger(__name__)
 
@@ -188,13 +189,18 @@ class Claims:
         if not batch:
             return []
         sent = time.monotonic()
-        reply = await self._renew(
-            keys=[c.key for c in batch], args=[self.ttl_ms, *(c.token for c in batch)]
-        )
-        lost_at = {int(i) - 1 for i in reply or ()}
+        by_key = {c.key: c for c in batch}
+        lost_keys: set[str] = set()
+        # One script per hash slot on a Redis Cluster (a claim key carries its
+        # agent's tag): a script may only touch keys of one slot.
+        for keys in slot_groups(self.redis, by_key):
+            reply = await self._renew(
+                keys=keys, args=[self.ttl_ms, *(by_key[k].token for k in keys)]
+            )
+            lost_keys.update(keys[int(i) - 1] for i in reply or ())
         lost = []
-        for i, c in enumerate(batch):
-            if i in lost_at:
+        for c in batch:
+            if c.key in lost_keys:
                 c.valid_until = 0.0
                 self.held.pop(c.key, None)
                 lost.append(c)
@@ -204,15 +210,30 @@ class Claims:
         return lost
 
     async def release_in(self, pipe: aioredis.client.Pipeline) -> int:
-        """Queue the pending releases on ``pipe`` (the acknowledgement round trip)."""
+        """Queue the pending releases on ``pipe`` (the acknowledgement round trip).
+
+        Not on a Redis Cluster, whose pipelines take no scripts: there the
+        caller runs :meth:`release_pending` after the pipeline."""
         batch, self.releasing = self.releasing, []
         if batch:
             await self._release(keys=[k for k, _ in batch], args=[t for _, t in batch],
                                 client=pipe)  # fmt: skip
         return len(batch)
 
+    async def release_pending(self) -> int:
+        """Release the pending claims now (a round trip per hash slot on a cluster)."""
+        batch, self.releasing = self.releasing, []
+        if batch:
+            await self.release_now(batch)
+        return len(batch)
+
     async def release_now(self, batch: list[tuple[str, str]]) -> None:
-        await self._release(keys=[k for k, _ in batch], args=[t for _, t in batch])
+        cluster = is_cluster(self.redis)
+        by_slot: dict[int, list[tuple[str, str]]] = {}
+        for key, token in batch:  # one script per hash slot on a cluster
+            by_slot.setdefault(key_slot(key.encode()) if cluster else 0, []).append((key, token))
+        for pairs in by_slot.values():
+            await self._release(keys=[k for k, _ in pairs], args=[t for _, t in pairs])
 
 
 @dataclasses.dataclass(slots=True)

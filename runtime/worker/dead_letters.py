@@ -21,7 +21,7 @@ from runtime.log.queries import LogQueries
 from runtime.log.store import EventLog
 from runtime.ops import metrics
 from runtime.ops.tracing import current_traceparent
-from runtime.streams.keys import DLQ_STREAM, agent_stream
+from runtime.streams.keys import DLQ_STREAM, agent_stream, is_cluster
 from runtime.worker.delivery import Delivery, inbox_id
 
 log = structlog.get_logger(__name__)
@@ -139,7 +139,9 @@ async def redrive(
     stay in the log, under the old activation); its tool calls carry the
     original activation's idempotency keys, so an idempotent tool answers
     with its earlier result. Recorded in the log as ``dead_letter.redriven``,
-    then removed from the dead-letter stream, in one MULTI with the XADD.
+    then removed from the dead-letter stream, in one MULTI with the XADD (one
+    after the other on a Redis Cluster, where the two streams are in different
+    slots).
     """
     entry = await _entry(redis, dead_letter_id)
     letter = _parse(dead_letter_id, entry)
@@ -186,10 +188,20 @@ async def redrive(
                 )
             ],
         )
-    async with redis.pipeline(transaction=True) as pipe:
-        pipe.xadd(target, raw)
-        pipe.xdel(DLQ_STREAM, dead_letter_id)
-        new_id, _ = await pipe.execute()
+    if is_cluster(redis):
+        # The agent's stream and the dead-letter stream are in different slots
+        # of a Redis Cluster, and no MULTI spans two. Write first, then delete:
+        # a crash in between leaves the dead letter in place, and redriving it
+        # again is refused once the first copy was handled (the inbox, above) or,
+        # if both copies are in the stream at once, runs once (the activation
+        # claim and the inbox: they share the generation, so the activation id).
+        new_id = await redis.xadd(target, raw)
+        await redis.xdel(DLQ_STREAM, dead_letter_id)
+    else:
+        async with redis.pipeline(transaction=True) as pipe:
+            pipe.xadd(target, raw)
+            pipe.xdel(DLQ_STREAM, dead_letter_id)
+            new_id, _ = await pipe.execute()
     return RedrivePlan(dead_letter_id=dead_letter_id, entry_id=_text(new_id),
                        generation=generation, forced=forced)  # fmt: skip
 
@@ -254,10 +266,20 @@ async def dead_letter(
             "dlq_at": datetime.now(UTC).isoformat(),
         }
     )
-    async with redis.pipeline(transaction=True) as pipe:
-        pipe.xadd(DLQ_STREAM, dlq_fields)
-        pipe.xack(stream, agent, entry_id)
-        await pipe.execute()
+    if is_cluster(redis):
+        # The entry's stream and the dead-letter stream are in different slots
+        # of a Redis Cluster, and no MULTI spans two. Write, then acknowledge:
+        # a crash in between leaves the entry pending, so it is delivered again
+        # and dead-lettered again (a second dead letter of the same event, never
+        # none); redriving both runs it once (see :func:`redrive`), and its log
+        # record above has a deterministic id, so it is not doubled.
+        await redis.xadd(DLQ_STREAM, dlq_fields)
+        await redis.xack(stream, agent, entry_id)
+    else:
+        async with redis.pipeline(transaction=True) as pipe:
+            pipe.xadd(DLQ_STREAM, dlq_fields)
+            pipe.xack(stream, agent, entry_id)
+            await pipe.execute()
     metrics.DEAD_LETTERS.labels(agent).inc()
     metrics.ACTIVATIONS.labels(agent, "dead_lettered").inc()
     log.error("activation.dead_lettered", deliveries=deliveries, error=str(exc))

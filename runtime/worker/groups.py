@@ -6,9 +6,10 @@ import time
 
 import msgspec
 import redis.asyncio as aioredis
+from redis.crc import key_slot
 
 from runtime.ops import metrics
-from runtime.streams.keys import KEY_PREFIX
+from runtime.streams.keys import KEY_PREFIX, is_cluster
 from runtime.worker.delivery import parse_id, text
 
 # KEYS: stream. ARGV: group, consumer, entry ids. Reset the idle time of the
@@ -78,7 +79,8 @@ async def trim_acknowledged(redis: aioredis.Redis, stream: str) -> int:
 # announces the types it handles under its consumer name, with an expiry. A
 # worker given an entry whose type it does not handle, but a live member of
 # its group does, hands it over: XCLAIM to that consumer (JUSTID: not counted
-# as a delivery) and a note in the consumer's hand-off set, in one MULTI. The
+# as a delivery) and a note in the consumer's hand-off set, in one MULTI (on a
+# Redis Cluster, one after the other when they are in different slots). The
 # consumer adopts what the note names from its own pending list. If it dies
 # first, the entry is reclaimed like any other after ``claim_idle``.
 
@@ -142,6 +144,18 @@ async def hand_over(
 ) -> bool:
     """Give the pending entry to ``consumer`` and note it in its hand-off set; False if
     the entry is gone (deleted from the stream meanwhile)."""
+    if is_cluster(redis) and key_slot(stream.encode()) != key_slot(
+        handoff_key(agent, consumer).encode()
+    ):
+        # An ingress partition's stream and the agent's hand-off set are in
+        # different slots of a Redis Cluster: no MULTI. Claim, then note: the
+        # consumer never looks for an entry before it is its own, and a crash in
+        # between leaves the entry pending on it unnoted, idle, so it is
+        # reclaimed after ``claim_idle`` like any other (nothing lost).
+        claimed = await redis.xclaim(stream, agent, consumer, 0, [entry_id], justid=True)
+        if claimed:
+            await redis.sadd(handoff_key(agent, consumer), stream)
+        return bool(claimed)
     async with redis.pipeline(transaction=True) as pipe:
         pipe.xclaim(stream, agent, consumer, 0, [entry_id], justid=True)
         pipe.sadd(handoff_key(agent, consumer), stream)

@@ -6,6 +6,8 @@ agent subscribed to its type, schedules timers, and moves its checkpoint. So
 a crash publishes a page whole or not at all; a page published twice (a
 checkpoint lost with Redis's last second of AOF, say) is absorbed by the
 agents' inbox rows. One relay runs at a time per name, under a lease in Redis.
+(On a Redis Cluster the streams are in other slots than the checkpoint: the
+entries go first, then the checkpoint, see ``Relay._publish_split``.)
 
 Its name (``AGENTRT_RELAY_NAME``, ``default``) belongs to the deployment, not
 to its routes: adding an agent or a subscription keeps the checkpoint. Beside
@@ -54,9 +56,16 @@ import structlog
 from redis.exceptions import RedisError, WatchError
 
 from runtime.agents.agent import Agent
+from runtime.agents.filters import Filters, accepts, describe
 from runtime.agents.loading import subscribers
-from runtime.errors import LeaseLost, SettingsError
-from runtime.events.builtin import BOOKKEEPING, TimerFired, TimerScheduled
+from runtime.errors import ApprovalNotFound, LeaseLost, SettingsError
+from runtime.events.builtin import (
+    APPROVAL_DEADLINE,
+    BOOKKEEPING,
+    TimerFired,
+    TimerScheduled,
+    addressed_to,
+)
 from runtime.events.ids import run_stream, timers_stream
 from runtime.events.model import (
     START,
@@ -67,9 +76,10 @@ from runtime.events.model import (
     RecordedEvent,
     encode_body,
 )
+from runtime.log import approvals
 from runtime.log.store import EventLog
 from runtime.ops import metrics
-from runtime.streams.keys import KEY_PREFIX, agent_stream, log_wake_channel
+from runtime.streams.keys import KEY_PREFIX, agent_stream, is_cluster, log_wake_channel
 from runtime.worker.claims import RELEASE_HELD, RENEW_HELD
 
 log = structlog.get_logger(__name__)
@@ -87,10 +97,11 @@ _NAME = re.compile(r"[A-Za-z0-9_.:-]{1,100}")
 # subscription fields. Enter subscriptions this relay name has not seen yet, at
 # the checkpoint (or the start of the log, for a backfill); a relay name with
 # no checkpoint first adopts the one its routes had when relays were named
-# after them.
+# after them (not on a Redis Cluster, where that key is in another slot; no
+# cluster deployment predates the names).
 _JOIN = """
 local at = redis.call('GET', KEYS[1])
-if not at then
+if not at and KEYS[3] then
     at = redis.call('GET', KEYS[3])
     if at then redis.call('SET', KEYS[1], at) end
 end
@@ -142,6 +153,10 @@ class Relay:
         self.routes: dict[str, list[str]] = (
             dict(agents) if isinstance(agents, Mapping) else subscribers(agents)
         )
+        #: Agent -> its event filters (agents with any): an event goes to those it passes.
+        self.filters: dict[str, Filters] = (
+            {} if isinstance(agents, Mapping) else {a.name: f for a in agents if (f := a.filters())}
+        )
         #: The deployment's relay: its lease and checkpoint survive changes of routes.
         self.name = name
         #: Whether subscriptions this name has not seen get the log from its start.
@@ -152,8 +167,15 @@ class Relay:
         self.timer_interval = timer_interval
         self.anchor_interval = anchor_interval
         self.anchors = anchors
-        # Positions belong to one log (schema): the keys say which.
-        base = f"{KEY_PREFIX}relay:{log.schema}:{self.name}"
+        #: A Redis Cluster client: the subscribers' streams are in other slots than
+        #: the relay's own keys, so a page is published in two steps (:meth:`publish`).
+        self._cluster = is_cluster(redis)
+        # Positions belong to one log (schema): the keys say which. On a Redis
+        # Cluster they share a hash tag, so the fenced MULTIs (WATCH the lease,
+        # write the checkpoint and the subscriptions) stay in one slot. (A
+        # single Redis keeps the names it always had.)
+        scope = f"{log.schema}:{self.name}"
+        base = f"{KEY_PREFIX}relay:{{{scope}}}" if self._cluster else f"{KEY_PREFIX}relay:{scope}"
         self.checkpoint_key = f"{base}:position"
         self.lease_key = f"{base}:lease"
         #: Older checkpoints, newest first, to rewind to if the log lost the last.
@@ -198,7 +220,9 @@ class Relay:
         fields = self.subscriptions()
         if not fields:
             return 0
-        keys = [self.checkpoint_key, self.subscriptions_key, self._legacy_checkpoint_key]
+        keys = [self.checkpoint_key, self.subscriptions_key]
+        if not self._cluster:
+            keys.append(self._legacy_checkpoint_key)
         return int(await self._join(keys=keys, args=["1" if self.backfill else "0", *fields]))
 
     async def release(self) -> bool:
@@ -206,14 +230,20 @@ class Relay:
         return bool(await self._release(keys=[self.lease_key], args=[self._token]))
 
     def route(self, event: RecordedEvent) -> list[str]:
-        """The agents this event goes to (none for bookkeeping and for ingress events)."""
+        """The agents this event goes to (none for bookkeeping and for ingress events): its
+        type's subscribers, those with filters only if it passes them."""
         if event.event_type in BOOKKEEPING:
             return []
         if event.producer is not None and event.producer.startswith("ingress:"):
             return []  # it reached its agents through the ingress streams
         targets = self.routes.get(event.event_type, [])
-        if isinstance(event.body, TimerFired):
-            return [a for a in targets if a == event.body.agent]
+        addressee = addressed_to(event.body)
+        if addressee is not None:
+            return [a for a in targets if a == addressee]
+        if self.filters:
+            return [a for a in targets
+                    if a not in self.filters or accepts(self.filters[a], event.event_type,
+                                                        event.body)]  # fmt: skip
         return targets
 
     async def run(self, stop: asyncio.Event) -> None:
@@ -226,7 +256,8 @@ class Relay:
                 await asyncio.wait_for(stop.wait(), self.lease_ms / 3000)
         if stop.is_set():
             return
-        log.info("relay.started", name=self.name, routes=len(self.routes))
+        log.info("relay.started", name=self.name, routes=len(self.routes),
+                 filters={a: describe(f) for a, f in sorted(self.filters.items())})  # fmt: skip
         # The publish and timer loops watch ``stop`` themselves; the lease loop
         # renews until they are done (``letting_go``), then ends by itself too.
         graceful = [
@@ -400,17 +431,27 @@ class Relay:
             if not page:
                 break
             last = page[-1].log_position
+            entries = [
+                (agent_stream(agent), _fields(event))
+                for event in page
+                for agent in self.route(event)
+                if (since := behind.get(_field(agent, event.event_type))) is not None
+                and event.log_position > since
+            ]
+            if self._cluster:
+                # The agents' streams are in other slots: entries first, then the
+                # progress (see _publish_split for why that order is safe).
+                await self._check_lease()
+                await self._add_entries(entries, [])
             async with self.redis.pipeline(transaction=True) as pipe:
                 await pipe.watch(self.lease_key)
                 if await pipe.get(self.lease_key) != self._token.encode():
                     raise LeaseLost(f"relay {self.name!r} lost its lease to another relay")
                 pipe.multi()  # type: ignore[no-untyped-call]
-                for event in page:
-                    for agent in self.route(event):
-                        since = behind.get(_field(agent, event.event_type))
-                        if since is not None and event.log_position > since:
-                            pipe.xadd(agent_stream(agent), _fields(event))
-                            sent += 1
+                if not self._cluster:
+                    for stream, fields in entries:
+                        pipe.xadd(stream, fields)
+                sent += len(entries)
                 progress: dict[Any, Any] = {
                     f: str(last) for f, since in behind.items() if since < last
                 }
@@ -448,6 +489,8 @@ class Relay:
 
     async def publish(self, page: list[RecordedEvent]) -> int:
         """Publish one page and move the checkpoint past it, atomically; entries added."""
+        if self._cluster:
+            return await self._publish_split(page)
         async with self.redis.pipeline(transaction=True) as pipe:
             # Fenced by the lease: a relay that stalled past it and was
             # replaced publishes nothing (EXEC fails if the lease changed).
@@ -481,6 +524,68 @@ class Relay:
         self.published += len(relayed)
         return len(relayed)
 
+    async def _publish_split(self, page: list[RecordedEvent]) -> int:
+        """:meth:`publish` on a Redis Cluster: the page's entries, then the checkpoint.
+
+        The subscribers' streams and the timers are in other slots than the
+        checkpoint, and no MULTI spans two slots. So the entries and the timers
+        are written first (a pipeline, a round trip per node), and only then is
+        the checkpoint moved, in a MULTI of the relay's own slot fenced by the
+        lease. A crash or a lost lease between the two publishes the page again
+        from the checkpoint: the same events again, which the agents' inbox rows
+        and activation claims absorb (run once, committed once), and the same
+        timer members (ZADD of a member already there changes nothing). No event
+        is skipped: the checkpoint never passes an entry not yet written.
+        """
+        await self._check_lease()
+        entries = [(agent_stream(a), _fields(e)) for e in page for a in self.route(e)]
+        timers = [(e, e.body) for e in page if isinstance(e.body, TimerScheduled)]
+        await self._add_entries(entries, timers)
+        cursor = str(Cursor.of(page[-1]))
+        now = time.monotonic()
+        anchored = now >= self._next_anchor
+        async with self.redis.pipeline(transaction=True) as pipe:
+            await pipe.watch(self.lease_key)
+            if await pipe.get(self.lease_key) != self._token.encode():
+                raise LeaseLost(f"relay {self.name!r} lost its lease to another relay")
+            pipe.multi()  # type: ignore[no-untyped-call]
+            pipe.set(self.checkpoint_key, cursor)
+            if anchored:
+                pipe.lpush(self.anchors_key, cursor)
+                pipe.ltrim(self.anchors_key, 0, self.anchors - 1)
+            try:
+                await pipe.execute()
+            except WatchError:
+                raise LeaseLost(f"relay {self.name!r} lost its lease while publishing") from None
+        if anchored:
+            self._next_anchor = now + self.anchor_interval
+        for _, fields in entries:
+            metrics.RELAYED.labels(fields["type"]).inc()
+        self.published += len(entries)
+        return len(entries)
+
+    async def _check_lease(self) -> None:
+        """Raise :class:`LeaseLost` unless this relay holds the lease (before unfenced
+        writes: a relay replaced meanwhile then writes nothing, in the common case)."""
+        if await self.redis.get(self.lease_key) != self._token.encode():
+            raise LeaseLost(f"relay {self.name!r} lost its lease to another relay")
+
+    async def _add_entries(
+        self,
+        entries: list[tuple[str, dict[Any, Any]]],
+        timers: list[tuple[RecordedEvent, TimerScheduled]],
+    ) -> None:
+        """XADD ``entries`` and schedule ``timers`` in one pipeline (not a MULTI: on a
+        cluster it spans slots); raises if any of them failed."""
+        if not entries and not timers:
+            return
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for stream, fields in entries:
+                pipe.xadd(stream, fields)
+            for event, timer in timers:
+                self._schedule(pipe, event, timer)
+            await pipe.execute()
+
     @staticmethod
     def _schedule(pipe: Any, event: RecordedEvent, timer: TimerScheduled) -> None:
         member = msgspec.json.encode(
@@ -509,6 +614,10 @@ class Relay:
         due = await self.redis.zrangebyscore(TIMERS_KEY, "-inf", now_ms, start=0, num=100)
         for member in typing.cast(list[bytes], due):
             timer = msgspec.json.decode(member, type=_Timer)
+            if timer.name == APPROVAL_DEADLINE:
+                await self._approval_deadline(timer)
+                await self.redis.zrem(TIMERS_KEY, member)
+                continue
             fired = TimerFired(
                 timer_id=timer.timer_id,
                 agent=timer.agent,
@@ -533,6 +642,22 @@ class Relay:
             await self.redis.zrem(TIMERS_KEY, member)
             log.info("timer.fired", timer_id=str(timer.timer_id), agent=timer.agent)
         return len(due)
+
+    async def _approval_deadline(self, timer: _Timer) -> None:
+        """An approval's deadline: its default applies, unless someone decided first."""
+        raw = (timer.payload or {}).get("approval_id") if isinstance(timer.payload, dict) else None
+        try:
+            approval_id = uuid.UUID(str(raw))
+        except ValueError:
+            log.error("approval.deadline_without_id", timer_id=str(timer.timer_id))
+            return
+        try:
+            outcome = await approvals.apply_deadline(self.log, approval_id,
+                                                     fired_by=timer.causation_id)  # fmt: skip
+        except ApprovalNotFound:
+            log.error("approval.deadline_unknown", approval_id=str(approval_id))
+            return
+        log.info("approval.deadline", approval_id=str(approval_id), outcome=outcome)
 
 
 async def _set_on(stop: asyncio.Event, wake: asyncio.Event) -> None:

@@ -36,12 +36,13 @@ import redis.asyncio as aioredis
 import structlog
 from opentelemetry.context import Context
 from opentelemetry.trace import SpanKind, StatusCode
+from redis.exceptions import ClusterError, RedisError, ResponseError
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import RedisError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from runtime.agents.agent import Agent
 from runtime.agents.context import FROM_START, Trigger, activation_id_for, transition_event
+from runtime.agents.filters import Filters, accepts
 from runtime.effects.breaker import CircuitBreaker, Transition
 from runtime.effects.steps import Steps
 from runtime.errors import (
@@ -62,7 +63,13 @@ from runtime.log.snapshots import SnapshotStore
 from runtime.log.store import EventLog
 from runtime.ops import metrics
 from runtime.ops.tracing import current_traceparent, parent_from, span, traceparent_in
-from runtime.streams.keys import agent_stream, ingress_stream, log_wake_channel
+from runtime.streams.keys import (
+    agent_stream,
+    ingress_stream,
+    is_cluster,
+    log_wake_channel,
+    slot_groups,
+)
 from runtime.worker.activation import activate
 from runtime.worker.claims import Claim, Claims
 from runtime.worker.commit import commit_activation
@@ -96,6 +103,8 @@ def _raw_reply(response: Any, **options: Any) -> Any:
 #: used inside redis-py, can swallow one that arrives as its inner call
 #: completes): a stop must not wait for such a task for ever.
 _STOP_WAIT = 5.0
+#: More than the streams one hand-off set can name (an agent's partitions and its own).
+_MAX_NOTES = 1 << 16
 
 
 @dataclasses.dataclass(eq=False)
@@ -110,6 +119,8 @@ class _Group:
     live: dict[str, frozenset[str]] = dataclasses.field(default_factory=dict)
     live_rev: Any = None
     live_read_at: float = 0.0
+    #: The agent's event filters (type -> any-of), checked before an activation.
+    filters: Filters = dataclasses.field(default_factory=dict)
 
 
 async def _bounded(tasks: Sequence[asyncio.Task[Any]], what: str) -> None:
@@ -157,6 +168,7 @@ class Worker:
                 streams=[*(ingress if a.reads_ingress else []), agent_stream(a.name)],
                 types=a.subscribed_types(),
                 timeout=a.timeout or opts.handler_timeout,
+                filters=a.filters(),
             )
             for a in agents
         ]
@@ -189,10 +201,15 @@ class Worker:
         #: Whether something committed since the last flush (the relay is woken).
         self._committed = False
         self._wake_channel = log_wake_channel(log.schema)
+        #: A Redis Cluster client: keys of one command, MULTI or script share a slot.
+        self._cluster = is_cluster(redis)
         # XAUTOCLAIM's reply differs between Redis 6.2 and 7 (and redis-py
-        # cannot parse 6.2's deleted entries): take it raw.
-        self._raw = aioredis.Redis(connection_pool=redis.connection_pool)
-        self._raw.set_response_callback("XAUTOCLAIM", _raw_reply)
+        # cannot parse 6.2's deleted entries): take it raw. (A cluster client
+        # has no one pool to share: it takes the parsed reply, see reclaim_stream.)
+        self._raw: aioredis.Redis | None = None
+        if not self._cluster:
+            self._raw = aioredis.Redis(connection_pool=redis.connection_pool)
+            self._raw.set_response_callback("XAUTOCLAIM", _raw_reply)
 
     # -- Services (what contexts borrow) ------------------------------------------
 
@@ -277,7 +294,13 @@ class Worker:
             agents=[g.agent.name for g in self.groups],
             concurrency=opts.concurrency,
         )
-        readers = [self._task(self._read(g), f"read:{g.agent.name}") for g in self.groups]
+        # One XREADGROUP per group, or on a Redis Cluster one per hash slot of
+        # its streams (a command's keys must share a slot there).
+        readers = [
+            self._task(self._read(g, streams), f"read:{g.agent.name}")
+            for g in self.groups
+            for streams in slot_groups(self.redis, g.streams)
+        ]
         helpers = [
             *(self._task(self._reclaim(g), f"reclaim:{g.agent.name}") for g in self.groups),
             self._task(self._trim_loop(), "trim"),
@@ -347,10 +370,10 @@ class Worker:
             log.warning("worker.drain_timeout", left_pending=len(late))
             await _bounded(late, "activations")
 
-    async def _read(self, g: _Group) -> None:
+    async def _read(self, g: _Group, keys: list[str]) -> None:
         name = g.agent.name
         opts = self.options
-        streams: dict[Any, Any] = dict.fromkeys(g.streams, ">")
+        streams: dict[Any, Any] = dict.fromkeys(keys, ">")
         backoff = 0.1
         while not self._stopping.is_set():
             # Read only what there is room for: unread entries stay in the
@@ -371,7 +394,8 @@ class Worker:
                     count=min(opts.batch, free),
                     block=opts.block_ms,
                 )
-            except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
+            except (RedisConnectionError, RedisTimeoutError, ClusterError, OSError) as exc:
+                # (ClusterError: a cluster that is down or failing over, for now.)
                 log.warning("worker.read_failed", agent=name, error=str(exc), retry_in=backoff)
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 5.0)
@@ -442,6 +466,11 @@ class Worker:
             await self._ack(g, stream, entry_id)
             metrics.ACTIVATIONS.labels(agent, "skipped").inc()
             return
+        if delivery.type in g.filters and not self._passes(g, delivery):
+            # Filtered out: acknowledged without an activation, like a type not subscribed.
+            await self._ack(g, stream, entry_id)
+            metrics.ACTIVATIONS.labels(agent, "filtered").inc()
+            return
         aid = activation_id_for(agent, delivery.event_id, delivery.generation)
         with (
             structlog.contextvars.bound_contextvars(
@@ -497,6 +526,15 @@ class Worker:
         """Where the activation's span goes: under the span that produced the event (the
         webhook's, or the activation's that emitted it), else at the root of a trace."""
         return parent_from(d.trace)
+
+    def _passes(self, g: _Group, d: Delivery) -> bool:
+        """Whether the entry's body passes the agent's filters. A body that does not decode
+        passes: its activation dead-letters it (InvalidDelivery), as for any agent."""
+        try:
+            body = self.log.registry.decode(d.type, d.schema_version, d.body, strict=True)
+        except (EventDecodeError, UnknownEventType):
+            return True
+        return accepts(g.filters, d.type, body)
 
     async def _activate(self, g: _Group, d: Delivery, fields: dict[Any, Any], claimed: bool) -> str:
         claim = self.claims.claim(g.agent.name, d.inbox_id)
@@ -705,6 +743,9 @@ class Worker:
         if not batch and not committed and not self.claims.releasing:
             return
         try:
+            if self._cluster:
+                await self._flush_acks_cluster(batch, committed)
+                return
             async with self.redis.pipeline(transaction=False) as pipe:
                 for (stream, group), ids in batch.items():
                     pipe.xack(stream, group, *ids)
@@ -719,6 +760,21 @@ class Worker:
             # Left pending: reclaimed later, and the inbox row makes it a no-op.
             log.warning("worker.ack_failed", entries=sum(map(len, batch.values())),
                         error=f"{type(exc).__name__}: {exc}")  # fmt: skip
+
+    async def _flush_acks_cluster(
+        self, batch: dict[tuple[str, str], list[str]], committed: bool
+    ) -> None:
+        """:meth:`_flush_acks` on a Redis Cluster, whose pipelines take neither scripts
+        nor PUBLISH: the XACKs in one pipeline (a round trip per node), then the
+        claims' releases (a script per slot) and the wake-up."""
+        if batch:
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for (stream, group), ids in batch.items():
+                    pipe.xack(stream, group, *ids)
+                await pipe.execute()
+        await self.claims.release_pending()
+        if committed:
+            await self.redis.publish(self._wake_channel, b"")
 
     async def _deliveries(self, g: _Group, stream: str, entry_id: str) -> int:
         rows = await self.redis.xpending_range(stream, g.agent.name, entry_id, entry_id, 1)
@@ -751,13 +807,15 @@ class Worker:
         keys = [handoff_key(g.agent.name, self.consumer) for g in self.groups]
         while await self._sleep(interval):
             try:
-                async with self.redis.pipeline(transaction=True) as pipe:
+                # SPOP with a count reads and clears each set in one atomic
+                # command (a set names at most an agent's streams): no MULTI,
+                # so the keys may sit in different slots of a Redis Cluster.
+                async with self.redis.pipeline(transaction=False) as pipe:
                     for key in keys:
-                        pipe.smembers(key)
-                    pipe.delete(*keys)
-                    *noted, _ = await pipe.execute()
+                        pipe.spop(key, _MAX_NOTES)
+                    noted = await pipe.execute()
                 for g, streams in zip(self.groups, noted, strict=True):
-                    for stream in sorted(text(s) for s in streams):
+                    for stream in sorted(text(s) for s in streams or ()):
                         await self._adopt(g, stream)
             except (RedisError, OSError) as exc:
                 log.warning("worker.adopt_failed", error=f"{type(exc).__name__}: {exc}")
@@ -834,10 +892,15 @@ class Worker:
         cursor: Any = "0-0"
         claimed = 0
         while True:
-            reply = await self._raw.execute_command(  # type: ignore[no-untyped-call]
-                "XAUTOCLAIM", stream, g.agent.name, self.consumer, idle_ms, cursor,
-                "COUNT", self.options.batch,
-            )  # fmt: skip
+            if self._raw is None:  # a cluster client: entries parsed, (id, fields) each
+                reply = await self.redis.xautoclaim(
+                    stream, g.agent.name, self.consumer, idle_ms, cursor, count=self.options.batch
+                )
+            else:
+                reply = await self._raw.execute_command(  # type: ignore[no-untyped-call]
+                    "XAUTOCLAIM", stream, g.agent.name, self.consumer, idle_ms, cursor,
+                    "COUNT", self.options.batch,
+                )  # fmt: skip
             start, cursor, entries = cursor, reply[0], reply[1]
             got = []
             for entry in entries:
@@ -845,7 +908,11 @@ class Worker:
                     continue
                 entry_id, raw_fields = text(entry[0]), entry[1]
                 got.append(entry_id)
-                fields = dict(zip(raw_fields[::2], raw_fields[1::2], strict=True))
+                fields = (
+                    raw_fields
+                    if isinstance(raw_fields, dict)
+                    else dict(zip(raw_fields[::2], raw_fields[1::2], strict=True))
+                )
                 claimed += 1
                 self._spawn(g, stream, entry_id, fields, claimed=True)
             # Redis 7 drops deleted entries from the PEL itself and lists them

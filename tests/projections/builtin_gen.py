@@ -1,19 +1,21 @@
 """Generated logs for the built-in projections' tests: runs with steps (retries, usage),
-emitted events, dead letters, redrives, approvals, budget stops, circuit transitions and
-forks, several runs interleaved, appended with real builtin event bodies."""
+emitted events, dead letters, redrives, approvals, budget stops, circuit transitions,
+forks and state machine transitions (allowed and refused), several runs interleaved,
+appended with real builtin event bodies."""
 
 from __future__ import annotations
 
 import dataclasses
 import uuid
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, ClassVar
 
 import msgspec
 from hypothesis import strategies as st
 
 from runtime.agents.agent import Agent
 from runtime.agents.context import activation_id_for
+from runtime.agents.machine import StateMachine
 from runtime.events.builtin import (
     ActivationCompleted,
     ActivationDeadLettered,
@@ -23,6 +25,8 @@ from runtime.events.builtin import (
     DeadLetterRedriven,
     RunBudgetExceeded,
     RunForked,
+    StateTransitioned,
+    StateTransitionRefused,
     StepRecorded,
 )
 from runtime.events.ids import run_stream
@@ -97,7 +101,22 @@ class Boxer(_Quiet):
         return Box((*state.items[-3:], event.event_type))
 
 
-AGENTS: list[Agent] = [Alpha(), Beta(), Counter(), Boxer()]
+class Flow(StateMachine, _Quiet):
+    """A state machine: its state is folded (agent state) and projected (machines)."""
+
+    name = "flow"
+    subscribes = (Never,)
+    initial = "intake"
+    transitions: ClassVar[dict[str, tuple[str, ...]]] = {
+        "intake": ("research",),
+        "research": ("draft",),
+        "draft": ("research", "done"),
+    }
+
+
+FLOW_STATES = ("intake", "research", "draft", "done")
+
+AGENTS: list[Agent] = [Alpha(), Beta(), Counter(), Boxer(), Flow()]
 MODELS = ("claude-small", "claude-large")
 ERRORS = ("StepFailed", "HandlerTimeout", "RetriesExhausted", "ConnectionError")
 
@@ -116,6 +135,7 @@ op = st.tuples(
             "circuit",
             "fork",
             "emit_root",
+            "move",
         ]
     ),
     st.integers(0, 2),
@@ -135,6 +155,8 @@ class _Run:
     generations: dict[tuple[str, uuid.UUID], int] = dataclasses.field(default_factory=dict)
     dead: list[tuple[str, uuid.UUID, str]] = dataclasses.field(default_factory=list)
     approvals: list[uuid.UUID] = dataclasses.field(default_factory=list)
+    #: Where the run's ``flow`` machine is.
+    flow: str = "intake"
 
 
 class Generator:
@@ -372,6 +394,22 @@ class Generator:
                     recorded_at=self._tick(),
                 )
             ],
+        )
+
+    async def _move(self, run: _Run, a: int, b: int, c: int) -> None:
+        """``flow`` asks for a transition: allowed ones move it, the others are refused."""
+        to = FLOW_STATES[a]
+        allowed = Flow().allowed(run.flow)
+        body: Event
+        if to in allowed:
+            body = StateTransitioned(agent="flow", from_state=run.flow, to_state=to,
+                                     reason=f"r{c}" if c % 2 else "")  # fmt: skip
+            run.flow = to
+        else:
+            body = StateTransitionRefused(agent="flow", from_state=run.flow, to_state=to,
+                                          allowed=list(allowed))  # fmt: skip
+        await self._append(
+            run_stream(run.run_id), [self._new(body, run, causation_id=run.run_id, producer="flow")]
         )
 
     async def _fork(self, run: _Run, a: int, b: int, c: int) -> None:

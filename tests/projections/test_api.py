@@ -37,22 +37,25 @@ from projections.queries import encode_cursor
 from projections.registry import registered
 from runtime.agents.agent import Agent
 from runtime.effects.retry import RetryPolicy
-from runtime.events.model import RecordedEvent
+from runtime.events.builtin import ApprovalDecided, ApprovalRequested
+from runtime.events.model import NewEvent, RecordedEvent
 from runtime.llm.calls import LLM
 from runtime.llm.client import model_client
 from runtime.log.store import EventLog
 from runtime.settings import Settings
+from tests.support.apps.mailpair import Responder, Triage
 from tests.support.runtime import count_type, db_url, running, send, wait_for
 from tests.support.servers import Servers
 from tests.support.webhooks import make_config, standard_headers
 from webhooks.app import ROUTES_GROUP, create_app, mount_routes
 from webhooks.config import resolve
-from webhooks.demo.agents import Responder, Triage
 from webhooks.events import Address, EmailReceived
 
 TOKEN = "test-token-" + "k" * 32
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
 DOCS = {"/openapi.json", "/docs", "/docs/oauth2-redirect", "/redoc"}
+#: Routes without data, served without a token (the docs, and the health check).
+OPEN = {*DOCS, "/healthz"}
 
 
 class Tally(msgspec.Struct):
@@ -146,11 +149,20 @@ def data_routes(app: FastAPI) -> list[APIRoute]:
     """Every route of ``app`` but the docs' (FastAPI keeps included routers as entries of
     ``app.routes``: their routes are walked through ``iter_route_contexts``)."""
     found = [c.original_route for c in iter_route_contexts(app.routes)]
-    return [r for r in found if isinstance(r, APIRoute) and r.path not in DOCS]
+    return [r for r in found if isinstance(r, APIRoute) and r.path not in OPEN]
 
 
 def concrete(path: str, run_id: uuid.UUID) -> str:
-    return path.replace("{run_id}", str(run_id))
+    return path.replace("{run_id}", str(run_id)).replace("{approval_id}", str(uuid.uuid4()))
+
+
+def method_of(route: APIRoute) -> str:
+    [method] = route.methods
+    return method
+
+
+#: A body every route accepts (the GET routes ignore it).
+BODY = {"approved": True}
 
 
 def assert_error(response: httpx.Response, status: int, code: str) -> dict[str, Any]:
@@ -180,25 +192,37 @@ async def test_every_route_refuses_a_missing_or_wrong_token(api: httpx.AsyncClie
     for route in routes:
         for headers in wrong:
             # httpx merges the client's headers: replace the Authorization header.
-            request = api.build_request("GET", concrete(route.path, anyone))
+            request = api.build_request(method_of(route), concrete(route.path, anyone), json=BODY)
             request.headers.pop("Authorization")
             request.headers.update({k: v.encode() for k, v in headers.items()})
             response = await api.send(request)
             assert_error(response, 401, "unauthorized")
             assert response.headers["www-authenticate"] == "Bearer", route.path
         # The right token gets past the check (to a 404: no such run, or no projection yet).
-        response = await api.get(concrete(route.path, anyone))
+        response = await api.request(method_of(route), concrete(route.path, anyone), json=BODY)
         assert response.status_code != 401, (route.path, response.text)
 
 
+async def test_the_health_check_needs_no_token_and_tells_nothing(api: httpx.AsyncClient) -> None:
+    request = api.build_request("GET", "/healthz")
+    request.headers.pop("Authorization")
+    response = await api.send(request)
+    assert response.status_code == 200
+    assert response.json() == {"status": "ok"}
+
+
 async def test_without_a_configured_token_every_route_is_closed(
-    settings: Settings, log: EventLog
+    settings: Settings, log: EventLog, tmp_path: Path
 ) -> None:
-    app = create_api(with_token(settings, None), pool=log.pool)
+    # A state directory of its own: the working directory's may hold a kept token.
+    bare = dataclasses.replace(with_token(settings, None), state_dir=tmp_path)
+    app = create_api(bare, pool=log.pool)
     async with client_of(app) as client:
         for route in data_routes(app):
             for headers in ({}, {"Authorization": "Bearer "}, AUTH):
-                response = await client.get(concrete(route.path, uuid.uuid4()), headers=headers)
+                response = await client.request(
+                    method_of(route), concrete(route.path, uuid.uuid4()), headers=headers, json=BODY
+                )
                 body = assert_error(response, 401, "unauthorized")
         assert "AGENTRT_API_TOKEN" in body["message"]
 
@@ -224,7 +248,7 @@ async def test_openapi_documents_every_route_with_its_schemas_and_security(
         "/runs/{run_id}/state", "/audit", "/usage", "/dead-letters", "/circuit-transitions",
     }  # fmt: skip
     for route in routes:
-        op = doc["paths"][route.path]["get"]
+        op = doc["paths"][route.path][method_of(route).lower()]
         assert op["security"] == [{"bearer": []}], route.path
         ok = op["responses"]["200"]["content"]["application/json"]["schema"]
         ref = ok.get("$ref") or ok["items"]["$ref"]
@@ -547,7 +571,7 @@ def start_api(settings: Settings, state: Path, port: int) -> subprocess.Popen[st
     env.pop("AGENTRT_API_TOKEN", None)
     return subprocess.Popen(
         [sys.executable, "-m", "runtime", "api", "--port", str(port),
-         "--app", "webhooks.demo.agents"],
+         "--app", "tests.support.apps.mailpair"],
         env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
 
@@ -598,3 +622,66 @@ async def test_agentrt_api_makes_a_token_keeps_it_private_and_reuses_it(
         assert str(path) in stderr and "curl -H" in stderr, stderr
         assert token not in stderr  # where it is, not what it is
     assert tokens[0] == tokens[1]
+
+
+# -- approvals ----------------------------------------------------------------------------
+
+
+async def _ask(log: EventLog, run_id: uuid.UUID) -> uuid.UUID:
+    approval_id = uuid.uuid4()
+    asked = ApprovalRequested(approval_id=approval_id, agent="approver", subject="ship 3 x SKU?")
+    await log.append(f"run-{run_id}", [NewEvent(body=asked, run_id=run_id, producer="approver")])
+    return approval_id
+
+
+async def test_deciding_an_approval_records_who_and_refuses_a_second_answer(
+    api: httpx.AsyncClient, log: EventLog
+) -> None:
+    run_id = uuid.uuid4()
+    approval_id = await _ask(log, run_id)
+    path = f"/runs/{run_id}/approvals/{approval_id}"
+    response = await api.post(path, json={"approved": False, "comment": "too many", "by": "ada"})
+    assert response.status_code == 200, response.text
+    assert response.json() == {
+        "approval_id": str(approval_id),
+        "run_id": str(run_id),
+        "approved": False,
+        "by": "api:ada",
+        "comment": "too many",
+    }
+    [decided] = [e for e in await log.read_run(run_id) if isinstance(e.body, ApprovalDecided)]
+    assert (decided.body.approved, decided.body.by, decided.body.comment) == (
+        False,
+        "api:ada",
+        "too many",
+    )
+    assert decided.producer == "human:api:ada"
+    # A second answer, whatever it says, is refused: the first stands.
+    again = await api.post(path, json={"approved": True})
+    body = assert_error(again, 409, "approval_already_decided")
+    assert "already denied by api:ada" in body["message"]
+    assert await count_type(log, "approval.decided") == 1
+
+
+async def test_approval_route_answers_404_422_and_401_clearly(
+    api: httpx.AsyncClient, log: EventLog
+) -> None:
+    run_id = uuid.uuid4()
+    approval_id = await _ask(log, run_id)
+    path = f"/runs/{run_id}/approvals/{approval_id}"
+    # No such approval, or the approval of another run: 404.
+    assert_error(await api.post(f"/runs/{run_id}/approvals/{uuid.uuid4()}", json=BODY), 404,
+                 "approval_not_found")  # fmt: skip
+    assert_error(await api.post(f"/runs/{uuid.uuid4()}/approvals/{approval_id}", json=BODY), 404,
+                 "approval_not_found")  # fmt: skip
+    assert_error(await api.post(f"/runs/nope/approvals/{approval_id}", json=BODY), 422,
+                 "invalid_request")  # fmt: skip
+    for bad in (b"", b"{", b"[]", b'{"approved": "yes"}', b"{}", b'{"approved": true, "x": 1}'):
+        response = await api.post(path, content=bad, headers={"content-type": "application/json"})
+        body = assert_error(response, 422, "invalid_request")
+        assert "approved: bool" in body["message"]
+    response = await api.post(path, json=BODY, headers={"Authorization": "Bearer wrong"})
+    assert_error(response, 401, "unauthorized")
+    # Nothing was decided by any of these.
+    assert await count_type(log, "approval.decided") == 0
+    assert (await api.post(path, json=BODY)).status_code == 200

@@ -39,9 +39,9 @@ from runtime.llm.client import ModelClient, model_client
 from runtime.llm.offline import OfflineServer
 from runtime.log.store import EventLog
 from runtime.settings import Settings
+from tests.support.apps.mailpair import Responder, Triage
 from tests.support.apps.orders import Auditor, Fulfilment, OrderAudited, OrderPlaced
 from tests.support.runtime import count_type, running, send, wait_for
-from webhooks.demo.agents import Responder, Triage
 from webhooks.events import Address, EmailReceived
 
 AGENTS = [Triage(), Responder()]
@@ -293,7 +293,7 @@ async def test_the_command_with_a_prompt_file(
         "--at",
         str(RESPONDER_LLM),
         "--app",
-        "webhooks.demo.agents",
+        "tests.support.apps.mailpair",
         "--prompt-file",
         str(prompt),
         "--json",
@@ -309,7 +309,9 @@ async def test_the_command_with_a_prompt_file(
     forked = (await log.read_stream(f"run-{child}"))[0].body
     assert isinstance(forked, RunForked) and forked.prompt == prompt.read_text()
 
-    text = agentrt(settings, "fork", str(parent), "--at", "2", "--app", "webhooks.demo.agents")
+    text = agentrt(
+        settings, "fork", str(parent), "--at", "2", "--app", "tests.support.apps.mailpair"
+    )
     assert text.returncode == 0, text.stderr
     assert "reused steps 1; live steps 2" in text.stdout
     assert "live: 1 model call(s), 1 tool call(s)" in text.stdout
@@ -328,7 +330,7 @@ async def test_the_command_with_an_input_file(
         "--at",
         str(RESPONDER_LLM),
         "--app",
-        "webhooks.demo.agents",
+        "tests.support.apps.mailpair",
         "--input-file",
         str(file),
         "--json",
@@ -372,7 +374,7 @@ async def agentrt_async(settings: Settings, *args: str) -> tuple[int, str]:
 async def test_bad_input_is_refused_by_the_command_and_writes_nothing(
     log: EventLog, settings: Settings, parent: uuid.UUID, tmp_path: Path
 ) -> None:
-    good = [str(parent), "--at", str(RESPONDER_LLM), "--app", "webhooks.demo.agents"]
+    good = [str(parent), "--at", str(RESPONDER_LLM), "--app", "tests.support.apps.mailpair"]
     undecodable = tmp_path / "undecodable.json"
     undecodable.write_text(json.dumps({**msgspec.to_builtins(email()), "subject": 5}))
     not_json = tmp_path / "not.json"
@@ -386,7 +388,8 @@ async def test_bad_input_is_refused_by_the_command_and_writes_nothing(
         "past the end": (
             [str(parent), "--at", "4", *good[3:]], 1, ["[step_out_of_range]", "has steps 1..3"]),
         "agent missing": (
-            [*good[:4], "webhooks.demo.agents:Triage"], 1, ["[agent_not_found]", "responder"]),
+            [*good[:4], "tests.support.apps.mailpair:Triage"], 1,
+            ["[agent_not_found]", "responder"]),
         "input does not decode": (
             [*good, "--input-file", str(undecodable)], 1, ["[invalid_input]", "$.subject"]),
         "input not json": (

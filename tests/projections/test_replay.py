@@ -39,10 +39,10 @@ from runtime.log.snapshots import Snapshot, SnapshotStore, encode_state
 from runtime.log.store import EventLog
 from runtime.settings import Settings
 from tests.support import REPO
+from tests.support.apps import mailpair as demo
 from tests.support.apps import orders, replayed
 from tests.support.apps.orders import OrderPlaced
 from tests.support.runtime import count_type, fast_options, running, send, wait_for
-from webhooks.demo import agents as demo
 from webhooks.events import Address, EmailReceived
 
 EMAILS = [
@@ -405,7 +405,7 @@ async def test_cli_replay(
 ) -> None:
     runs = await run_demo(redis, log, llm)
     size = await log_size(log)
-    app = "--app=webhooks.demo.agents"
+    app = "--app=tests.support.apps.mailpair"
     since = (datetime.now(UTC) - timedelta(hours=1)).isoformat()
     # Started together: each process spends seconds importing.
     ok, changed, many, good, unknown, missing = await asyncio.gather(
@@ -466,7 +466,7 @@ def cli() -> typer.Typer:
     ],
 )
 def test_cli_refuses_bad_arguments(args: list[str], message: str) -> None:
-    result = CliRunner().invoke(cli(), ["replay", *args, "--app", "webhooks.demo.agents"])
+    result = CliRunner().invoke(cli(), ["replay", *args, "--app", "tests.support.apps.mailpair"])
     assert result.exit_code == 2, result.output
     assert message in " ".join(result.output.split())
 

@@ -17,8 +17,8 @@ from runtime.llm.calls import LLM
 from runtime.llm.client import model_client
 from runtime.log.store import EventLog
 from runtime.settings import Settings
+from tests.support.apps.mailpair import Responder, Triage
 from tests.support.runtime import count_type, running, send, wait_for
-from webhooks.demo.agents import Responder, Triage
 from webhooks.events import Address, EmailReceived
 
 

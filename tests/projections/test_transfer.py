@@ -29,10 +29,10 @@ from runtime.log.migrations import migrate
 from runtime.log.pool import open_runtime_pool
 from runtime.log.store import COPY_THRESHOLD, NO_STREAM, EventLog, RawEvent
 from runtime.settings import Settings
+from tests.support.apps.mailpair import Responder, Triage
 from tests.support.events import Noted
 from tests.support.runtime import count_type, running, send, wait_for
 from tests.support.servers import Servers, drop_schema, fresh_schema
-from webhooks.demo.agents import Responder, Triage
 from webhooks.events import Address, EmailReceived
 
 

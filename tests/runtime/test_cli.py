@@ -136,21 +136,6 @@ def test_plugins_add_commands_and_broken_ones_are_skipped() -> None:
     assert "builtin" in runner.invoke(root, ["builtin"]).output
 
 
-def test_demo_runs_the_whole_pipeline(settings: Settings) -> None:
-    result = agentrt(settings, "demo", timeout=120)
-    assert result.returncode == 0, result.stdout + result.stderr
-    out = result.stdout
-    assert out.count("-> 202 event") == 4
-    assert "duplicate=True" in out
-    assert "-> 401 signature_mismatch" in out
-    assert out.count("email.received") == 3
-    assert out.count("reply.drafted") == 2  # spam gets no reply
-    assert "'[offline] billing'" in out and "'[offline] spam'" in out
-    assert "lookup_customer" in out
-    assert out.count("activation.completed") == 6
-    assert "audit verify: ok" in out
-
-
 pytestmark = pytest.mark.filterwarnings("error")
 
 
@@ -249,3 +234,32 @@ def test_dlq_redrive_refuses_a_handled_event_unless_forced(settings: Settings) -
     finally:
         client.delete(f"agentrt:agent:{{{agent}}}")
         client.close()
+
+
+async def test_approve_shows_what_is_asked_then_decides_once(
+    settings: Settings, log: EventLog
+) -> None:
+    from datetime import UTC, datetime, timedelta
+
+    from runtime.events.builtin import ApprovalRequested
+    from runtime.events.model import NewEvent
+
+    run_id, approval_id = uuid.uuid4(), uuid.uuid4()
+    due = datetime.now(UTC) + timedelta(hours=1)
+    asked = ApprovalRequested(approval_id=approval_id, agent="gatekeeper", subject="ship SKU-7?",
+                              details={"order": "o7"}, deadline=due, default="deny")  # fmt: skip
+    await log.append(f"run-{run_id}", [NewEvent(body=asked, run_id=run_id)])
+    listed = await asyncio.to_thread(agentrt, settings, "approve")
+    assert listed.returncode == 0, listed.stderr
+    for part in (str(approval_id), "ship SKU-7?", '{"order":"o7"}', str(run_id), "gatekeeper",
+                 due.isoformat(), "then: deny"):  # fmt: skip
+        assert part in listed.stdout, (part, listed.stdout)
+    decided = await asyncio.to_thread(agentrt, settings, "approve", str(approval_id), "--by", "ada")
+    assert decided.returncode == 0, decided.stderr
+    assert "ship SKU-7?" in decided.stdout and f"approved {approval_id}" in decided.stdout
+    again = await asyncio.to_thread(
+        agentrt, settings, "approve", str(approval_id), "--deny", "--by", "bob"
+    )
+    assert again.returncode == 1 and "already approved by ada" in again.stderr
+    none_left = await asyncio.to_thread(agentrt, settings, "approve")
+    assert "no approvals waiting" in none_left.stdout

@@ -13,8 +13,8 @@ from typing import Any
 from runtime.agents.agent import Agent
 from runtime.agents.context import Context
 from runtime.events.model import Event
+from tests.support.apps.mailpair import EmailClassified, Responder, Triage, lookup_customer
 from tests.support.apps.orders import Fulfilment, StockReserved
-from webhooks.demo.agents import EmailClassified, Responder, Triage, lookup_customer
 from webhooks.events import EmailReceived
 
 

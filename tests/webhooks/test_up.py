@@ -1,0 +1,253 @@
+"""``agentrt up`` and ``agentrt demo`` with the sample application, end to end.
+
+Real processes (the supervisor and its children) against real servers, the offline model.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import asyncpg
+import httpx
+import msgspec
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from runtime.ops.embedded import EmbeddedServices
+from runtime.settings import Settings
+from webhooks.config import load
+from webhooks.demo.traffic import EMAILS, ORDER_CHANGES, sample_posts
+
+
+def _env(settings: Settings | None, state: Path) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in ("REDIS_URL", "DATABASE_URL")}
+    env.update(AGENTRT_STATE_DIR=str(state), AGENTRT_POLL_INTERVAL="0.05",
+               ANTHROPIC_API_KEY="")  # fmt: skip
+    if settings is not None:
+        env.update(REDIS_URL=settings.require_redis_url(),
+                   DATABASE_URL=settings.require_database_url(),
+                   AGENTRT_DB_SCHEMA=settings.db_schema)  # fmt: skip
+    return env
+
+
+async def test_demo_runs_every_sample_webhook_to_its_end(
+    settings: Settings, tmp_path: Path
+) -> None:
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "runtime", "demo", "--port", "0",
+        env=_env(settings, tmp_path), stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+    )  # fmt: skip
+    out_b, _ = await asyncio.wait_for(proc.communicate(), 240)
+    out = out_b.decode(errors="replace")
+    assert proc.returncode == 0, out
+    assert "-> 401 signature_mismatch" in out and "duplicate=True" in out
+    assert "audit verify: ok" in out
+    expected = len(EMAILS) + len(ORDER_CHANGES)
+    conn = await asyncpg.connect(settings.require_database_url())
+    try:
+        q = f'"{settings.db_schema}"'
+        runs = await conn.fetch(f'SELECT * FROM "{settings.read_schema}".runs')
+        assert len(runs) == expected
+        assert {r["status"] for r in runs} == {"completed"}
+        types = [r[0] for r in await conn.fetch(f"SELECT event_type FROM {q}.events")]
+        assert types.count("email.received") == len(EMAILS)
+        assert types.count("row.changed") == len(ORDER_CHANGES)
+        assert types.count("support.ignored") == 1  # the spam
+        assert types.count("support.triaged") == len(EMAILS) - 1
+        assert types.count("shop.anomaly_flagged") == 2  # the ordinary change is not
+        # Totals of the runs read model = the sums of the recorded model calls.
+        steps = await conn.fetch(
+            f"SELECT run_id, data FROM {q}.events WHERE event_type = 'step.recorded'"
+        )
+        tokens: dict[object, int] = {}
+        for run_id, data in steps:
+            usage = msgspec.json.decode(data).get("usage")
+            if usage:
+                tokens[run_id] = tokens.get(run_id, 0) + usage["input_tokens"] + usage[
+                    "output_tokens"]  # fmt: skip
+        for r in runs:
+            assert r["input_tokens"] + r["output_tokens"] == tokens.get(r["run_id"], 0)
+        assert sum(tokens.values()) > 0
+        triaged = await conn.fetch(
+            f"SELECT data FROM {q}.events WHERE event_type = 'support.triaged'"
+        )
+        labels = {msgspec.json.decode(d[0])["subject"]: msgspec.json.decode(d[0])
+                  for d in triaged}  # fmt: skip
+        for e in EMAILS:
+            if e.kind == "spam":
+                continue
+            got = labels[e.subject]
+            assert (got["category"], got["language"]) == (e.kind, e.language), e.subject
+    finally:
+        await conn.close()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            return fh.read().split(")")[-1].split()[0] != "Z"
+    except OSError:
+        return True
+
+
+def _descendants(pid: int) -> set[int]:
+    """Every process whose parent chain reaches ``pid`` (from /proc)."""
+    parents: dict[int, int] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as fh:
+                    parents[int(entry)] = int(fh.read().split(")")[-1].split()[1])
+            except (OSError, ValueError, IndexError):
+                continue
+    found: set[int] = set()
+    frontier = {pid}
+    while frontier:
+        frontier = {p for p, pp in parents.items() if pp in frontier} - found
+        found |= frontier
+    return found
+
+
+async def _status_line(state: Path, port: int) -> dict[str, str]:
+    """The figures of `agentrt up`'s status line, from every plugin, as it asks them."""
+    import projections.up
+    import webhooks.up
+    from runtime.cli.up import UpPlan, core_status
+
+    urls = json.loads((state / "services.json").read_text())
+    settings = Settings.from_env({}, state_dir=state).with_urls(
+        redis_url=urls["REDIS_URL"], database_url=urls["DATABASE_URL"]
+    )
+    plan = UpPlan(settings, "webhooks.demo.agents", "127.0.0.1", port, 1, False)
+    figures: dict[str, str] = {}
+    for source in (core_status, webhooks.up.status, projections.up.status):
+        figures.update(await source(plan))
+    return figures
+
+
+def _up(state: Path, port: int) -> subprocess.Popen[bytes]:
+    with open(state.parent / "up.log", "ab") as log:
+        return subprocess.Popen(
+            [sys.executable, "-m", "runtime", "up", "--port", str(port)],
+            env=_env(None, state), stdout=log, stderr=subprocess.STDOUT,
+        )  # fmt: skip
+
+
+def _wait_ready(proc: subprocess.Popen[bytes], url: str, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, "agentrt up exited early"
+        try:
+            if httpx.get(f"{url}/readyz", timeout=2).is_success:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    raise AssertionError("the ingress did not become ready")
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_up_from_an_empty_state_serves_stops_and_starts_again(tmp_path: Path) -> None:
+    """Embedded servers from an empty state directory; a webhook end to end; SIGINT stops
+    everything within seconds, no process left; a second start finds the same data."""
+    from runtime.cli.up import free_base_port
+
+    state = tmp_path / "state"
+    port = free_base_port("127.0.0.1")
+    url = f"http://127.0.0.1:{port}"
+    try:
+        for round_ in (1, 2):
+            proc = _up(state, port)
+            try:
+                _wait_ready(proc, url)
+                _, sources = load(state / "webhooks.toml")
+                post = sample_posts(sources)[round_]  # a different email each time
+                r = httpx.post(f"{url}/webhooks/{post.source}", content=post.body,
+                               headers=post.headers, timeout=10)  # fmt: skip
+                assert r.status_code == 202, r.text
+                token = (state / "api-token").read_text().strip()
+                api = f"http://127.0.0.1:{port + 1}"
+                deadline = time.monotonic() + 60
+                runs: list[dict[str, object]] = []
+                while time.monotonic() < deadline:
+                    answer = httpx.get(f"{api}/runs", headers={"authorization": f"Bearer {token}"},
+                                       timeout=5)  # fmt: skip
+                    if answer.is_success:
+                        runs = answer.json()["items"]
+                        if len(runs) == round_ and all(x["status"] == "completed" for x in runs):
+                            break
+                    time.sleep(0.3)
+                assert len(runs) == round_ and {x["status"] for x in runs} == {"completed"}, runs
+                assert asyncio.run(_status_line(state, port)) == {
+                    "activations": str(round_),
+                    "webhooks in": "1",  # this process's count: the ingress restarted
+                    "runs": f"completed {round_}",
+                    "cost": "$0.0000",  # the offline model's
+                }
+                # One metrics endpoint: every child's, summed (this start's processes only).
+                text = httpx.get(f"http://127.0.0.1:{port + 2}/metrics", timeout=5).text
+                samples = {
+                    (m.name, tuple(sorted(m.labels.items()))): m.value
+                    for f in text_string_to_metric_families(text) for m in f.samples
+                }  # fmt: skip
+                done = sum(v for (n, labels), v in samples.items()
+                           if n == "agentrt_activations_total" and ("outcome", "completed")
+                           in labels)  # fmt: skip
+                assert done == 1, text
+                live = {dict(labels)["component"] for (n, labels), v in samples.items()
+                        if n == "agentrt_processes" and v > 0}  # fmt: skip
+                assert {"ingress", "worker", "relay", "projector"} <= live, live
+                family = _descendants(proc.pid)
+                assert len(family) >= 5  # ingress, api, projector, worker, relay
+            finally:
+                started = time.monotonic()
+                proc.send_signal(signal.SIGINT)
+                code = proc.wait(timeout=40)
+                took = time.monotonic() - started
+            assert code == 0, (state.parent / "up.log").read_text()
+            assert took < 20
+            deadline = time.monotonic() + 5
+            while any(_alive(p) for p in family) and time.monotonic() < deadline:
+                time.sleep(0.1)
+            assert not [p for p in family if _alive(p)]
+            # It started the embedded servers, so it stopped them too.
+            assert not any(s.running for s in EmbeddedServices(state).status())
+    finally:
+        subprocess.run([sys.executable, "-m", "runtime", "services", "down"],
+                       env=_env(None, state), capture_output=True, timeout=60)  # fmt: skip
+
+
+def test_webhooks_sign_finds_the_sources_up_made(tmp_path: Path) -> None:
+    """With no ./webhooks.toml, `agentrt webhooks sign` signs with the secrets `agentrt up`
+    made and printed (so the README's curl works right after `agentrt up`)."""
+    from webhooks.auth import verify_standard
+    from webhooks.demo.traffic import sample_config
+
+    state = tmp_path / "state"
+    made = sample_config(state / "webhooks.toml")
+    body = tmp_path / "message.eml"
+    body.write_bytes(b"From: a@example.com\r\nSubject: hi\r\n\r\nhello\r\n")
+    work = tmp_path / "elsewhere"
+    work.mkdir()
+    result = subprocess.run(
+        [sys.executable, "-m", "runtime", "webhooks", "sign", str(body), "--source", "mta"],
+        env=_env(None, state) | {"PYTHONPATH": os.getcwd()}, cwd=work, capture_output=True,
+        text=True, timeout=60,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    headers = dict(line.split(": ", 1) for line in result.stdout.splitlines())
+    _, sources = load(made)
+    assert verify_standard(sources["mta"].keys, headers, body.read_bytes())
+    assert "webhooks.toml" in result.stderr  # it says which file it used
