@@ -21,13 +21,13 @@ import msgspec
 import pytest
 import redis.asyncio as aioredis
 from opentelemetry import trace
-from opentelemetry.context import Context
+from opentelemetry.context import Context as TraceContext
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanKind
 
-from runtime.agents.agent import Agent
+from runtime import Agent, Context, Event, ToolContext, tool
 from runtime.events.model import RecordedEvent
 from runtime.llm.calls import LLM
 from runtime.llm.client import model_client
@@ -43,8 +43,7 @@ from tests.support.runtime import db_url, fast_options, wait_for
 from tests.support.servers import Servers
 from tests.support.webhooks import SECRET, ingress, standard_headers
 from webhooks.config import IngressConfig, SourceConfig, WebhooksConfig
-from webhooks.demo.agents import agents as demo_agents
-from webhooks.demo.pipeline import postmark
+from webhooks.events import EmailReceived
 
 PARTITIONS = 2
 
@@ -102,8 +101,63 @@ def _config() -> WebhooksConfig:
 
 
 def _email() -> bytes:
-    text = "My card was charged twice for invoice 1042. Please refund one payment."
-    return postmark(1, "ada@example.com", "Ada Lovelace", "Invoice 1042 charged twice?", text)
+    """A Postmark inbound webhook, as Postmark posts it (a message id of its own)."""
+    sender, text = "ada@example.com", "My card was charged twice for invoice 1042."
+    return msgspec.json.encode({
+        "FromName": "Ada Lovelace", "From": sender,
+        "FromFull": {"Email": sender, "Name": "Ada Lovelace", "MailboxHash": ""},
+        "To": "support@agentrt.example",
+        "ToFull": [{"Email": "support@agentrt.example", "Name": "", "MailboxHash": ""}],
+        "Subject": "Invoice 1042 charged twice?", "MessageID": f"trace-{uuid.uuid4()}",
+        "Date": "Sun, 29 Nov 2026 10:00:00 +0000", "TextBody": text, "HtmlBody": "",
+        "Headers": [], "Attachments": [],
+    })  # fmt: skip
+
+
+# A model step and a tool step, then an event that starts the second agent (via the relay).
+
+
+class Classified(Event, tag="trace_test.classified"):
+    message_id: str
+    label: str
+    plan: str
+
+
+class Replied(Event, tag="trace_test.replied"):
+    message_id: str
+    text: str
+
+
+@tool
+async def lookup_plan(ctx: ToolContext, email: str) -> str:
+    """The customer's plan (a stand-in for a CRM call)."""
+    return "business" if email.endswith("@example.com") else "none"
+
+
+class Reader(Agent):
+    name = "reader"
+    subscribes = (EmailReceived,)
+    tier = "fast"
+    tools = (lookup_plan,)
+
+    async def handle(self, event: EmailReceived, ctx: Context) -> None:
+        answer = await ctx.llm(f"Subject: {event.subject}\n\n{event.text}", tools=[])
+        plan = await ctx.tool(lookup_plan, email=event.sender.email)
+        ctx.emit(Classified(message_id=event.message_id, label=answer.text[:40], plan=plan))
+
+
+class Replier(Agent):
+    name = "replier"
+    subscribes = (Classified,)
+    reads_ingress = False
+    tier = "smart"
+
+    async def handle(self, event: Classified, ctx: Context) -> None:
+        draft = await ctx.llm(f"Reply to a {event.plan} customer about: {event.label}")
+        ctx.emit(Replied(message_id=event.message_id, text=draft.text[:200]))
+
+
+AGENTS: Sequence[Agent] = (Reader(), Replier())
 
 
 class FreshRootWorker(Worker):
@@ -111,7 +165,7 @@ class FreshRootWorker(Worker):
     the one its event carries."""
 
     @staticmethod
-    def _trace_parent(d: Delivery) -> Context:
+    def _trace_parent(d: Delivery) -> TraceContext:
         return ROOT
 
 
@@ -120,7 +174,7 @@ async def _pipeline(
     redis_url: str, redis: aioredis.Redis, log: EventLog, llm: LLM, worker_class: type[Worker]
 ) -> AsyncIterator[httpx.AsyncClient]:
     """The ingress (in this process), a worker of ``worker_class`` and the relay."""
-    agents: Sequence[Agent] = demo_agents
+    agents = AGENTS
     worker = worker_class(agents, redis=redis, log=log, llm=llm,
                           options=fast_options(partitions=PARTITIONS))  # fmt: skip
     stop = asyncio.Event()
@@ -147,7 +201,7 @@ async def _run_one(
     spans: InMemorySpanExporter,
     worker_class: type[Worker] = Worker,
 ) -> tuple[uuid.UUID, list[RecordedEvent]]:
-    """Post one signed email; wait for triage and responder to commit and their spans to end."""
+    """Post one signed email; wait for reader and replier to commit and their spans to end."""
     async with _pipeline(db_url(servers.redis_url), redis, log, llm, worker_class) as client:
         body = _email()
         response = await client.post("/webhooks/support", content=body,
@@ -165,7 +219,7 @@ async def _run_one(
         async def spans_ended() -> bool:
             return len(activation_spans()) >= 2
 
-        await wait_for(handled, 60, "triage and responder to commit")
+        await wait_for(handled, 60, "reader and replier to commit")
         await wait_for(spans_ended, 30, "both activation spans to end")
     return run_id, await log.read_run(run_id)
 
@@ -195,18 +249,18 @@ def check_tree(finished: Sequence[ReadableSpan], events: Sequence[RecordedEvent]
         assert root.attributes and root.attributes["http.route"] == "/webhooks/{source}"
     trace_id = root.context.trace_id
 
-    (triage,) = [s for s in finished if s.name == "activation triage"]
-    (responder,) = [s for s in finished if s.name == "activation responder"]
-    assert parent(triage) is webhook
-    assert parent(responder) is triage, "the emitted event carried the trace to the next agent"
+    (reader,) = [s for s in finished if s.name == "activation reader"]
+    (replier,) = [s for s in finished if s.name == "activation replier"]
+    assert parent(reader) is webhook
+    assert parent(replier) is reader, "the emitted event carried the trace to the next agent"
 
     steps = [s for s in finished if s.attributes and "agentrt.step" in s.attributes]
     under = {
         a.name: sorted(str(s.attributes["agentrt.step.kind"]) for s in steps if parent(s) is a)
-        for a in (triage, responder)
+        for a in (reader, replier)
     }
-    assert under == {"activation triage": ["llm", "tool"], "activation responder": ["llm"]}
-    assert all(parent(s) in (triage, responder) for s in steps)
+    assert under == {"activation reader": ["llm", "tool"], "activation replier": ["llm"]}
+    assert all(parent(s) in (reader, replier) for s in steps)
     model_steps = [s for s in steps if s.attributes["agentrt.step.kind"] == "llm"]
     assert all(s.attributes["gen_ai.usage.output_tokens"] for s in model_steps)
     # The model SDK's own spans (one per API call) nest under their step's.
@@ -229,7 +283,7 @@ def check_tree(finished: Sequence[ReadableSpan], events: Sequence[RecordedEvent]
             assert producer in steps
             assert producer.attributes["agentrt.step"] == e.body.step
         else:  # emitted, activation.completed: the activation's
-            assert producer is (triage if e.producer == "triage" else responder), e.event_type
+            assert producer is (reader if e.producer == "reader" else replier), e.event_type
 
 
 async def test_a_run_is_one_trace_from_webhook_to_the_next_agent(
@@ -241,7 +295,7 @@ async def test_a_run_is_one_trace_from_webhook_to_the_next_agent(
 ) -> None:
     _, events = await _run_one(servers, redis, log, llm, spans)
     assert {e.event_type for e in events} >= {
-        "email.received", "step.recorded", "triage.classified", "reply.drafted",
+        "email.received", "step.recorded", "trace_test.classified", "trace_test.replied",
         "activation.completed",
     }  # fmt: skip
     check_tree(spans.get_finished_spans(), events)
