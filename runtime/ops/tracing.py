@@ -1,16 +1,16 @@
 """OpenTelemetry spans, and the W3C trace context that makes one run one trace.
 
-A run's trace goes: the webhook's span (``POST /webhooks/{source}``), its
+A run's trace goes: the webhook's span (``webhook <source>``), its
 ``traceparent`` on the ingress stream entry and in the ``trace`` column of the
 trigger event, the activation's span (its child), the spans of the steps the
 activation executes, and through an emitted event (its ``trace`` in the log,
 then the ``traceparent`` field the relay writes on the subscriber's stream
 entry) the next agent's activation.
 
-Spans go through the OpenTelemetry API only. Without a configured SDK it is the
-API's no-op tracer: a span costs a context switch of a few hundred
-nanoseconds, nothing is recorded, and a ``traceparent`` that came in is passed
-on unchanged (so a trace started upstream survives a process without the SDK).
+Spans go through the OpenTelemetry API only. Without a configured SDK nothing
+is recorded and :func:`span` only makes its parent context current (about a
+microsecond), so a ``traceparent`` that came in is passed on unchanged: a trace
+started upstream survives a process without the SDK.
 :func:`configure_tracing` sets the SDK up, once per process, when
 ``OTEL_EXPORTER_OTLP_ENDPOINT`` is set and the ``otel`` extra is installed.
 
@@ -157,8 +157,8 @@ def add_trace_ids(
 def configure_tracing(service_name: str, environ: Mapping[str, str] | None = None) -> bool:
     """Export this process's spans over OTLP when ``OTEL_EXPORTER_OTLP_ENDPOINT`` is set.
 
-    Called at the start of ``agentrt serve`` (each uvicorn worker), ``worker``,
-    ``relay`` and ``demo``. Sets a ``TracerProvider`` (resource from
+    Called at the start of ``agentrt serve`` (each uvicorn worker), ``worker`` and
+    ``relay`` (so in ``agentrt up``'s children too). Sets a ``TracerProvider`` (resource from
     ``OTEL_SERVICE_NAME`` / ``OTEL_RESOURCE_ATTRIBUTES``, else ``service_name``)
     with a ``BatchSpanProcessor`` and the OTLP/HTTP exporter, which reads the
     standard ``OTEL_EXPORTER_OTLP_*`` variables itself. The libraries that trace
