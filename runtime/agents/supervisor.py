@@ -240,6 +240,7 @@ class Supervisor(Agent):
         now = await ctx.now()  # a step: a retry or replay sets the same deadlines
         state = Supervision(request=request)
         ordered = sorted(enumerate(plan.subtasks), key=lambda p: (p[1].priority, p[0]))
+        unknown: list[TaskFailed] = []
         for i, sub in ordered:
             task_id = uuid.uuid5(ctx.activation_id, f"task/{i}")
             assigned = TaskAssigned(task_id=task_id, supervisor=self.name, worker=sub.worker,
@@ -251,11 +252,17 @@ class Supervisor(Agent):
                 # The model named a worker there is none of: a failure of this
                 # subtask, reported like any other (it comes back as an event).
                 error = f"no worker named {sub.worker!r} (workers: {', '.join(sorted(known))})"
-                ctx.emit(TaskFailed(task_id=task_id, supervisor=self.name, worker=sub.worker,
-                                    error=error, error_type="UnknownWorker"))  # fmt: skip
+                unknown.append(TaskFailed(task_id=task_id, supervisor=self.name,
+                                          worker=sub.worker, error=error,
+                                          error_type="UnknownWorker"))  # fmt: skip
                 continue
             ctx.sleep_until(now + timedelta(seconds=sub.timeout), TIMEOUT_TIMER,
                             payload={"task_id": str(task_id), "timeout": sub.timeout})  # fmt: skip
+        # After every assignment: each failure's activation then folds a state that holds
+        # all the subtasks, so only the last failure's can find none outstanding (two
+        # failures among the assignments would each have closed the plan, twice).
+        for failed in unknown:
+            ctx.emit(failed)
         if not state.outstanding:
             await self._finish(state, ctx)
 
