@@ -1,0 +1,248 @@
+"""The response cache of model steps: an agent's repeated (or nearly repeated) request is
+answered with a recorded response instead of a model call.
+
+Opt-in per agent (``cache = Cache(exact=True, semantic=0.92)`` on the class).
+The log is the source of truth: every answer the cache gives is a model step
+already recorded there (``step.recorded``), and a hit is itself recorded as a
+step with ``cached_from`` (the step it repeats) and ``saved`` (what that call
+cost), so a retried or replayed activation takes it from the record like any
+step and nothing is ever looked up twice.
+
+To keep a lookup cheap the runtime keeps an index beside the log, the table
+``response_cache`` (migration 0006): one row per recorded answer of an agent
+with a cache, written right after the step is durable. Exact lookups are a
+primary-key read by the request's hash (the step's own ``request_hash``: model,
+system, messages, tools and every other field). Semantic lookups embed the
+messages' text and compare it, by cosine, with the agent's most recent entries
+(``Cache.recent``) that share everything else (model, system, tools, options
+and the conversation's shape: ``context_hash``); the comparison is brute force
+in numpy, since PostgreSQL here has no vector extension.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import hashlib
+import importlib.util
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any
+
+import msgspec
+import structlog
+
+from runtime.effects.steps import StepOutput, request_hash
+from runtime.events.builtin import StepRecorded
+from runtime.events.ids import activation_stream
+from runtime.events.values import StepRef
+
+if TYPE_CHECKING:
+    from runtime.llm.embed import Embedder, Vectors
+    from runtime.log.store import EventLog
+
+__all__ = ["Cache", "CacheIndex", "Probe", "context_key", "exact_key", "request_text"]
+
+log = structlog.get_logger(__name__)
+
+_canonical = msgspec.json.Encoder(order="sorted")
+
+
+@dataclasses.dataclass(frozen=True)
+class Cache:
+    """An agent's response cache: ``cache = Cache(exact=True, semantic=0.92)``.
+
+    ``exact``: answer a request identical to one answered before (same model,
+    system, messages, tools and options). ``semantic``: also answer one whose
+    messages mean nearly the same (cosine similarity of their embeddings at
+    least this, in (0, 1]) when everything but the messages' text is identical.
+    ``embedder``: what makes the embeddings (default: :class:`WordLlamaEmbedder`,
+    offline, from the ``semantic`` extra). ``recent``: how many of the agent's
+    latest entries a semantic lookup compares with.
+
+    Entries belong to the agent: another agent's calls never answer its requests.
+    """
+
+    exact: bool = True
+    semantic: float | None = None
+    embedder: Embedder | None = None
+    recent: int = 1000
+
+    def __post_init__(self) -> None:
+        if self.semantic is not None:
+            if isinstance(self.semantic, bool) or not isinstance(self.semantic, int | float):
+                raise TypeError(
+                    f"Cache(semantic=) takes a similarity threshold, got {self.semantic!r}"
+                )
+            if not 0.0 < self.semantic <= 1.0:
+                raise ValueError(
+                    f"Cache(semantic={self.semantic}): the threshold is a cosine similarity "
+                    "in (0, 1] (0.9 to 0.95 is typical)"
+                )
+        if not self.exact and self.semantic is None:
+            raise ValueError("Cache(exact=False) needs a semantic threshold, or it never hits")
+        if self.recent < 1:
+            raise ValueError(f"Cache(recent={self.recent}) must compare at least one entry")
+        if self.semantic is not None and self.embedder is None:
+            if importlib.util.find_spec("wordllama") is None:
+                raise ImportError(
+                    "Cache(semantic=...) uses the WordLlama embedder by default: "
+                    "pip install 'agentrt[semantic]', or give Cache(embedder=...) your own"
+                )
+            from runtime.llm.embed import WordLlamaEmbedder
+
+            object.__setattr__(self, "embedder", WordLlamaEmbedder())
+
+
+# -- keys --------------------------------------------------------------------------------
+
+
+def exact_key(request: Mapping[str, Any]) -> str:
+    """The exact cache key: the step's own request hash (the whole request)."""
+    return request_hash("llm", request["model"], request)
+
+
+def _shape(messages: Sequence[Mapping[str, Any]]) -> list[Any]:
+    """Roles and block types: a semantic match answers a conversation of the same form
+    (a reply to tool results only ever repeats a reply to tool results)."""
+    out: list[Any] = []
+    for m in messages:
+        content = m.get("content")
+        kinds = ["text"] if isinstance(content, str) else [b.get("type") for b in content or ()]
+        out.append([m.get("role"), kinds])
+    return out
+
+
+def context_key(request: Mapping[str, Any]) -> str:
+    """sha256 of everything but the messages' text: what a semantic match must share."""
+    rest = {k: v for k, v in request.items() if k != "messages"}
+    rest["messages"] = _shape(request.get("messages", ()))
+    return hashlib.sha256(_canonical.encode(rest)).hexdigest()
+
+
+def request_text(request: Mapping[str, Any]) -> str:
+    """The messages' text, as embedded for a semantic lookup (tool blocks as JSON)."""
+    parts: list[str] = []
+    for m in request.get("messages", ()):
+        content = m.get("content")
+        if isinstance(content, str):
+            parts.append(content)
+            continue
+        for b in content or ():
+            if b.get("type") == "text":
+                parts.append(b.get("text", ""))
+            elif b.get("type") == "tool_use":
+                parts.append(_canonical.encode(b.get("input")).decode())
+            elif b.get("type") == "tool_result":
+                c = b.get("content")
+                parts.append(c if isinstance(c, str) else _canonical.encode(c).decode())
+    return "\n".join(p for p in parts if p)
+
+
+# -- the index ---------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Probe:
+    """One request's keys, computed once for the lookup and the entry written after a miss."""
+
+    agent: str
+    request_hash: str
+    context_hash: str
+    embedder: str | None = None
+    vector: Vectors | None = None
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Hit:
+    """A recorded answer for a request: the step to record instead of calling the model."""
+
+    output: StepOutput
+    kind: str
+    similarity: float
+
+
+class CacheIndex:
+    """The ``response_cache`` table of one log: lookups and new entries."""
+
+    def __init__(self, log: EventLog) -> None:
+        self.log = log
+        t = f'"{log.schema}".response_cache'
+        self._sql_exact = (
+            f"SELECT activation_id, step FROM {t} WHERE agent = $1 AND request_hash = $2"
+        )
+        self._sql_near = (
+            f"SELECT activation_id, step, embedding FROM {t} WHERE agent = $1 "
+            "AND context_hash = $2 AND embedder = $3 ORDER BY created_at DESC LIMIT $4"
+        )
+        self._sql_add = (
+            f"INSERT INTO {t} (agent, request_hash, context_hash, embedder, embedding, "
+            "activation_id, step) VALUES ($1, $2, $3, $4, $5, $6, $7) "
+            "ON CONFLICT (agent, request_hash) DO NOTHING"
+        )
+
+    async def lookup(
+        self, cache: Cache, agent: str, request: Mapping[str, Any]
+    ) -> tuple[Probe, Hit | None]:
+        """A recorded answer to ``request``: exact first, then the nearest in meaning.
+
+        Also the request's keys (the probe), for the entry written after a miss; the
+        embedding is made only when the exact lookup missed."""
+        probe = Probe(agent, exact_key(request), context_key(request))
+        row = await self.log.pool.fetchrow(self._sql_exact, agent, probe.request_hash)
+        if row is not None:
+            hit = await self._hit(StepRef(activation_id=row[0], step=row[1]), "exact", 1.0)
+            if hit is not None:
+                return probe, hit
+        if cache.semantic is None or cache.embedder is None:
+            return probe, None
+        probe = await self._embedded(cache.embedder, probe, request)
+        if probe.vector is None:
+            return probe, None
+        rows = await self.log.pool.fetch(
+            self._sql_near, agent, probe.context_hash, probe.embedder, cache.recent
+        )
+        from runtime.llm import embed
+
+        best = embed.best_match(probe.vector, [r[2] for r in rows], cache.semantic)
+        if best is None:
+            return probe, None
+        r = rows[best[0]]
+        return probe, await self._hit(StepRef(activation_id=r[0], step=r[1]), "semantic", best[1])
+
+    @staticmethod
+    async def _embedded(embedder: Embedder, probe: Probe, request: Mapping[str, Any]) -> Probe:
+        text = request_text(request)
+        if not text.strip():
+            return probe
+        raw = await asyncio.to_thread(embedder.embed, [text])
+        from runtime.llm.embed import unit_vectors
+
+        [vector] = unit_vectors(raw, 1)
+        return dataclasses.replace(probe, embedder=embedder.name, vector=vector)
+
+    async def _hit(self, ref: StepRef, kind: str, similarity: float) -> Hit | None:
+        original = await self.answer(ref)
+        if original is None:
+            return None
+        output = StepOutput(
+            result=original.result, cached_from=ref, saved=original.usage or original.saved
+        )
+        return Hit(output, kind, similarity)
+
+    async def answer(self, ref: StepRef) -> StepRecorded | None:
+        """The recorded step an entry points at (None if it is not a successful model step)."""
+        page = await self.log.read_stream(activation_stream(ref.activation_id), ref.step, limit=1)
+        if not page or page[0].stream_version != ref.step:
+            return None
+        body = page[0].body
+        if not isinstance(body, StepRecorded) or body.kind != "llm" or body.error is not None:
+            return None
+        return body
+
+    async def add(self, probe: Probe, ref: StepRef) -> None:
+        """Index a recorded answer (the first answer to a request stays the one given)."""
+        vector = None if probe.vector is None else probe.vector.tolist()
+        await self.log.pool.execute(
+            self._sql_add, probe.agent, probe.request_hash, probe.context_hash,
+            probe.embedder if vector is not None else None, vector, ref.activation_id, ref.step,
+        )  # fmt: skip
