@@ -543,11 +543,11 @@ class LLM:
         self, ctx: Caller, first: int, message: JSON, convo: list[JSON], value: Any
     ) -> LLMResult[Any]:
         taken = tuple(range(first, ctx.steps.count + 1))
-        records = [ctx.steps.recorded.get(n) for n in taken]
-        usages = [u for r in records if (u := getattr(r, "usage", None)) is not None]
-        cached = tuple(r.step for r in records if getattr(r, "cached_from", None) is not None)
+        records = [r for n in taken if (r := ctx.steps.recorded.get(n)) is not None]
+        usages = [r.usage for r in records if r.usage is not None]
+        cached = tuple(r.step for r in records if r.cached_from is not None)
         # A cached answer is the offline model's when the call it repeats was.
-        saved_offline = any(getattr(getattr(r, "saved", None), "offline", False) for r in records)
+        saved_offline = any(r.saved.offline for r in records if r.saved is not None)
         total = Usage(
             model=message.get("model", ""),
             input_tokens=sum(u.input_tokens for u in usages),
