@@ -25,6 +25,7 @@ import asyncio
 import dataclasses
 import hashlib
 import importlib.util
+import math
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -57,7 +58,9 @@ class Cache:
     least this, in (0, 1]) when everything but the messages' text is identical.
     ``embedder``: what makes the embeddings (default: :class:`WordLlamaEmbedder`,
     offline, from the ``semantic`` extra). ``recent``: how many of the agent's
-    latest entries a semantic lookup compares with.
+    latest entries a semantic lookup compares with. ``ttl``: seconds an answer is
+    given again (None: for ever); an older entry is passed over, and the fresh
+    answer to its request replaces it.
 
     Entries belong to the agent: another agent's calls never answer its requests.
     """
@@ -66,6 +69,7 @@ class Cache:
     semantic: float | None = None
     embedder: Embedder | None = None
     recent: int = 1000
+    ttl: float | None = None
 
     def __post_init__(self) -> None:
         if self.semantic is not None:
@@ -82,6 +86,8 @@ class Cache:
             raise ValueError("Cache(exact=False) needs a semantic threshold, or it never hits")
         if self.recent < 1:
             raise ValueError(f"Cache(recent={self.recent}) must compare at least one entry")
+        if self.ttl is not None and not (math.isfinite(self.ttl) and self.ttl > 0):
+            raise ValueError(f"Cache(ttl={self.ttl}) must be a positive number of seconds")
         if self.semantic is not None and self.embedder is None:
             if importlib.util.find_spec("wordllama") is None:
                 raise ImportError(
@@ -167,17 +173,25 @@ class CacheIndex:
     def __init__(self, log: EventLog) -> None:
         self.log = log
         t = f'"{log.schema}".response_cache'
+        # $n: the ttl in seconds, NULL for none.
+        fresh = "({ttl}::float8 IS NULL OR created_at > now() - make_interval(secs => {ttl}))"
         self._sql_exact = (
-            f"SELECT activation_id, step FROM {t} WHERE agent = $1 AND request_hash = $2"
+            f"SELECT activation_id, step FROM {t} WHERE agent = $1 AND request_hash = $2 "
+            f"AND {fresh.format(ttl='$3')}"
         )
         self._sql_near = (
             f"SELECT activation_id, step, embedding FROM {t} WHERE agent = $1 "
-            "AND context_hash = $2 AND embedder = $3 ORDER BY created_at DESC LIMIT $4"
+            f"AND context_hash = $2 AND embedder = $3 AND {fresh.format(ttl='$5')} "
+            "ORDER BY created_at DESC LIMIT $4"
         )
+        # A request's entry is its first answer, or the answer after that one expired.
         self._sql_add = (
-            f"INSERT INTO {t} (agent, request_hash, context_hash, embedder, embedding, "
+            f"INSERT INTO {t} AS c (agent, request_hash, context_hash, embedder, embedding, "
             "activation_id, step) VALUES ($1, $2, $3, $4, $5, $6, $7) "
-            "ON CONFLICT (agent, request_hash) DO NOTHING"
+            "ON CONFLICT (agent, request_hash) DO UPDATE SET context_hash = excluded.context_hash, "
+            "embedder = excluded.embedder, embedding = excluded.embedding, "
+            "activation_id = excluded.activation_id, step = excluded.step, created_at = now() "
+            f"WHERE NOT {fresh.format(ttl='$8').replace('created_at', 'c.created_at')}"
         )
 
     async def lookup(
@@ -188,7 +202,7 @@ class CacheIndex:
         Also the request's keys (the probe), for the entry written after a miss; the
         embedding is made only when the exact lookup missed."""
         probe = Probe(agent, exact_key(request), context_key(request))
-        row = await self.log.pool.fetchrow(self._sql_exact, agent, probe.request_hash)
+        row = await self.log.pool.fetchrow(self._sql_exact, agent, probe.request_hash, cache.ttl)
         if row is not None:
             hit = await self._hit(StepRef(activation_id=row[0], step=row[1]), "exact", 1.0)
             if hit is not None:
@@ -199,7 +213,7 @@ class CacheIndex:
         if probe.vector is None:
             return probe, None
         rows = await self.log.pool.fetch(
-            self._sql_near, agent, probe.context_hash, probe.embedder, cache.recent
+            self._sql_near, agent, probe.context_hash, probe.embedder, cache.recent, cache.ttl
         )
         from runtime.llm import embed
 
@@ -239,10 +253,12 @@ class CacheIndex:
             return None
         return body
 
-    async def add(self, probe: Probe, ref: StepRef) -> None:
-        """Index a recorded answer (the first answer to a request stays the one given)."""
+    async def add(self, cache: Cache, probe: Probe, ref: StepRef) -> None:
+        """Index a recorded answer (the first answer to a request stays the one given
+        until it expires)."""
         vector = None if probe.vector is None else probe.vector.tolist()
         await self.log.pool.execute(
             self._sql_add, probe.agent, probe.request_hash, probe.context_hash,
             probe.embedder if vector is not None else None, vector, ref.activation_id, ref.step,
+            cache.ttl,
         )  # fmt: skip

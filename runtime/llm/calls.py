@@ -388,13 +388,13 @@ class LLM:
         steps = ctx.steps
         await steps.ensure_loaded()
         call: StepCall = lambda: self._create(request)  # noqa: E731
+        cache: Cache | None = getattr(ctx.agent, "cache", None)
         index: CacheIndex | None = None
         probe: Probe | None = None
         hit: Hit | None = None
         if steps.next_step not in steps.recorded:
             # The cache is consulted only for a step the record lacks (a replay or a
             # retry takes a hit back from the record), and only with a log to look in.
-            cache: Cache | None = getattr(ctx.agent, "cache", None)
             if cache is not None and steps.log is not None:
                 index = CacheIndex(steps.log)
                 probe, hit = await index.lookup(cache, ctx.agent.name, request)
@@ -408,14 +408,15 @@ class LLM:
         if hit is not None and record.cached_from is not None:
             metrics.LLM_CACHE_HITS.labels(record.name, hit.kind).inc()
         elif (
-            index is not None
+            cache is not None
+            and index is not None
             and probe is not None
             and record.cached_from is None
             and record.error is None
             and steps.executed[-1:] == [record.step]
         ):
             ref = StepRef(activation_id=steps.activation_id, step=record.step)
-            await self._index(index, probe, ref)
+            await self._index(index, cache, probe, ref)
         log.info(
             "llm.step",
             step=record.step,
@@ -429,12 +430,12 @@ class LLM:
         raise_if_failed(record)
         return record
 
-    async def _index(self, index: CacheIndex, probe: Probe, ref: StepRef) -> None:
+    async def _index(self, index: CacheIndex, cache: Cache, probe: Probe, ref: StepRef) -> None:
         """Add a fresh answer to the cache's index. The step is in the log already; an
         index row lost here (the database went away meanwhile) only costs a later hit,
         so it does not fail the handler."""
         try:
-            await index.add(probe, ref)
+            await index.add(cache, probe, ref)
         except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
             error = f"{type(exc).__name__}: {exc}"
             log.warning("llm.cache_index_failed", step=ref.step, error=error)

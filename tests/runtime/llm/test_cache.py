@@ -12,6 +12,7 @@ from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import anthropic
+import asyncpg
 import numpy as np
 import pytest
 import redis.asyncio as aioredis
@@ -233,6 +234,26 @@ async def test_a_cache_keyed_without_the_system_prompt_is_caught(
     assert not await system_prompt_separates(harness, offline)
 
 
+class Expiring(Plain):
+    name = "expiring"
+    cache = Cache(ttl=60)
+
+
+async def test_an_expired_entry_is_passed_over_and_replaced(
+    harness: Harness, offline: OfflineServer, admin: asyncpg.Connection
+) -> None:
+    await harness.ask(Expiring(), QUESTION)
+    _, step = await harness.ask(Expiring(), QUESTION)
+    assert step.cached_from is not None and model_calls(offline) == 1
+    table = f'"{harness.log.schema}".response_cache'
+    await admin.execute(f"UPDATE {table} SET created_at = now() - interval '2 min'")
+    fresh_ctx, step = await harness.ask(Expiring(), QUESTION)
+    assert step.cached_from is None and model_calls(offline) == 2
+    _, step = await harness.ask(Expiring(), QUESTION)
+    assert step.cached_from == StepRef(activation_id=fresh_ctx.activation_id, step=1)
+    assert model_calls(offline) == 2 and await index_rows(harness.log, "expiring") == 1
+
+
 # -- per agent -------------------------------------------------------------------------------
 
 
@@ -361,6 +382,8 @@ async def test_a_semantic_match_needs_the_same_system_prompt(
         ({"semantic": "high"}, TypeError, "takes a similarity threshold"),
         ({"exact": False}, ValueError, "needs a semantic threshold"),
         ({"semantic": 0.9, "recent": 0}, ValueError, "at least one entry"),
+        ({"ttl": 0}, ValueError, "positive number of seconds"),
+        ({"ttl": float("nan")}, ValueError, "positive number of seconds"),
     ],
 )
 def test_a_bad_cache_is_refused_when_the_agent_is_defined(
