@@ -217,7 +217,8 @@ class CacheIndex:
         )
         from runtime.llm import embed
 
-        best = embed.best_match(probe.vector, [r[2] for r in rows], cache.semantic)
+        candidates = [embed.from_bytes(r[2]) for r in rows]
+        best = embed.best_match(probe.vector, candidates, cache.semantic)
         if best is None:
             return probe, None
         r = rows[best[0]]
@@ -256,9 +257,14 @@ class CacheIndex:
     async def add(self, cache: Cache, probe: Probe, ref: StepRef) -> None:
         """Index a recorded answer (the first answer to a request stays the one given
         until it expires)."""
-        vector = None if probe.vector is None else probe.vector.tolist()
+        vector = None if probe.vector is None else embedding_bytes(probe.vector)
         await self.log.pool.execute(
             self._sql_add, probe.agent, probe.request_hash, probe.context_hash,
             probe.embedder if vector is not None else None, vector, ref.activation_id, ref.step,
             cache.ttl,
         )  # fmt: skip
+
+
+def embedding_bytes(vector: Vectors) -> bytes:
+    """A vector as stored in ``response_cache.embedding``: little-endian float32."""
+    return vector.astype("<f4").tobytes()

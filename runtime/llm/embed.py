@@ -22,7 +22,7 @@ from typing import Any, Protocol
 import numpy as np
 import numpy.typing as npt
 
-__all__ = ["Embedder", "WordLlamaEmbedder", "best_match", "unit_vectors"]
+__all__ = ["Embedder", "WordLlamaEmbedder", "best_match", "from_bytes", "unit_vectors"]
 
 #: What to install for the default embedder.
 EXTRA_HINT = "pip install 'agentrt[semantic]'"
@@ -101,8 +101,13 @@ def unit_vectors(raw: Any, count: int) -> list[Vectors | None]:
     return out
 
 
+def from_bytes(data: bytes) -> Vectors:
+    """A stored embedding (little-endian float32 bytes) as a vector."""
+    return np.frombuffer(data, dtype="<f4").astype(np.float32)
+
+
 def best_match(
-    probe: Vectors, candidates: Sequence[Sequence[float]], threshold: float
+    probe: Vectors, candidates: Sequence[Vectors], threshold: float
 ) -> tuple[int, float] | None:
     """The most similar candidate (its index and cosine) if it reaches ``threshold``.
 
@@ -114,7 +119,7 @@ def best_match(
     rows = [i for i, c in enumerate(candidates) if len(c) == probe.shape[0]]
     if not rows:
         return None
-    matrix = np.asarray([candidates[i] for i in rows], dtype=np.float32)
+    matrix = np.stack([candidates[i] for i in rows])
     scores = matrix @ probe
     best = int(np.argmax(scores))
     score = float(scores[best])

@@ -16,10 +16,12 @@ CREATE TABLE response_cache (
     -- Which embedder made `embedding` (vectors of two models never compare);
     -- NULL with the embedding when the agent's cache is exact only.
     embedder      text,
-    -- The messages' text embedded, unit length (cosine = dot product).
-    -- No vector extension is assumed: the runtime compares in numpy over the
-    -- agent's most recent entries for one context_hash.
-    embedding     real[],
+    -- The messages' text embedded, unit length (cosine = dot product), as
+    -- little-endian float32 bytes (read straight into numpy: a real[] of 1000
+    -- entries takes ten times as long to decode). No vector extension is
+    -- assumed: the runtime compares in numpy over the agent's most recent
+    -- entries for one context_hash.
+    embedding     bytea,
     activation_id uuid NOT NULL,
     step          integer NOT NULL,
     created_at    timestamptz NOT NULL DEFAULT now(),

@@ -426,9 +426,9 @@ async def test_a_custom_embedder_is_used_and_kept_apart_by_name(
     _, step = await harness.ask(Custom(), "WHERE IS MY PARCEL")
     assert step.cached_from is not None and model_calls(offline) == 1
     row = await harness.log.pool.fetchrow(
-        f'SELECT embedder, array_length(embedding, 1) FROM "{harness.log.schema}".response_cache'
+        f'SELECT embedder, length(embedding) FROM "{harness.log.schema}".response_cache'
     )
-    assert tuple(row) == ("letters/v1", 5)
+    assert tuple(row) == ("letters/v1", 5 * 4)  # five float32
 
 
 # -- the usage read model --------------------------------------------------------------------
