@@ -41,7 +41,16 @@ if TYPE_CHECKING:
     from runtime.llm.embed import Embedder, Vectors
     from runtime.log.store import EventLog
 
-__all__ = ["Cache", "CacheIndex", "Probe", "context_key", "exact_key", "request_text"]
+__all__ = [
+    "Cache",
+    "CacheIndex",
+    "Probe",
+    "context_key",
+    "exact_key",
+    "request_text",
+    "semantic_answer",
+    "semantic_request",
+]
 
 log = structlog.get_logger(__name__)
 
@@ -125,22 +134,27 @@ def context_key(request: Mapping[str, Any]) -> str:
     return hashlib.sha256(_canonical.encode(rest)).hexdigest()
 
 
+def semantic_request(request: Mapping[str, Any]) -> bool:
+    """Whether a request may be answered by one that only means the same: a conversation
+    of text alone. Tool calls and results carry data whose exact value is the point
+    (``order 42: shipped`` and ``order 43: shipped`` are 0.97 apart to an embedding):
+    a conversation holding them is answered from the cache only when identical."""
+    for m in request.get("messages", ()):
+        content = m.get("content")
+        if not isinstance(content, str) and any(b.get("type") != "text" for b in content or ()):
+            return False
+    return True
+
+
 def request_text(request: Mapping[str, Any]) -> str:
-    """The messages' text, as embedded for a semantic lookup (tool blocks as JSON)."""
+    """The messages' text, as embedded for a semantic lookup."""
     parts: list[str] = []
     for m in request.get("messages", ()):
         content = m.get("content")
         if isinstance(content, str):
             parts.append(content)
-            continue
-        for b in content or ():
-            if b.get("type") == "text":
-                parts.append(b.get("text", ""))
-            elif b.get("type") == "tool_use":
-                parts.append(_canonical.encode(b.get("input")).decode())
-            elif b.get("type") == "tool_result":
-                c = b.get("content")
-                parts.append(c if isinstance(c, str) else _canonical.encode(c).decode())
+        else:
+            parts.extend(b.get("text", "") for b in content or () if b.get("type") == "text")
     return "\n".join(p for p in parts if p)
 
 
@@ -227,7 +241,7 @@ class CacheIndex:
     @staticmethod
     async def _embedded(embedder: Embedder, probe: Probe, request: Mapping[str, Any]) -> Probe:
         text = request_text(request)
-        if not text.strip():
+        if not text.strip() or not semantic_request(request):
             return probe
         raw = await asyncio.to_thread(embedder.embed, [text])
         from runtime.llm.embed import unit_vectors
@@ -254,15 +268,28 @@ class CacheIndex:
             return None
         return body
 
-    async def add(self, cache: Cache, probe: Probe, ref: StepRef) -> None:
+    async def add(self, cache: Cache, probe: Probe, ref: StepRef, result: Any) -> None:
         """Index a recorded answer (the first answer to a request stays the one given
         until it expires)."""
-        vector = None if probe.vector is None else embedding_bytes(probe.vector)
+        vector = None
+        if probe.vector is not None and semantic_answer(result):
+            vector = embedding_bytes(probe.vector)
         await self.log.pool.execute(
             self._sql_add, probe.agent, probe.request_hash, probe.context_hash,
             probe.embedder if vector is not None else None, vector, ref.activation_id, ref.step,
             cache.ttl,
         )  # fmt: skip
+
+
+def semantic_answer(result: Any) -> bool:
+    """Whether an answer may be given to a request that only means the same.
+
+    Not a call of tools: its input is taken from the exact words of the request
+    (``look up order 42`` and ``look up order 43`` are near neighbours to an
+    embedding, 0.97 apart, but must not run the same tool call). Such an answer is
+    still given again to an identical request.
+    """
+    return isinstance(result, Mapping) and result.get("stop_reason") != "tool_use"
 
 
 def embedding_bytes(vector: Vectors) -> bytes:

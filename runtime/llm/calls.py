@@ -416,7 +416,7 @@ class LLM:
             and steps.executed[-1:] == [record.step]
         ):
             ref = StepRef(activation_id=steps.activation_id, step=record.step)
-            await self._index(index, cache, probe, ref)
+            await self._index(index, cache, probe, ref, record.result)
         log.info(
             "llm.step",
             step=record.step,
@@ -430,12 +430,14 @@ class LLM:
         raise_if_failed(record)
         return record
 
-    async def _index(self, index: CacheIndex, cache: Cache, probe: Probe, ref: StepRef) -> None:
+    async def _index(
+        self, index: CacheIndex, cache: Cache, probe: Probe, ref: StepRef, result: JSON
+    ) -> None:
         """Add a fresh answer to the cache's index. The step is in the log already; an
         index row lost here (the database went away meanwhile) only costs a later hit,
         so it does not fail the handler."""
         try:
-            await index.add(cache, probe, ref)
+            await index.add(cache, probe, ref, result)
         except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
             error = f"{type(exc).__name__}: {exc}"
             log.warning("llm.cache_index_failed", step=ref.step, error=error)

@@ -21,8 +21,9 @@ from projections.builtin.usage import UsageProjection
 from projections.engine import Projector
 from projections.queries import ReadModels
 from projections.replay import replay_run
-from runtime import Agent, Cache, StepRef, WordLlamaEmbedder
+from runtime import Agent, Cache, StepRef, WordLlamaEmbedder, tool
 from runtime.agents.context import Context, Trigger
+from runtime.effects.breaker import CircuitBreaker
 from runtime.effects.steps import Steps
 from runtime.errors import StepFailed
 from runtime.events.builtin import StepRecorded
@@ -99,15 +100,17 @@ def model_calls(server: OfflineServer) -> int:
 class Harness:
     """Contexts over one log, as a worker makes them (``Services``: the model layer only)."""
 
-    def __init__(self, log: EventLog, llm: LLM) -> None:
+    def __init__(self, log: EventLog, llm: LLM, redis: aioredis.Redis) -> None:
         self.log = log
         self.llm = llm
+        self.redis = redis
+        self.prefix = uuid.uuid4().hex[:8]  # breakers of this test only
 
-    def breaker(self, name: str) -> Any:
-        raise AssertionError("these agents call no tools")
+    def breaker(self, name: str) -> CircuitBreaker:
+        return CircuitBreaker(self.redis, f"{self.prefix}-{name}")
 
     async def record_transition(self, transition: Any, *, run_id: uuid.UUID | None) -> None:
-        raise AssertionError("these agents call no tools")
+        pass
 
     async def context(self, a: Agent, activation_id: uuid.UUID | None = None) -> Context:
         """A new activation (or, with its id, a retry of one: its steps from the log)."""
@@ -143,9 +146,11 @@ async def client(offline: OfflineServer) -> AsyncIterator[anthropic.AsyncAnthrop
 
 
 @pytest.fixture
-def harness(log: EventLog, settings: Settings, client: anthropic.AsyncAnthropic) -> Harness:
+def harness(
+    log: EventLog, settings: Settings, client: anthropic.AsyncAnthropic, redis: aioredis.Redis
+) -> Harness:
     # Priced as an online model would be (offline=False), so a hit saves real dollars.
-    return Harness(log, LLM(client, settings, offline=False))
+    return Harness(log, LLM(client, settings, offline=False), redis)
 
 
 async def index_rows(log: EventLog, agent: str) -> int:
@@ -368,6 +373,63 @@ async def test_a_semantic_match_needs_the_same_system_prompt(
     await harness.ask(Semantic(), QUESTION)
     _, step = await harness.ask(Semantic(), NEAR, system="You answer in French.")
     assert step.cached_from is None and model_calls(offline) == 2
+
+
+LOOKUPS: list[int] = []
+
+
+@tool
+async def lookup_order(order_id: int, email: str) -> str:
+    """Look up a customer order by its id and the customer's email."""
+    LOOKUPS.append(order_id)
+    return f"order {order_id}: shipped"
+
+
+class Clerk(Plain):
+    name = "clerk"
+    tools = (lookup_order,)
+    cache = Cache(semantic=THRESHOLD)
+
+
+async def orders_looked_up(harness: Harness) -> tuple[list[int], list[bool]]:
+    """Two requests a digit apart (cosine 0.97), each through the tool loop: the orders
+    the tool looked up, and whether each answer is about the order asked for."""
+    LOOKUPS.clear()
+    right = []
+    for order in (42, 43):
+        ctx = await harness.context(Clerk())
+        result = await ctx.llm(f"Look up order {order} for email ann@example.com")
+        assert "shipped" in result.text
+        right.append(f"order {order}:" in result.text)
+    return list(LOOKUPS), right
+
+
+async def test_tool_calls_and_results_are_never_matched_by_meaning(
+    harness: Harness, offline: OfflineServer
+) -> None:
+    assert await orders_looked_up(harness) == ([42, 43], [True, True])
+    assert model_calls(offline) == 4  # each: the tool call, then the answer
+    # Identical requests are still answered from the cache, tool calls included (the
+    # tools run again: only model steps are cached).
+    assert await orders_looked_up(harness) == ([42, 43], [True, True])
+    assert model_calls(offline) == 4
+
+
+async def test_a_cache_giving_tool_calls_to_near_requests_is_caught(
+    harness: Harness, offline: OfflineServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """BROKEN on purpose: tool calls are semantic answers too; order 43 looks up 42."""
+    monkeypatch.setattr(cache_mod, "semantic_answer", lambda result: True)
+    assert (await orders_looked_up(harness))[0] == [42, 42]
+
+
+async def test_a_cache_matching_tool_results_by_meaning_is_caught(
+    harness: Harness, offline: OfflineServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """BROKEN on purpose: conversations with tool results are matched by meaning; the
+    answer about order 42's result is given to order 43's."""
+    monkeypatch.setattr(cache_mod, "semantic_request", lambda request: True)
+    assert await orders_looked_up(harness) == ([42, 43], [True, False])
 
 
 # -- bad input -------------------------------------------------------------------------------
