@@ -37,8 +37,8 @@ from runtime.llm.offline import OfflineServer
 from runtime.log.store import EventLog
 from runtime.settings import Settings
 from tests.support import REPO
+from tests.support.apps import mailpair as demo
 from tests.support.runtime import count_type, running, send, wait_for
-from webhooks.demo import agents as demo
 from webhooks.events import Address, EmailReceived
 
 QUESTION = "What is the refund policy for late orders?"
