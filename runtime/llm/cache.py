@@ -16,7 +16,15 @@ system, messages, tools and every other field). Semantic lookups embed the
 messages' text and compare it, by cosine, with the agent's most recent entries
 (``Cache.recent``) that share everything else (model, system, tools, options
 and the conversation's shape: ``context_hash``); the comparison is brute force
-in numpy, since PostgreSQL here has no vector extension.
+in numpy, since PostgreSQL here has no vector extension. Only conversations of
+text alone are matched by meaning, and only by answers that call no tool
+(:func:`semantic_request`, :func:`semantic_answer`).
+
+The index is a PostgreSQL table rather than a Redis structure: it points into
+the log, lives and is backed up with it, and a lookup needs no second store.
+It is not written in the step's transaction (steps of every agent are
+group-committed; see ``runtime/log/group.py``): a row lost between the two only
+costs a later hit.
 """
 
 from __future__ import annotations
