@@ -23,6 +23,7 @@ from projections.queries import ReadModels
 from projections.replay import replay_run
 from runtime import Agent, Cache, StepRef, WordLlamaEmbedder, tool
 from runtime.agents.context import Context, Trigger
+from runtime.cli.listing import describe_agent
 from runtime.effects.breaker import CircuitBreaker
 from runtime.effects.steps import Steps
 from runtime.errors import StepFailed
@@ -430,6 +431,14 @@ async def test_a_cache_matching_tool_results_by_meaning_is_caught(
     answer about order 42's result is given to order 43's."""
     monkeypatch.setattr(cache_mod, "semantic_request", lambda request: True)
     assert await orders_looked_up(harness) == ([42, 43], [True, False])
+
+
+def test_agentrt_agents_shows_the_cache() -> None:
+    assert describe_agent(Plain())["cache"] is None
+    assert describe_agent(Semantic())["cache"] == {
+        "exact": True, "semantic": THRESHOLD, "recent": 1000, "ttl": None,
+        "embedder": "wordllama/l2_supercat_256",
+    }  # fmt: skip
 
 
 # -- bad input -------------------------------------------------------------------------------
