@@ -35,7 +35,8 @@ import hashlib
 import importlib.util
 import math
 from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING, Any
+from datetime import datetime
+from typing import TYPE_CHECKING, Any, Protocol
 
 import msgspec
 import structlog
@@ -43,6 +44,7 @@ import structlog
 from runtime.effects.steps import StepOutput, request_hash
 from runtime.events.builtin import StepRecorded
 from runtime.events.ids import activation_stream
+from runtime.events.model import START
 from runtime.events.values import StepRef
 
 if TYPE_CHECKING:
@@ -55,6 +57,7 @@ __all__ = [
     "Probe",
     "context_key",
     "exact_key",
+    "rebuild_index",
     "request_text",
     "semantic_answer",
     "semantic_request",
@@ -114,6 +117,15 @@ class Cache:
             from runtime.llm.embed import WordLlamaEmbedder
 
             object.__setattr__(self, "embedder", WordLlamaEmbedder())
+
+
+class AgentLike(Protocol):
+    """What :func:`rebuild_index` reads of an agent (an :class:`runtime.Agent` is one)."""
+
+    @property
+    def name(self) -> str: ...
+    @property
+    def cache(self) -> Cache | None: ...
 
 
 # -- keys --------------------------------------------------------------------------------
@@ -209,7 +221,8 @@ class CacheIndex:
         # A request's entry is its first answer, or the answer after that one expired.
         self._sql_add = (
             f"INSERT INTO {t} AS c (agent, request_hash, context_hash, embedder, embedding, "
-            "activation_id, step) VALUES ($1, $2, $3, $4, $5, $6, $7) "
+            "activation_id, step, created_at) VALUES ($1, $2, $3, $4, $5, $6, $7, "
+            "coalesce($9, now())) "
             "ON CONFLICT (agent, request_hash) DO UPDATE SET context_hash = excluded.context_hash, "
             "embedder = excluded.embedder, embedding = excluded.embedding, "
             "activation_id = excluded.activation_id, step = excluded.step, created_at = now() "
@@ -276,17 +289,34 @@ class CacheIndex:
             return None
         return body
 
-    async def add(self, cache: Cache, probe: Probe, ref: StepRef, result: Any) -> None:
+    async def add(
+        self,
+        cache: Cache,
+        probe: Probe,
+        ref: StepRef,
+        result: Any,
+        *,
+        recorded_at: datetime | None = None,
+    ) -> None:
         """Index a recorded answer (the first answer to a request stays the one given
-        until it expires)."""
+        until it expires). ``recorded_at``: when the step was recorded (default now)."""
         vector = None
         if probe.vector is not None and semantic_answer(result):
             vector = embedding_bytes(probe.vector)
+        # A rebuild (recorded_at given) never replaces an entry, expired or not.
+        ttl = cache.ttl if recorded_at is None else None
         await self.log.pool.execute(
             self._sql_add, probe.agent, probe.request_hash, probe.context_hash,
             probe.embedder if vector is not None else None, vector, ref.activation_id, ref.step,
-            cache.ttl,
+            ttl, recorded_at,
         )  # fmt: skip
+
+    async def keys(self, cache: Cache, agent: str, request: Mapping[str, Any]) -> Probe:
+        """A request's keys and (for a semantic cache) its embedding, without a lookup."""
+        probe = Probe(agent, exact_key(request), context_key(request))
+        if cache.semantic is None or cache.embedder is None:
+            return probe
+        return await self._embedded(cache.embedder, probe, request)
 
 
 def semantic_answer(result: Any) -> bool:
@@ -303,3 +333,37 @@ def semantic_answer(result: Any) -> bool:
 def embedding_bytes(vector: Vectors) -> bytes:
     """A vector as stored in ``response_cache.embedding``: little-endian float32."""
     return vector.astype("<f4").tobytes()
+
+
+async def rebuild_index(log: EventLog, agents: Sequence[AgentLike]) -> int:
+    """Index every answer the log holds for these agents' caches; the number indexed.
+
+    The table is derived from the log: after it was lost, restored from an older
+    backup, or for an agent that just turned its cache on, this brings back every
+    entry (existing entries are kept; each new one dated when its step was).
+    """
+    caches = {a.name: a.cache for a in agents if a.cache is not None}
+    if not caches:
+        return 0
+    index = CacheIndex(log)
+    added = 0
+    after = START
+    while True:
+        page = await log.read_all(after, 1000)
+        for e in page:
+            b = e.body
+            if (
+                isinstance(b, StepRecorded)
+                and b.kind == "llm"
+                and b.error is None
+                and b.cached_from is None
+                and (cache := caches.get(b.agent)) is not None
+                and isinstance(b.request, Mapping)
+            ):
+                probe = await index.keys(cache, b.agent, b.request)
+                ref = StepRef(activation_id=b.activation_id, step=b.step)
+                await index.add(cache, probe, ref, b.result, recorded_at=e.recorded_at)
+                added += 1
+        if len(page) < 1000:
+            return added
+        after = page[-1].log_position

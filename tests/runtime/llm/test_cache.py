@@ -32,6 +32,7 @@ from runtime.events.ids import activation_stream
 from runtime.events.model import Event
 from runtime.llm import cache as cache_mod
 from runtime.llm import embed as embed_mod
+from runtime.llm.cache import rebuild_index
 from runtime.llm.calls import LLM
 from runtime.llm.embed import unit_vectors
 from runtime.llm.offline import OfflineServer
@@ -60,6 +61,9 @@ class Plain(Agent):
     name = "plain"
     subscribes = (Asked,)
     system = "You answer customer questions briefly."
+
+    async def handle(self, event: Asked, ctx: Context) -> None:
+        await ctx.llm(event.text)
 
 
 class Exact(Plain):
@@ -258,6 +262,36 @@ async def test_an_expired_entry_is_passed_over_and_replaced(
     _, step = await harness.ask(Expiring(), QUESTION)
     assert step.cached_from == StepRef(activation_id=fresh_ctx.activation_id, step=1)
     assert model_calls(offline) == 2 and await index_rows(harness.log, "expiring") == 1
+
+
+async def test_the_index_is_rebuilt_from_the_log(
+    harness: Harness, offline: OfflineServer, admin: asyncpg.Connection, settings: Settings
+) -> None:
+    for a in (Exact(), Exact(), Semantic(), Plain()):
+        await harness.ask(a, QUESTION)
+    calls = model_calls(offline)
+    assert calls == 3  # the second Exact() was a hit
+    table = f'"{harness.log.schema}".response_cache'
+    await admin.execute(f"DELETE FROM {table}")  # the index is lost (the log is not)
+
+    assert await rebuild_index(harness.log, [Exact(), Semantic(), Plain()]) == 2
+    assert [await index_rows(harness.log, n) for n in ("exact", "semantic", "plain")] == [1, 1, 0]
+    _, step = await harness.ask(Exact(), QUESTION)
+    assert step.cached_from is not None
+    _, step = await harness.ask(Semantic(), NEAR)  # the embedding was made again
+    assert step.cached_from is not None
+    assert model_calls(offline) == calls
+
+    await admin.execute(f"DELETE FROM {table}")
+    done = subprocess.run(
+        [sys.executable, "-m", "runtime", "cache", "rebuild", "--app", f"{__name__}:Exact"],
+        env={**os.environ, "DATABASE_URL": settings.require_database_url(),
+             "AGENTRT_DB_SCHEMA": settings.db_schema},
+        cwd=REPO, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert "indexed 1 recorded answers of exact" in done.stdout
+    assert await index_rows(harness.log, "exact") == 1
 
 
 # -- per agent -------------------------------------------------------------------------------
