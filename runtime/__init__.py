@@ -65,6 +65,10 @@ _EXPORTS: dict[str, str] = {
     "LLM": "runtime.llm.calls",
     "LLMResult": "runtime.llm.calls",
     "model_client": "runtime.llm.client",
+    "Cache": "runtime.llm.cache",
+    "Embedder": "runtime.llm.embed",
+    "WordLlamaEmbedder": "runtime.llm.embed",
+    "StepRef": "runtime.events.values",
     # running agents
     "Relay": "runtime.worker.relay",
     "connect_redis": "runtime.streams.keys",
@@ -102,10 +106,12 @@ __all__ = [
     "ApprovalRequested",
     "Budget",
     "BudgetExceeded",
+    "Cache",
     "CircuitOpen",
     "ConcurrencyConflict",
     "Context",
     "DuplicateEventMismatch",
+    "Embedder",
     "ErrorCode",
     "Event",
     "EventDecodeError",
@@ -133,6 +139,7 @@ __all__ = [
     "StepDivergence",
     "StepFailed",
     "StepRecorded",
+    "StepRef",
     "Subtask",
     "Supervision",
     "SupervisionFinished",
@@ -146,6 +153,7 @@ __all__ = [
     "UnknownEvent",
     "UnknownEventType",
     "Where",
+    "WordLlamaEmbedder",
     "Worker",
     "WorkerOptions",
     "audit_seal",
@@ -227,8 +235,11 @@ if TYPE_CHECKING:
         new_event_id,
         registry,
     )
+    from runtime.events.values import StepRef
+    from runtime.llm.cache import Cache
     from runtime.llm.calls import LLM, LLMResult
     from runtime.llm.client import model_client
+    from runtime.llm.embed import Embedder, WordLlamaEmbedder
     from runtime.log.audit import seal as audit_seal
     from runtime.log.audit import verify as audit_verify
     from runtime.log.pool import connect as connect_database
