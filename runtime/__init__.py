@@ -46,6 +46,7 @@ _EXPORTS: dict[str, str] = {
     "TaskFailed": "runtime.events.builtin",
     "TaskOutcome": "runtime.events.builtin",
     "TimerFired": "runtime.events.builtin",
+    "TimerCancelled": "runtime.events.builtin",
     "ActivationCompleted": "runtime.events.builtin",
     "StepRecorded": "runtime.events.builtin",
     "RunForked": "runtime.events.builtin",
@@ -148,6 +149,7 @@ __all__ = [
     "TaskCompleted",
     "TaskFailed",
     "TaskOutcome",
+    "TimerCancelled",
     "TimerFired",
     "ToolContext",
     "UnknownEvent",
@@ -221,6 +223,7 @@ if TYPE_CHECKING:
         TaskCompleted,
         TaskFailed,
         TaskOutcome,
+        TimerCancelled,
         TimerFired,
     )
     from runtime.events.causation import causation_order

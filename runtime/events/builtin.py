@@ -115,6 +115,14 @@ class TimerScheduled(Event, tag="timer.scheduled"):
     payload: Any = None
 
 
+class TimerCancelled(Event, tag="timer.cancelled"):
+    """``ctx.cancel_timer``: a scheduled timer that is no longer wanted (a subtask's timeout
+    once it is settled). It does not fire; if it fired already, this changes nothing."""
+
+    timer_id: UUID
+    agent: str
+
+
 class TimerFired(Event, tag="timer.fired"):
     """A durable timer came due; delivered to the agent that scheduled it."""
 
@@ -209,6 +217,8 @@ class TaskOutcome(msgspec.Struct, kw_only=True):
     status: str = "pending"
     result: Any = None
     error: str | None = None
+    #: The durable timer that gives it up (cancelled once the supervision finishes).
+    timer_id: UUID | None = None
 
 
 class SupervisionFinished(Event, tag="supervision.finished"):
