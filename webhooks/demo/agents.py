@@ -175,6 +175,9 @@ class DeskPlan(Plan):
     subtasks: Annotated[list[Subtask], msgspec.Meta(min_length=2, max_length=3)]
 
 
+#: Where the ticket starts in a desk request (after the plan line).
+TICKET = "Ticket:"
+
 _EMAIL = re.compile(r"[\w.+-]+@[\w-]+(?:\.[\w-]+)+")
 
 
@@ -209,8 +212,13 @@ class Writer(Specialist):
     cache = Cache(exact=True)
 
     async def perform(self, task: TaskAssigned, ctx: Context) -> Any:
-        draft = await ctx.llm(f"{task.description}\n\nThe request: {task.request}",
-                              output=Draft, tools=[])  # fmt: skip
+        ticket = task.request.partition(TICKET)[2].strip()
+        draft = await ctx.llm(
+            f"{task.description}. Write the reply's subject and body.\n{ticket}\n"
+            f"subject: Re: {ticket.partition('subject: ')[2].splitlines()[0]}",
+            output=Draft,
+            tools=[],
+        )
         assert draft.output is not None
         return msgspec.to_builtins(draft.output)
 
@@ -237,7 +245,7 @@ class Desk(Supervisor):
         return (
             f'Plan: "research" "Find the orders of {event.customer} this ticket is about" '
             f'then "writer" "Draft a reply in {event.language} to {event.name}", timeout '
-            f"{seconds} each.\nA {event.urgency}-urgency {event.category} ticket in "
+            f"{seconds} each.\n{TICKET} a {event.urgency}-urgency {event.category} ticket in "
             f"{event.language} from {event.customer}, subject: {event.subject}\n\n{event.text}"
         )
 
