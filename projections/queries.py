@@ -218,6 +218,11 @@ class UsageRow(msgspec.Struct, frozen=True, kw_only=True):
     cache_creation_input_tokens: int
     cache_read_input_tokens: int
     cost_usd: float
+    #: Model steps the agents' response caches answered (not in ``calls``: no model ran),
+    #: and the tokens and cost of the calls they repeated.
+    cached_calls: int = 0
+    saved_tokens: int = 0
+    saved_cost_usd: float = 0.0
 
 
 class DeadLetterRow(msgspec.Struct, frozen=True, kw_only=True):
@@ -735,7 +740,8 @@ class ReadModels:
         rows = await self._fetch(
             "usage_daily",
             f"SELECT * FROM (SELECT {select}, sum(calls), sum(input_tokens), sum(output_tokens), "
-            "sum(cache_creation_input_tokens), sum(cache_read_input_tokens), sum(cost_usd) "
+            "sum(cache_creation_input_tokens), sum(cache_read_input_tokens), sum(cost_usd), "
+            "sum(cached_calls), sum(saved_tokens), sum(saved_cost_usd) "
             f"FROM {self._t['usage_daily']}{w.sql()}{tail}) s",
             *w.args,
         )
@@ -756,6 +762,9 @@ class ReadModels:
                     cache_creation_input_tokens=int(r[6]),
                     cache_read_input_tokens=int(r[7]),
                     cost_usd=float(r[8] if isinstance(r[8], Decimal) else r[8] or 0),
+                    cached_calls=int(r[9]),
+                    saved_tokens=int(r[10]),
+                    saved_cost_usd=float(r[11] or 0),
                 )
             )
         return out

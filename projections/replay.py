@@ -372,8 +372,11 @@ def _spend(record: RunRecord, a: RecordedActivation) -> Callable[[], Awaitable[t
 def _offline(record: RunRecord, settings: Settings) -> bool:
     """Whether the run was made with the offline model (its budget checks priced nothing)."""
     for e in record.events:
-        if isinstance(e.body, StepRecorded) and e.body.usage is not None:
-            return e.body.usage.offline
+        if isinstance(e.body, StepRecorded):
+            # A response-cache hit has no usage; the call it repeats (saved) tells.
+            usage = e.body.usage or e.body.saved
+            if usage is not None:
+                return usage.offline
     return not settings.anthropic_api_key
 
 

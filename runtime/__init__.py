@@ -46,6 +46,7 @@ _EXPORTS: dict[str, str] = {
     "TaskFailed": "runtime.events.builtin",
     "TaskOutcome": "runtime.events.builtin",
     "TimerFired": "runtime.events.builtin",
+    "TimerCancelled": "runtime.events.builtin",
     "ActivationCompleted": "runtime.events.builtin",
     "StepRecorded": "runtime.events.builtin",
     "RunForked": "runtime.events.builtin",
@@ -65,6 +66,10 @@ _EXPORTS: dict[str, str] = {
     "LLM": "runtime.llm.calls",
     "LLMResult": "runtime.llm.calls",
     "model_client": "runtime.llm.client",
+    "Cache": "runtime.llm.cache",
+    "Embedder": "runtime.llm.embed",
+    "WordLlamaEmbedder": "runtime.llm.embed",
+    "StepRef": "runtime.events.values",
     # running agents
     "Relay": "runtime.worker.relay",
     "connect_redis": "runtime.streams.keys",
@@ -103,10 +108,12 @@ __all__ = [
     "ApprovalRequested",
     "Budget",
     "BudgetExceeded",
+    "Cache",
     "CircuitOpen",
     "ConcurrencyConflict",
     "Context",
     "DuplicateEventMismatch",
+    "Embedder",
     "ErrorCode",
     "Event",
     "EventDecodeError",
@@ -134,6 +141,7 @@ __all__ = [
     "StepDivergence",
     "StepFailed",
     "StepRecorded",
+    "StepRef",
     "Subtask",
     "Supervision",
     "SupervisionFinished",
@@ -142,11 +150,13 @@ __all__ = [
     "TaskCompleted",
     "TaskFailed",
     "TaskOutcome",
+    "TimerCancelled",
     "TimerFired",
     "ToolContext",
     "UnknownEvent",
     "UnknownEventType",
     "Where",
+    "WordLlamaEmbedder",
     "Worker",
     "WorkerOptions",
     "audit_seal",
@@ -215,6 +225,7 @@ if TYPE_CHECKING:
         TaskCompleted,
         TaskFailed,
         TaskOutcome,
+        TimerCancelled,
         TimerFired,
     )
     from runtime.events.causation import causation_order
@@ -229,8 +240,11 @@ if TYPE_CHECKING:
         new_event_id,
         registry,
     )
+    from runtime.events.values import StepRef
+    from runtime.llm.cache import Cache
     from runtime.llm.calls import LLM, LLMResult
     from runtime.llm.client import model_client
+    from runtime.llm.embed import Embedder, WordLlamaEmbedder
     from runtime.log.audit import seal as audit_seal
     from runtime.log.audit import verify as audit_verify
     from runtime.log.pool import connect as connect_database

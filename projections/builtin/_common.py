@@ -76,6 +76,10 @@ def _summary(e: RecordedEvent) -> str:
         u = b.usage
         if u is not None:
             head += f" ({u.model}: {u.input_tokens} in, {u.output_tokens} out, ${u.cost_usd:.6f})"
+        if b.cached_from is not None:
+            saved = b.saved.cost_usd if b.saved is not None else 0.0
+            head += (f" cached: repeats step {b.cached_from.step} of activation "
+                     f"{b.cached_from.activation_id}, saved ${saved:.6f}")  # fmt: skip
         if b.attempts:
             head += f", {len(b.attempts)} retr{'y' if len(b.attempts) == 1 else 'ies'}"
         if b.error is not None:

@@ -38,7 +38,8 @@ _encode = msgspec.json.Encoder().encode
 class AuditProjection(Projection):
     """One row per audited event (table ``audit_log``, appended with COPY).
 
-    Audited: every model call (``llm.call``) and tool call (``tool.call``, the
+    Audited: every model call (``llm.call``; ``llm.cached`` for a step the agent's
+    response cache answered) and tool call (``tool.call``, the
     external effects), every emitted domain event (``event.emitted``; from the
     ingress ``event.received``; non-bookkeeping events with a producer), approvals
     (``approval.requested``, ``approval.decided`` with the approver as actor),
@@ -106,16 +107,24 @@ def _row(e: RecordedEvent, subjects: dict[str, str]) -> tuple[Any, ...] | None:
     if type(b) is StepRecorded:
         u = b.usage
         action = "llm.call" if b.kind == "llm" else f"{b.kind}.call"
+        saved = b.saved if b.cached_from is not None else None
+        if b.cached_from is not None:
+            action = "llm.cached"  # answered by the agent's response cache: no model call
         actor = b.agent
-        subject = u.model if b.kind == "llm" and u is not None else b.name
+        model = u.model if u is not None else saved.model if saved is not None else None
+        subject = model if b.kind == "llm" and model is not None else b.name
         detail = {
             "activation_id": b.activation_id, "step": b.step, "kind": b.kind, "name": b.name,
-            "model": u.model if u else None,
+            "model": model,
             "input_tokens": u.input_tokens if u else None,
             "output_tokens": u.output_tokens if u else None,
             "cost_usd": u.cost_usd if u else None, "duration_ms": b.duration_ms,
             "attempts": len(b.attempts), "error": b.error,
         }  # fmt: skip
+        if b.cached_from is not None:
+            detail["cached_from"] = b.cached_from
+            detail["saved_tokens"] = saved.tokens if saved is not None else 0
+            detail["saved_cost_usd"] = saved.cost_usd if saved is not None else 0.0
     elif type(b) is ActivationCompleted:
         action, actor, subject = "activation.completed", b.agent, b.trigger_type
         detail = {"activation_id": b.activation_id, "trigger_id": b.trigger_id,

@@ -16,6 +16,7 @@ from projections.engine import Projection, Tables
 from runtime.agents.agent import Agent
 from runtime.agents.filters import Filters, accepts
 from runtime.events.builtin import (
+    APPROVAL_DEADLINE,
     BOOKKEEPING,
     ActivationCompleted,
     ActivationDeadLettered,
@@ -25,8 +26,10 @@ from runtime.events.builtin import (
     RunBudgetExceeded,
     RunForked,
     StepRecorded,
+    TimerCancelled,
     TimerFired,
     TimerScheduled,
+    addressed_to,
 )
 from runtime.events.model import RecordedEvent
 
@@ -158,7 +161,7 @@ class RunsProjection(Projection):
     """
 
     name: ClassVar[str] = "runs"
-    version: ClassVar[int] = 1
+    version: ClassVar[int] = 2
     types: ClassVar[frozenset[str] | None] = None
     tables: ClassVar[dict[str, str]] = {
         "runs": (
@@ -200,8 +203,9 @@ class RunsProjection(Projection):
             targets = self._ingress_routes.get(e.event_type, [])
         else:
             targets = self._routes.get(e.event_type, [])
-            if type(e.body) is TimerFired:
-                return [a for a in targets if a == e.body.agent]
+            to = addressed_to(e.body)
+            if to is not None:  # as the relay routes it: to that one agent only
+                return [a for a in targets if a == to]
         if self._filters:
             f = self._filters
             return [a for a in targets if a not in f or accepts(f[a], e.event_type, e.body)]
@@ -306,9 +310,10 @@ class RunsProjection(Projection):
             approval = str(b.approval_id)
             if approval in o.approvals:
                 o.approvals.remove(approval)
-        elif type(b) is TimerScheduled:
+        elif type(b) is TimerScheduled and b.name != APPROVAL_DEADLINE:
+            # (An approval's deadline is part of the approval, which the run waits for.)
             o.timers.append(str(b.timer_id))
-        elif type(b) is TimerFired:
+        elif type(b) is TimerFired or type(b) is TimerCancelled:
             timer = str(b.timer_id)
             if timer in o.timers:
                 o.timers.remove(timer)

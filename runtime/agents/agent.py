@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import re
 from collections.abc import Sequence
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from runtime.agents.filters import On, Where, accepts
 from runtime.effects.budget import Budget
 from runtime.effects.tools import Tool
 from runtime.events.model import Event, RecordedEvent
+
+if TYPE_CHECKING:
+    from runtime.llm.cache import Cache
 
 #: What an agent may be called (it names Redis keys and consumer groups).
 NAME = re.compile(r"^[a-z][a-z0-9_-]{0,62}$")
@@ -51,6 +54,9 @@ class Agent:
     reads_ingress: ClassVar[bool] = True
     #: The run's budget (None: the settings' default).
     budget: ClassVar[Budget | None] = None
+    #: The agent's response cache for ``ctx.llm`` steps (None: every call asks the
+    #: model), e.g. ``Cache(exact=True, semantic=0.92)``: see :class:`runtime.Cache`.
+    cache: ClassVar[Cache | None] = None
     #: Seconds one activation's handler may run (None: the worker's default, the
     #: ``handler_timeout`` setting); past it the handler is cancelled and the
     #: delivery counts as failed (dead-lettered after ``max_deliveries``).

@@ -35,6 +35,7 @@ from runtime.events.builtin import (
     CircuitTransitioned,
     StateTransitioned,
     StateTransitionRefused,
+    TimerCancelled,
     TimerScheduled,
 )
 from runtime.events.model import Event, NewEvent, RecordedEvent, new_event_id
@@ -222,6 +223,15 @@ class Context:
             )
         )
         return timer_id
+
+    def cancel_timer(self, timer_id: UUID) -> None:
+        """Unschedule a timer of this agent's (``sleep_until``'s id): it will not fire.
+
+        Recorded as ``timer.cancelled`` (it commits with the activation, or not at all);
+        the relay drops the timer, and the run no longer waits for it. A timer that
+        fired already is not taken back (its ``timer.fired`` is in the log).
+        """
+        self.emit(TimerCancelled(timer_id=timer_id, agent=self.agent.name))
 
     def request_approval(
         self,

@@ -45,6 +45,7 @@ from runtime.events.builtin import (
     TaskFailed,
     TaskOutcome,
     TimerFired,
+    TimerScheduled,
 )
 from runtime.events.model import Event, RecordedEvent
 
@@ -202,6 +203,12 @@ class Supervisor(Agent):
                 return _settle(state, body.task_id, "completed", result=body.result)
             case TaskFailed(supervisor=who) if who == self.name:
                 return _settle(state, body.task_id, "failed", error=body.error)
+            case TimerScheduled(agent=who, name=name) if who == self.name and name == TIMEOUT_TIMER:
+                payload = body.payload if isinstance(body.payload, dict) else {}
+                current = state.tasks.get(str(payload.get("task_id")))
+                if current is None:
+                    return state
+                return _with(state, msgspec.structs.replace(current, timer_id=body.timer_id))
             case TimerFired(agent=who, name=name) if who == self.name and name == TIMEOUT_TIMER:
                 payload = body.payload if isinstance(body.payload, dict) else {}
                 task_id = uuid.UUID(str(payload.get("task_id")))
@@ -240,6 +247,7 @@ class Supervisor(Agent):
         now = await ctx.now()  # a step: a retry or replay sets the same deadlines
         state = Supervision(request=request)
         ordered = sorted(enumerate(plan.subtasks), key=lambda p: (p[1].priority, p[0]))
+        unknown: list[TaskFailed] = []
         for i, sub in ordered:
             task_id = uuid.uuid5(ctx.activation_id, f"task/{i}")
             assigned = TaskAssigned(task_id=task_id, supervisor=self.name, worker=sub.worker,
@@ -251,17 +259,31 @@ class Supervisor(Agent):
                 # The model named a worker there is none of: a failure of this
                 # subtask, reported like any other (it comes back as an event).
                 error = f"no worker named {sub.worker!r} (workers: {', '.join(sorted(known))})"
-                ctx.emit(TaskFailed(task_id=task_id, supervisor=self.name, worker=sub.worker,
-                                    error=error, error_type="UnknownWorker"))  # fmt: skip
+                unknown.append(TaskFailed(task_id=task_id, supervisor=self.name,
+                                          worker=sub.worker, error=error,
+                                          error_type="UnknownWorker"))  # fmt: skip
                 continue
-            ctx.sleep_until(now + timedelta(seconds=sub.timeout), TIMEOUT_TIMER,
-                            payload={"task_id": str(task_id), "timeout": sub.timeout})  # fmt: skip
+            payload = {"task_id": str(task_id), "timeout": sub.timeout}
+            timer = ctx.sleep_until(now + timedelta(seconds=sub.timeout), TIMEOUT_TIMER,
+                                    payload=payload)  # fmt: skip
+            state = _with(state, msgspec.structs.replace(state.tasks[str(task_id)],
+                                                         timer_id=timer))  # fmt: skip
+        # After every assignment: each failure's activation then folds a state that holds
+        # all the subtasks, so only the last failure's can find none outstanding (two
+        # failures among the assignments would each have closed the plan, twice).
+        for failed in unknown:
+            ctx.emit(failed)
         if not state.outstanding:
             await self._finish(state, ctx)
 
     async def _finish(self, state: Supervision, ctx: Any) -> None:
         result = await self.synthesise(state, ctx)
         outcomes = state.outcomes
+        for t in outcomes:
+            if t.timer_id is not None and t.status != "timed_out":
+                # Settled before its timeout: the timer is moot (and the run would
+                # wait for it).
+                ctx.cancel_timer(t.timer_id)
         ctx.emit(
             SupervisionFinished(
                 supervisor=self.name,

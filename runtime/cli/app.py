@@ -9,7 +9,7 @@ from typing import Annotated
 import typer
 from rich.markup import escape
 
-from runtime.cli import agents, audit, db, listing, log, services, up
+from runtime.cli import agents, audit, cache, db, listing, log, services, up
 from runtime.cli.helpers import err, fail
 from runtime.errors import SettingsError
 from runtime.ops.logconfig import configure_logging
@@ -24,7 +24,7 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-for commands in (services, db, audit, log, agents, up, listing):
+for commands in (services, db, audit, log, agents, up, listing, cache):
     commands.register(app)
 
 # -- settings and servers ------------------------------------------------------

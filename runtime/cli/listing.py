@@ -1,4 +1,5 @@
-"""``agentrt agents``: an app's agents, their subscriptions (filters included) and states."""
+"""``agentrt agents``: an app's agents, their subscriptions (filters included), states and
+response caches."""
 
 from __future__ import annotations
 
@@ -34,7 +35,8 @@ def register(app: typer.Typer) -> None:
             sys.stdout.buffer.write(msgspec.json.encode(found) + b"\n")
             sys.stdout.flush()
             return
-        table = Table("agent", "subscribes", "ingress", "tier", "states", header_style="bold")
+        table = Table("agent", "subscribes", "ingress", "tier", "states", "cache",
+                      header_style="bold")  # fmt: skip
         for a in found:
             subs = "\n".join(
                 f"{escape(t)}" + "".join(f"\n  where {escape(w)}" for w in a["filters"].get(t, []))
@@ -46,20 +48,32 @@ def register(app: typer.Typer) -> None:
                 moves = [f"{s} -> {', '.join(n)}" for s, n in machine["transitions"].items()]
                 final = f"final {', '.join(machine['final'])}"
                 states = "\n".join([f"initial {machine['initial']}", *moves, final])
+            cache = a["cache"]
+            kinds = ["exact"] if cache and cache["exact"] else []
+            if cache and cache["semantic"] is not None:
+                kinds.append(f"semantic >= {cache['semantic']} ({cache['embedder']})")
             table.add_row(escape(a["name"]), subs, "yes" if a["reads_ingress"] else "no",
-                          escape(a["tier"]), escape(states))  # fmt: skip
+                          escape(a["tier"]), escape(states),
+                          escape("\n".join(kinds)) if kinds else "-")  # fmt: skip
         out.print(table)
 
 
 def describe_agent(agent: Agent) -> dict[str, Any]:
-    """An agent as data: its subscriptions and filters, and its state machine if any."""
+    """An agent as data: its subscriptions and filters, its response cache and its state
+    machine, if any."""
     doc: dict[str, Any] = {
         "name": agent.name,
         "subscribes": sorted(agent.subscribed_types()),
         "filters": describe(agent.filters()),
         "reads_ingress": agent.reads_ingress,
         "tier": agent.tier,
+        "cache": None,
     }
+    if agent.cache is not None:
+        c = agent.cache
+        embedder = c.embedder.name if c.embedder is not None else None
+        doc["cache"] = {"exact": c.exact, "semantic": c.semantic, "recent": c.recent,
+                        "ttl": c.ttl, "embedder": embedder}  # fmt: skip
     if isinstance(agent, StateMachine):
         doc["machine"] = {
             "states": list(agent.state_names()),

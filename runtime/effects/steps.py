@@ -18,7 +18,7 @@ from runtime.errors import ClaimLost, ConcurrencyConflict, StepDivergence, StepF
 from runtime.events.builtin import StepRecorded
 from runtime.events.ids import activation_stream
 from runtime.events.model import NewEvent, RecordedEvent
-from runtime.events.values import AttemptRecord, StepError, Usage
+from runtime.events.values import AttemptRecord, StepError, StepRef, Usage
 from runtime.log import chain
 from runtime.log.group import GroupWriter
 from runtime.log.store import EventLog
@@ -49,6 +49,9 @@ class StepOutput(msgspec.Struct, frozen=True, kw_only=True):
     error: StepError | None = None
     attempts: tuple[AttemptRecord, ...] = ()
     usage: Usage | None = None
+    #: A cached answer (``runtime.llm.cache``): the step it repeats and what that one cost.
+    cached_from: StepRef | None = None
+    saved: Usage | None = None
 
 
 StepCall = Callable[[], Awaitable[StepOutput]]
@@ -158,6 +161,11 @@ class Steps:
                 self.recorded.setdefault(ev.stream_version, ev.body)
 
     @property
+    def log(self) -> EventLog | None:
+        """The log these steps are written to (None: replay, fork and time travel)."""
+        return self._log
+
+    @property
     def next_step(self) -> int:
         return self.count + 1
 
@@ -191,6 +199,8 @@ class Steps:
                 await self._check_untouched(n)
             started = time.perf_counter()
             output = await call()
+            if output.cached_from is not None:  # answered by the response cache, not called
+                step_span.set_attribute("agentrt.step.cached", True)
             if output.error is not None:
                 step_span.set_status(
                     StatusCode.ERROR, f"{output.error.type}: {output.error.message}"
@@ -208,6 +218,8 @@ class Steps:
                 attempts=list(output.attempts),
                 usage=output.usage,
                 duration_ms=round((time.perf_counter() - started) * 1000, 3),
+                cached_from=output.cached_from,
+                saved=output.saved,
             )
             event = NewEvent(
                 body=body, run_id=self.run_id, causation_id=self.trigger_id, producer=self.agent,

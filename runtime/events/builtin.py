@@ -9,7 +9,7 @@ from uuid import UUID
 import msgspec
 
 from runtime.events.model import Event
-from runtime.events.values import AttemptRecord, StepError, Usage
+from runtime.events.values import AttemptRecord, StepError, StepRef, Usage
 
 
 class StepRecorded(Event, tag="step.recorded"):
@@ -34,6 +34,11 @@ class StepRecorded(Event, tag="step.recorded"):
     attempts: list[AttemptRecord] = msgspec.field(default_factory=list)
     usage: Usage | None = None
     duration_ms: float = 0.0
+    #: A model step answered by the agent's response cache (``Agent.cache``): the step whose
+    #: recorded result this one repeats (no model was called, ``usage`` is None).
+    cached_from: StepRef | None = None
+    #: What the cached answer would have cost to ask again: the original step's usage.
+    saved: Usage | None = None
 
 
 class ActivationCompleted(Event, tag="activation.completed"):
@@ -108,6 +113,14 @@ class TimerScheduled(Event, tag="timer.scheduled"):
     name: str
     due_at: datetime
     payload: Any = None
+
+
+class TimerCancelled(Event, tag="timer.cancelled"):
+    """``ctx.cancel_timer``: a scheduled timer that is no longer wanted (a subtask's timeout
+    once it is settled). It does not fire; if it fired already, this changes nothing."""
+
+    timer_id: UUID
+    agent: str
 
 
 class TimerFired(Event, tag="timer.fired"):
@@ -204,6 +217,8 @@ class TaskOutcome(msgspec.Struct, kw_only=True):
     status: str = "pending"
     result: Any = None
     error: str | None = None
+    #: The durable timer that gives it up (cancelled once the supervision finishes).
+    timer_id: UUID | None = None
 
 
 class SupervisionFinished(Event, tag="supervision.finished"):

@@ -4,6 +4,7 @@ failed attempt. Plain data (msgspec), so every layer can read them."""
 from __future__ import annotations
 
 from typing import Literal
+from uuid import UUID
 
 import msgspec
 
@@ -49,6 +50,13 @@ class Usage(msgspec.Struct, frozen=True, kw_only=True):
             + self.cache_creation_input_tokens
             + self.cache_read_input_tokens
         )
+
+
+class StepRef(msgspec.Struct, frozen=True, kw_only=True):
+    """Where one step is in the log: the stream ``act-<activation_id>`` at version ``step``."""
+
+    activation_id: UUID
+    step: int
 
 
 class AttemptRecord(msgspec.Struct, frozen=True, kw_only=True):

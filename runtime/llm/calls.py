@@ -27,6 +27,7 @@ from typing import Any, Generic, Protocol, cast
 from uuid import UUID
 
 import anthropic
+import asyncpg
 import msgspec
 import structlog
 from opentelemetry import trace
@@ -34,7 +35,7 @@ from typing_extensions import TypeVar
 
 from runtime.effects.budget import Budget
 from runtime.effects.retry import RetryPolicy, run_with_retries
-from runtime.effects.steps import StepOutput, Steps, raise_if_failed
+from runtime.effects.steps import StepCall, StepOutput, Steps, raise_if_failed
 from runtime.effects.tools import Tool
 from runtime.errors import (
     BudgetExceeded,
@@ -44,7 +45,8 @@ from runtime.errors import (
     ToolInputError,
 )
 from runtime.events.builtin import RunBudgetExceeded, StepRecorded
-from runtime.events.values import AttemptRecord, StepError, Usage
+from runtime.events.values import AttemptRecord, StepError, StepRef, Usage
+from runtime.llm.cache import Cache, CacheIndex, Hit, Probe
 from runtime.llm.client import model_for
 from runtime.llm.prices import cost_usd, usage_of
 from runtime.llm.tokens import estimate_request_tokens, message_tokens
@@ -141,6 +143,9 @@ class LLMResult(Generic[T]):
     offline: bool
     #: The conversation, ending with the final assistant message (to continue it).
     messages: list[JSON]
+    #: The model steps the agent's response cache answered (their ``usage`` is not in
+    #: ``usage``: they cost nothing; the step's ``saved`` says what they would have).
+    cached: tuple[int, ...] = ()
 
 
 def _text(message: Mapping[str, Any]) -> str:
@@ -379,24 +384,64 @@ class LLM:
         return self._result(ctx, first, message, convo, None)
 
     async def step(self, ctx: Caller, request: JSON) -> StepRecorded:
-        """One model call as a durable step: from the log, or budget-checked and made now."""
+        """One model call as a durable step: from the log, from the agent's response cache
+        (recorded as a step of its own), or budget-checked and made now."""
         steps = ctx.steps
         await steps.ensure_loaded()
+        call: StepCall = lambda: self._create(request)  # noqa: E731
+        cache: Cache | None = getattr(ctx.agent, "cache", None)
+        index: CacheIndex | None = None
+        probe: Probe | None = None
+        hit: Hit | None = None
         if steps.next_step not in steps.recorded:
-            await self._check_budget(ctx, request)
+            # The cache is consulted only for a step the record lacks (a replay or a
+            # retry takes a hit back from the record), and only with a log to look in.
+            if cache is not None and steps.log is not None:
+                index = CacheIndex(steps.log)
+                probe, hit = await index.lookup(cache, ctx.agent.name, request)
+            if hit is not None:
+                output = hit.output
+                call = lambda: _answered(output)  # noqa: E731
+            else:
+                await self._check_budget(ctx, request)
         before = steps.reused
-        record = await steps.run("llm", request["model"], request, lambda: self._create(request))
+        record = await steps.run("llm", request["model"], request, call)
+        if hit is not None and record.cached_from is not None:
+            metrics.LLM_CACHE_HITS.labels(record.name, hit.kind).inc()
+        elif (
+            cache is not None
+            and index is not None
+            and probe is not None
+            and record.cached_from is None
+            and record.error is None
+            and steps.executed[-1:] == [record.step]
+        ):
+            ref = StepRef(activation_id=steps.activation_id, step=record.step)
+            await self._index(index, cache, probe, ref, record.result)
         log.info(
             "llm.step",
             step=record.step,
             model=record.name,
             reused=steps.reused > before,
+            cached=None if hit is None else hit.kind,
             attempts=len(record.attempts) + 1,
             tokens=record.usage.tokens if record.usage else 0,
             failed=record.error is not None,
         )
         raise_if_failed(record)
         return record
+
+    async def _index(
+        self, index: CacheIndex, cache: Cache, probe: Probe, ref: StepRef, result: JSON
+    ) -> None:
+        """Add a fresh answer to the cache's index. The step is in the log already; an
+        index row lost here (the database went away meanwhile) only costs a later hit,
+        so it does not fail the handler."""
+        try:
+            await index.add(cache, probe, ref, result)
+        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+            error = f"{type(exc).__name__}: {exc}"
+            log.warning("llm.cache_index_failed", step=ref.step, error=error)
 
     async def _create(self, request: JSON) -> StepOutput:
         failed: list[AttemptRecord] = []
@@ -419,7 +464,7 @@ class LLM:
 
         model = request["model"]
         # The step's span (Steps.run started it): the GenAI conventions' attributes. The
-        # SDK's HTTP requests (httpx, instrumented by configure_tracing) nest under it.
+        # SDK's own span of the API call nests under it.
         span = trace.get_current_span()
         span.set_attributes({"gen_ai.operation.name": "chat", "gen_ai.provider.name": "anthropic",
                              "gen_ai.request.model": model,
@@ -514,9 +559,11 @@ class LLM:
         self, ctx: Caller, first: int, message: JSON, convo: list[JSON], value: Any
     ) -> LLMResult[Any]:
         taken = tuple(range(first, ctx.steps.count + 1))
-        usages = [
-            u for n in taken if (u := getattr(ctx.steps.recorded.get(n), "usage", None)) is not None
-        ]
+        records = [r for n in taken if (r := ctx.steps.recorded.get(n)) is not None]
+        usages = [r.usage for r in records if r.usage is not None]
+        cached = tuple(r.step for r in records if r.cached_from is not None)
+        # A cached answer is the offline model's when the call it repeats was.
+        saved_offline = any(r.saved.offline for r in records if r.saved is not None)
         total = Usage(
             model=message.get("model", ""),
             input_tokens=sum(u.input_tokens for u in usages),
@@ -524,7 +571,7 @@ class LLM:
             cache_creation_input_tokens=sum(u.cache_creation_input_tokens for u in usages),
             cache_read_input_tokens=sum(u.cache_read_input_tokens for u in usages),
             cost_usd=round(sum(u.cost_usd for u in usages), 10),
-            offline=any(u.offline for u in usages),
+            offline=any(u.offline for u in usages) or saved_offline,
         )
         return LLMResult(
             text=_text(message),
@@ -535,7 +582,12 @@ class LLM:
             stop_reason=message.get("stop_reason"),
             offline=total.offline,
             messages=convo,
+            cached=cached,
         )
+
+
+async def _answered(output: StepOutput) -> StepOutput:
+    return output
 
 
 def _reflection(type_name: str, exc: Exception) -> str:

@@ -73,6 +73,9 @@ LLM_TOKENS = Counter(
     "agentrt_llm_tokens_total", "Tokens used, by model and kind (input, output).", ["model", "kind"]
 )
 LLM_COST = Counter("agentrt_llm_cost_usd_total", "Cost in USD by model.", ["model"])
+LLM_CACHE_HITS = Counter("agentrt_llm_cache_hits_total",
+                         "Model steps answered by an agent's response cache, by model and kind.",
+                         ["model", "kind"])  # fmt: skip
 RETRIES = Counter("agentrt_retries_total", "Retried attempts by step kind and reason.",
                   ["kind", "reason"])  # fmt: skip
 DEAD_LETTERS = Counter("agentrt_dead_letters_total", "Entries sent to the dead-letter stream.",

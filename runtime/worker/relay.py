@@ -45,7 +45,7 @@ import secrets
 import time
 import typing
 import uuid
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
@@ -62,6 +62,7 @@ from runtime.errors import ApprovalNotFound, LeaseLost, SettingsError
 from runtime.events.builtin import (
     APPROVAL_DEADLINE,
     BOOKKEEPING,
+    TimerCancelled,
     TimerFired,
     TimerScheduled,
     addressed_to,
@@ -85,6 +86,8 @@ from runtime.worker.claims import RELEASE_HELD, RENEW_HELD
 log = structlog.get_logger(__name__)
 
 TIMERS_KEY = f"{KEY_PREFIX}timers"
+#: Ids of scheduled timers cancelled (``timer.cancelled``): skipped when they come due.
+CANCELLED_KEY = f"{KEY_PREFIX}timers:cancelled"
 #: How long a stopping relay lets its publish and timer loops finish by themselves.
 _STOP_GRACE = 10.0
 _TIMER_NAMESPACE = uuid.UUID("a3f5e0b8-7c1d-4e2f-8b6a-9d0c1e2f3a4b")
@@ -502,6 +505,8 @@ class Relay:
             for event in page:
                 if isinstance(event.body, TimerScheduled):
                     self._schedule(pipe, event, event.body)
+                elif isinstance(event.body, TimerCancelled):
+                    pipe.sadd(CANCELLED_KEY, str(event.body.timer_id))
                 for agent in self.route(event):
                     pipe.xadd(agent_stream(agent), _fields(event))
                     relayed.append(event.event_type)
@@ -540,7 +545,8 @@ class Relay:
         await self._check_lease()
         entries = [(agent_stream(a), _fields(e)) for e in page for a in self.route(e)]
         timers = [(e, e.body) for e in page if isinstance(e.body, TimerScheduled)]
-        await self._add_entries(entries, timers)
+        cancelled = [e.body.timer_id for e in page if isinstance(e.body, TimerCancelled)]
+        await self._add_entries(entries, timers, cancelled)
         cursor = str(Cursor.of(page[-1]))
         now = time.monotonic()
         anchored = now >= self._next_anchor
@@ -574,16 +580,19 @@ class Relay:
         self,
         entries: list[tuple[str, dict[Any, Any]]],
         timers: list[tuple[RecordedEvent, TimerScheduled]],
+        cancelled: Sequence[uuid.UUID] = (),
     ) -> None:
-        """XADD ``entries`` and schedule ``timers`` in one pipeline (not a MULTI: on a
-        cluster it spans slots); raises if any of them failed."""
-        if not entries and not timers:
+        """XADD ``entries``, schedule ``timers`` and mark ``cancelled`` timers in one
+        pipeline (not a MULTI: on a cluster it spans slots); raises if any failed."""
+        if not entries and not timers and not cancelled:
             return
         async with self.redis.pipeline(transaction=False) as pipe:
             for stream, fields in entries:
                 pipe.xadd(stream, fields)
             for event, timer in timers:
                 self._schedule(pipe, event, timer)
+            if cancelled:
+                pipe.sadd(CANCELLED_KEY, *(str(t) for t in cancelled))
             await pipe.execute()
 
     @staticmethod
@@ -611,9 +620,22 @@ class Relay:
     async def fire_due_timers(self, now: float | None = None) -> int:
         """Append ``timer.fired`` for every due timer (idempotently), then unschedule it."""
         now_ms = (time.time() if now is None else now) * 1000
-        due = await self.redis.zrangebyscore(TIMERS_KEY, "-inf", now_ms, start=0, num=100)
-        for member in typing.cast(list[bytes], due):
-            timer = msgspec.json.decode(member, type=_Timer)
+        due = typing.cast(
+            list[bytes],
+            await self.redis.zrangebyscore(TIMERS_KEY, "-inf", now_ms, start=0, num=100),
+        )
+        timers = [msgspec.json.decode(m, type=_Timer) for m in due]
+        dropped = (
+            await self.redis.smismember(CANCELLED_KEY, [str(t.timer_id) for t in timers])
+            if timers
+            else []
+        )
+        for member, timer, gone in zip(due, timers, dropped, strict=True):
+            if gone:  # cancelled before it came due: it does not fire
+                await self.redis.zrem(TIMERS_KEY, member)
+                await self.redis.srem(CANCELLED_KEY, str(timer.timer_id))
+                log.info("timer.cancelled", timer_id=str(timer.timer_id), agent=timer.agent)
+                continue
             if timer.name == APPROVAL_DEADLINE:
                 await self._approval_deadline(timer)
                 await self.redis.zrem(TIMERS_KEY, member)

@@ -1,7 +1,7 @@
-"""Generated logs for the built-in projections' tests: runs with steps (retries, usage),
-emitted events, dead letters, redrives, approvals, budget stops, circuit transitions,
-forks and state machine transitions (allowed and refused), several runs interleaved,
-appended with real builtin event bodies."""
+"""Generated logs for the built-in projections' tests: runs with steps (retries, usage,
+response-cache hits), emitted events, dead letters, redrives, approvals, budget stops,
+circuit transitions, forks and state machine transitions (allowed and refused), several
+runs interleaved, appended with real builtin event bodies."""
 
 from __future__ import annotations
 
@@ -31,7 +31,7 @@ from runtime.events.builtin import (
 )
 from runtime.events.ids import run_stream
 from runtime.events.model import Event, NewEvent, RecordedEvent
-from runtime.events.values import AttemptRecord, StepError, Usage
+from runtime.events.values import AttemptRecord, StepError, StepRef, Usage
 from runtime.log.store import EventLog
 
 
@@ -238,6 +238,10 @@ class Generator:
                     cost_usd=tokens * 3.1e-6 + n * 1.7e-7,
                 )
             error = StepError(type="ToolError", message="boom") if not llm and c % 5 == 0 else None
+            # Some model steps are response-cache hits: no usage, the repeated call's saved.
+            cached_from, saved = None, None
+            if llm and (n + b) % 4 == 3:
+                cached_from, saved, usage = StepRef(activation_id=aid, step=1), usage, None
             steps.append(
                 NewEvent(
                     body=StepRecorded(
@@ -253,6 +257,8 @@ class Generator:
                         attempts=attempts,
                         usage=usage,
                         duration_ms=1.5 * n,
+                        cached_from=cached_from,
+                        saved=saved,
                     ),
                     run_id=run.run_id,
                     causation_id=trigger,

@@ -223,6 +223,8 @@ async def _grant(conn: asyncpg.Connection, schema: str, owner: str, app: str) ->
     await conn.execute(f"GRANT EXECUTE ON FUNCTION {schema}.seal_log() TO {app}")
     # Snapshots are a cache of folds: dropped and taken again at will.
     await conn.execute(f"GRANT DELETE ON {schema}.snapshots TO {app}")
+    # The response cache's index points at the log; an expired entry is replaced.
+    await conn.execute(f"GRANT UPDATE ON {schema}.response_cache TO {app}")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -174,6 +174,21 @@ async def test_a_worker_the_plan_invents_fails_that_subtask(
     assert (finished.completed, finished.failed) == (2, 1)
 
 
+async def test_a_plan_of_only_invented_workers_is_finished_once(
+    redis: aioredis.Redis, log: EventLog, llm: LLM
+) -> None:
+    """Every subtask fails at once (in the planning activation): each failure comes back to
+    the supervisor, and only the last one's activation may synthesise."""
+    await send(redis, request("nobody", "noone", "nothing", timeout=120))
+    async with running([Lead(), Researcher(), Writer()], redis, log, llm):
+        await wait_for(lambda: _has(log, "supervision.finished"), seconds=60, what="synthesis")
+        # The plan's activation and one per failure: every delivery handled.
+        await wait_for(lambda: _has(log, "activation.completed", 4), seconds=60,
+                       what="every failure handled")  # fmt: skip
+    [finished] = await _finished(log)
+    assert (finished.completed, finished.failed) == (0, 3)
+
+
 async def test_a_plan_that_cannot_be_made_ends_the_request_saying_why(
     redis: aioredis.Redis, log: EventLog, llm: LLM
 ) -> None:

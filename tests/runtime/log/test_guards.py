@@ -75,6 +75,7 @@ async def test_migrate_is_idempotent_and_records_versions(settings: Settings) ->
     assert report.applied == []
     assert report.already_applied == [
         "0001_event_log", "0002_agents", "0003_guards", "0004_snapshots", "0005_commit_many",
+        "0006_response_cache",
     ]  # fmt: skip
     assert report.roles_separated
 
