@@ -10,12 +10,13 @@ import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated
 
 import typer
 from rich.console import Console
 
 from runtime.cli import configure_logging, err, out, run, settings_of, with_servers
+from runtime.ops.logconfig import uvicorn_logging
 from runtime.settings import Settings
 from webhooks import auth
 from webhooks.config import ResolvedSource, load
@@ -168,7 +169,7 @@ def serve(
             workers=workers,
             loop="uvloop",
             http="httptools",
-            **uvicorn_logging(settings, access_log=access_log),
+            **uvicorn_logging(settings.log_level, access_log=access_log),
         )
 
 
@@ -205,14 +206,6 @@ def _shared_metrics(workers: int) -> Iterator[None]:
     finally:
         del os.environ[metrics.MULTIPROC_ENV]
         metrics.remove_dir(made)
-
-
-def uvicorn_logging(settings: Settings, *, access_log: bool = False) -> dict[str, Any]:
-    """uvicorn's logging options for ``agentrt serve``: no handlers of its own (``log_config``
-    None), so its lines reach the root logger and are rendered like every other line
-    (JSON with AGENTRT_LOG_JSON: :func:`runtime.ops.logconfig.configure_logging`, which
-    each worker process runs in ``app_from_env``), at AGENTRT_LOG_LEVEL."""
-    return {"log_config": None, "log_level": settings.log_level, "access_log": access_log}
 
 
 async def _require_durable_redis(settings: Settings) -> None:

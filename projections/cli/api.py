@@ -12,6 +12,7 @@ from rich.markup import escape
 
 from runtime.cli import err, load_agents, run, settings_of, with_servers
 from runtime.log import migrations
+from runtime.ops.logconfig import uvicorn_logging
 
 
 def usage_note(url: str, path: Path | None) -> str:
@@ -68,8 +69,7 @@ def api(
         create_api(settings, agents=agents),
         host=host,
         port=port,
-        log_level="warning",
-        access_log=False,
+        **uvicorn_logging(settings.log_level),
     )
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import sys
+from typing import Any
 
 import structlog
 
@@ -64,3 +65,11 @@ def configure_logging(level: str = "info", *, json: bool = False) -> None:
         old.close()
     root.addHandler(handler)
     root.setLevel(max(numeric, logging.WARNING))
+
+
+def uvicorn_logging(level: str, *, access_log: bool = False) -> dict[str, Any]:
+    """uvicorn's logging options for agentrt's servers (``serve``, ``api``): no handlers
+    or formatters of its own (``log_config`` None), so its lines reach the root logger
+    and are rendered like every other line (:func:`configure_logging`, JSON with
+    AGENTRT_LOG_JSON), at ``level``; each request's line only with ``access_log``."""
+    return {"log_config": None, "log_level": level, "access_log": access_log}

@@ -36,8 +36,8 @@ def app_from_env():
 
 webhooks.app.app_from_env = app_from_env
 if {broken}:
-    webhooks.cli.uvicorn_logging = lambda settings, access_log: {{
-        "log_level": settings.log_level, "access_log": access_log}}
+    webhooks.cli.uvicorn_logging = lambda level, access_log: {{
+        "log_level": level, "access_log": access_log}}
 from runtime.cli import main
 sys.argv = ["agentrt", "serve", "--access-log", "--port", "{port}", "--config", "{config}"]
 main()
