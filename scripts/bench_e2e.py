@@ -238,8 +238,9 @@ class LogFacts:
     triggers: dict[UUID, tuple[str, int]] = dataclasses.field(default_factory=dict)
     #: event id -> consumer -> inbox rows.
     inbox: dict[UUID, dict[str, int]] = dataclasses.field(default_factory=dict)
-    #: (agent, trigger event id) -> activations committed (completed or dead-lettered).
-    activations: dict[tuple[str, UUID], int] = dataclasses.field(default_factory=dict)
+    #: (run id, agent, trigger event id) -> activations committed (completed or
+    #: dead-lettered); the trigger may be any event of the run.
+    activations: dict[tuple[UUID, str, UUID], int] = dataclasses.field(default_factory=dict)
 
 
 @dataclasses.dataclass
@@ -273,11 +274,14 @@ class Verdict:
         return "; ".join(parts) + (f" (e.g. {'; '.join(self.examples)})" if self.examples else "")
 
 
-def judge(accepted: Iterable[UUID], facts: LogFacts, routes: Mapping[str, Sequence[str]]) -> Verdict:
+def judge(
+    accepted: Iterable[UUID], facts: LogFacts, routes: Mapping[str, Sequence[str]]
+) -> Verdict:
     """Check ``facts`` for the ``accepted`` ids: each has one trigger event, one inbox row per
     agent in ``routes[its type]`` (the agents reading that type from the ingress) and no
     other, and no (agent, trigger) of its run activated twice."""
     v = Verdict()
+    accepted = set(accepted)
     for event_id in accepted:
         trigger = facts.triggers.get(event_id)
         if trigger is None:
@@ -301,8 +305,8 @@ def judge(accepted: Iterable[UUID], facts: LogFacts, routes: Mapping[str, Sequen
         for agent in sorted(set(handled) - expected):
             v.unexpected += 1
             v.note(f"{agent} handled {event_id} ({event_type})")
-    for (agent, trigger_id), n in sorted(facts.activations.items(), key=str):
-        if n > 1:
+    for (run_id, agent, trigger_id), n in sorted(facts.activations.items(), key=str):
+        if n > 1 and run_id in accepted:
             v.duplicated += 1
             v.note(f"{agent} activated {n} times for {trigger_id}")
     return v
@@ -344,13 +348,13 @@ async def log_facts(conn: Any, schema: str, ids: Sequence[UUID]) -> LogFacts:
         ):
             facts.inbox.setdefault(r[0], {})[r[1]] = r[2]
         for r in await conn.fetch(
-            f"SELECT data->>'agent', (data->>'trigger_id')::uuid, count(*) "
+            f"SELECT run_id, data->>'agent', (data->>'trigger_id')::uuid, count(*) "
             f'FROM "{schema}".events WHERE run_id = ANY($1::uuid[]) '
-            "AND event_type = ANY($2::text[]) GROUP BY 1, 2",
+            "AND event_type = ANY($2::text[]) GROUP BY 1, 2, 3",
             chunk,
             list(ACTIVATION_TYPES),
         ):
-            facts.activations[(r[0], r[1])] = r[2]
+            facts.activations[(r[0], r[1], r[2])] = r[3]
     return facts
 
 
@@ -811,7 +815,8 @@ class Bench:
 
     @staticmethod
     async def wait_until(done: Callable[[], bool], deadline: float) -> None:
-        while not done() and time.monotonic() < deadline:
+        # Polled, not an Event: what ``done`` reads changes in the poller, once per poll.
+        while not done() and time.monotonic() < deadline:  # noqa: ASYNC110
             await asyncio.sleep(POLL_SECONDS)
 
     async def post(self, client: Any, p: Any, i: int, sent: float, tracker: Tracker) -> None:
@@ -948,8 +953,11 @@ def highest(results: Sequence[RateResult], repeat: int, grace: float) -> float:
 def figures_of(baselines: Sequence[float], results: Sequence[RateResult], repeats: int,
                grace: float, phantoms: int) -> dict[str, Figure]:  # fmt: skip
     figures = {
-        "ingress": Figure("ingress alone: accepted webhooks/s (closed loop, 64 in flight, no "
-                          "agents)", "webhooks/s", runs=list(baselines)),  # fmt: skip
+        "ingress": Figure(
+            "ingress alone: accepted webhooks/s (closed loop, 64 in flight, no agents)",
+            "webhooks/s",
+            runs=list(baselines),
+        ),
     }
     for rate in sorted({r.rate for r in results}):
         mine = [r for r in results if r.rate == rate]
@@ -1050,10 +1058,24 @@ def notes(results: Sequence[RateResult], info: RunInfo, args: argparse.Namespace
     return out
 
 
-def render(baselines: Sequence[float], results: Sequence[RateResult], phantoms: int,
-           info: RunInfo, args: argparse.Namespace, out: Console) -> list[dict[str, Any]]:  # fmt: skip
-    figures = figures_of(baselines, results, args.repeat, args.grace, phantoms)
+def json_rows(figures: dict[str, Figure], results: Sequence[RateResult], info: RunInfo,
+              args: argparse.Namespace, phantoms: int) -> list[dict[str, Any]]:  # fmt: skip
+    """The ``--json`` rows; the headline's ``note`` says why each failed rate failed."""
     rows = figure_rows(figures)
+    failed = [f"run {r.repeat + 1} at {r.rate:g}/s: {'; '.join(r.problems(args.grace))}"
+              for r in results if r.problems(args.grace)]  # fmt: skip
+    note = "; ".join([*failed, *notes(results, info, args, phantoms)])
+    if note:
+        rows[-1]["note"] = note
+    return rows
+
+
+def render(
+    baselines: Sequence[float], results: Sequence[RateResult], phantoms: int, info: RunInfo,
+    args: argparse.Namespace, out: Console,
+) -> list[dict[str, Any]]:  # fmt: skip
+    figures = figures_of(baselines, results, args.repeat, args.grace, phantoms)
+    rows = json_rows(figures, results, info, args, phantoms)
     out.print(f"[bold]agentrt up end to end[/]  {escape(setup_text(args, info))} "
               f"({info.seconds:.0f}s)")  # fmt: skip
     table = Table()
@@ -1091,8 +1113,10 @@ def readme_block(baselines: Sequence[float], results: Sequence[RateResult], phan
         "",
         "| " + " | ".join(DETAIL_COLUMNS) + " |",
         "| " + " | ".join("---" if c == "sustained" else "---:" for c in DETAIL_COLUMNS) + " |",
-        *("| " + " | ".join(c.replace("|", "/") for c in row) + " |"
-          for row in detail_rows(results, args.grace)),  # fmt: skip
+        *(
+            "| " + " | ".join(c.replace("|", "/") for c in row) + " |"
+            for row in detail_rows(results, args.grace)
+        ),
         "",
         "Latency runs from a post's scheduled send time to the first poll (every "
         f"{POLL_SECONDS * 1000:.0f} ms) of the `runs` read model that shows its run in a "
@@ -1185,7 +1209,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     add("--grace", type=float, default=5.0,
         help="seconds after the last post within which every run must be terminal (5)")  # fmt: skip
     add("--drain", type=float, default=120.0,
-        help="seconds after the last post to wait for stragglers before the next rate (120)")  # fmt: skip
+        help="seconds after the last post to wait for stragglers (120)")  # fmt: skip
     add("--refine", type=int, help="rates tried between the last pass and the first failure "
         "(default 1, quick 0)")  # fmt: skip
     add("--baseline", type=float, help="seconds of the ingress-alone baseline (default 10, "
