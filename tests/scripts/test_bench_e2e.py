@@ -197,6 +197,9 @@ async def test_the_log_check_finds_what_a_hand_made_log_lost_and_doubled(
     assert await phantoms == 1
     everything = [*accepted, phantom]
     assert await bench.phantom_triggers(admin, settings.db_schema, everything) == 0  # type: ignore[attr-defined]
+    # Ids the ingress never produced: the check refuses rather than see nothing.
+    with pytest.raises(RuntimeError, match="producer"):
+        await bench.phantom_triggers(admin, settings.db_schema, [lost])  # type: ignore[attr-defined]
 
 
 # -- the whole script, tiny --------------------------------------------------------------
