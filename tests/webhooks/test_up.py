@@ -167,10 +167,11 @@ def test_up_from_an_empty_state_serves_stops_and_starts_again(tmp_path: Path) ->
     from runtime.cli.up import free_base_port
 
     state = tmp_path / "state"
-    port = free_base_port("127.0.0.1")
-    url = f"http://127.0.0.1:{port}"
     try:
         for round_ in (1, 2):
+            # Ports of their own each time: other tests may take the last ones meanwhile.
+            port = free_base_port("127.0.0.1")
+            url = f"http://127.0.0.1:{port}"
             proc = _up(state, port)
             try:
                 _wait_ready(proc, url)
