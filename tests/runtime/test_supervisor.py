@@ -14,25 +14,13 @@ from pathlib import Path
 import pytest
 
 from runtime.ops.supervisor import ChildSpec, Supervisor
+from tests.support.procs import alive
 
 
 def _child(tmp: Path, name: str, code: str) -> ChildSpec:
     script = tmp / f"{name}.py"
     script.write_text(textwrap.dedent(code))
     return ChildSpec(name, [sys.executable, str(script)], dict(os.environ), tmp / f"{name}.log")
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    # A zombie (exited, not reaped by a dead parent's init yet) counts as gone.
-    try:
-        with open(f"/proc/{pid}/stat") as fh:
-            return fh.read().split(")")[-1].split()[0] != "Z"
-    except OSError:
-        return False
 
 
 async def _until(check: object, within: float = 20.0) -> None:
@@ -72,7 +60,7 @@ async def test_a_crashed_child_is_restarted_and_told(tmp_path: Path) -> None:
     pid = state.pid
     stop.set()
     await asyncio.wait_for(task, 15)
-    assert pid is not None and not _alive(pid)
+    assert pid is not None and not alive(pid)
     assert state.status == "stopped"
 
 
@@ -109,7 +97,7 @@ async def test_stop_sends_sigterm_then_sigkill_to_a_child_that_ignores_it(tmp_pa
     stop.set()
     await asyncio.wait_for(task, 15)
     took = time.monotonic() - started
-    assert not any(_alive(p) for p in pids.values() if p)
+    assert not any(alive(p) for p in pids.values() if p)
     assert 0.9 <= took < 10  # the stubborn one waited out stop_timeout, then SIGKILL
     assert sup.children["polite"].last_exit == 0
     assert sup.children["stubborn"].last_exit == -signal.SIGKILL
@@ -147,14 +135,14 @@ def _orphans_after_kill(tmp_path: Path, *, broken: bool) -> list[int]:
         while not pids.exists() and time.monotonic() < deadline:
             time.sleep(0.05)
         children = [int(p) for p in pids.read_text().split()]
-        assert all(_alive(p) for p in children)
+        assert all(alive(p) for p in children)
     finally:
         proc.kill()
         proc.wait()
     deadline = time.monotonic() + (10 if not broken else 1)
-    while any(_alive(p) for p in children) and time.monotonic() < deadline:
+    while any(alive(p) for p in children) and time.monotonic() < deadline:
         time.sleep(0.05)
-    left = [p for p in children if _alive(p)]
+    left = [p for p in children if alive(p)]
     for p in left:
         os.kill(p, signal.SIGKILL)
     return left

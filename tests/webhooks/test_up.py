@@ -22,6 +22,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from runtime.ops.embedded import EmbeddedServices
 from runtime.settings import Settings
+from tests.support.procs import alive, descendants
 from webhooks.config import load
 from webhooks.demo.agents import Triaged, risk
 from webhooks.demo.traffic import EMAILS, ORDER_CHANGES, sample_posts
@@ -107,36 +108,6 @@ async def test_demo_runs_every_sample_webhook_to_its_end(
         await conn.close()
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    try:
-        with open(f"/proc/{pid}/stat") as fh:
-            return fh.read().split(")")[-1].split()[0] != "Z"
-    except OSError:
-        return True
-
-
-def _descendants(pid: int) -> set[int]:
-    """Every process whose parent chain reaches ``pid`` (from /proc)."""
-    parents: dict[int, int] = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/stat") as fh:
-                    parents[int(entry)] = int(fh.read().split(")")[-1].split()[1])
-            except (OSError, ValueError, IndexError):
-                continue
-    found: set[int] = set()
-    frontier = {pid}
-    while frontier:
-        frontier = {p for p, pp in parents.items() if pp in frontier} - found
-        found |= frontier
-    return found
-
-
 def _runs(api: str, auth: dict[str, str], done: object) -> list[dict[str, object]]:
     """The API's runs once ``done(runs)`` holds (60 s at most): the last answer."""
     deadline = time.monotonic() + 60
@@ -196,10 +167,11 @@ def test_up_from_an_empty_state_serves_stops_and_starts_again(tmp_path: Path) ->
     from runtime.cli.up import free_base_port
 
     state = tmp_path / "state"
-    port = free_base_port("127.0.0.1")
-    url = f"http://127.0.0.1:{port}"
     try:
         for round_ in (1, 2):
+            # Ports of their own each time: other tests may take the last ones meanwhile.
+            port = free_base_port("127.0.0.1")
+            url = f"http://127.0.0.1:{port}"
             proc = _up(state, port)
             try:
                 _wait_ready(proc, url)
@@ -247,7 +219,7 @@ def test_up_from_an_empty_state_serves_stops_and_starts_again(tmp_path: Path) ->
                 live = {dict(labels)["component"] for (n, labels), v in samples.items()
                         if n == "agentrt_processes" and v > 0}  # fmt: skip
                 assert {"ingress", "worker", "relay", "projector"} <= live, live
-                family = _descendants(proc.pid)
+                family = descendants(proc.pid)
                 assert len(family) >= 5  # ingress, api, projector, worker, relay
             finally:
                 started = time.monotonic()
@@ -257,9 +229,9 @@ def test_up_from_an_empty_state_serves_stops_and_starts_again(tmp_path: Path) ->
             assert code == 0, (state.parent / "up.log").read_text()
             assert took < 20
             deadline = time.monotonic() + 5
-            while any(_alive(p) for p in family) and time.monotonic() < deadline:
+            while any(alive(p) for p in family) and time.monotonic() < deadline:
                 time.sleep(0.1)
-            assert not [p for p in family if _alive(p)]
+            assert not [p for p in family if alive(p)]
             # It started the embedded servers, so it stopped them too.
             assert not any(s.running for s in EmbeddedServices(state).status())
     finally:

@@ -13,6 +13,7 @@ import base64
 import dataclasses
 import hashlib
 import hmac
+import itertools
 import secrets
 import time
 import uuid
@@ -232,17 +233,30 @@ def mime(source: ResolvedSource, n: int, e: Email) -> Post:
 _EMAIL_FORMATS = {"postmark": postmark, "mailgun": mailgun, "sendgrid": sendgrid, "mime": mime}
 
 
+#: Log positions of the changes this process posts: a Debezium change is deduplicated by
+#: its source position, so each post gets one of its own (from the clock: a second
+#: demo on the same data does not repeat the first one's).
+_positions = itertools.count(time.time_ns() // 1000)
+
+
 def order_change(source: ResolvedSource, n: int, order: dict[str, Any], before: dict[str, Any],
                  ) -> Post:  # fmt: skip
-    """An UPDATE of an ``orders`` row, as Debezium's HTTP sink or a Supabase webhook posts it."""
+    """An UPDATE of an ``orders`` row, as Debezium's HTTP sink or a Supabase webhook posts it.
+
+    Each call is a new change, never taken for a redelivery of an earlier one: a fresh
+    source position for Debezium (its dedupe key); for Supabase, which sends no id (the
+    ingress deduplicates it by its body), the row's ``updated_at``.
+    """
     now_ms = int(time.time() * 1000)
     label = f"orders {order['id']}: {before.get('status')} -> {order.get('status')}"
+    position = next(_positions)
+    order = {**order, "updated_at": datetime.now(UTC).isoformat(timespec="microseconds")}
     if source.config.format == "debezium":
         body = msgspec.json.encode({
             "before": before, "after": order,
             "source": {"version": "2.7.3.Final", "connector": "postgresql", "name": "shop",
                        "ts_ms": now_ms, "snapshot": "false", "db": "shop", "schema": "public",
-                       "table": "orders", "txId": 1000 + n, "lsn": 24023968 + n * 512},
+                       "table": "orders", "txId": position % 2**31, "lsn": position * 8},
             "op": "u", "ts_ms": now_ms,
         })  # fmt: skip
         return Post(source.name, body, _standard(source, body, "application/json"), label)
