@@ -39,6 +39,7 @@ from typing import Annotated, Any
 
 import asyncpg
 import httpx
+import structlog
 import typer
 from rich.console import Console
 from rich.live import Live
@@ -54,6 +55,8 @@ from runtime.ops.supervisor import ChildSpec, ChildState, Supervisor
 from runtime.settings import Settings
 
 SERVICES_GROUP = "agentrt.services"
+
+log = structlog.get_logger("agentrt.up")
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -150,6 +153,21 @@ async def _wait_ready(services: Sequence[Service], within: float) -> list[str]:
     return sorted(waiting)
 
 
+class _Say:
+    """What ``up`` tells its user: Rich text on the console, or with ``AGENTRT_LOG_JSON``
+    one structured log line (JSON) per message, like every other line of agentrt."""
+
+    def __init__(self, console: Console, *, json: bool) -> None:
+        self.console = console
+        self.json = json
+
+    def __call__(self, text: str | Text, event: str, **fields: Any) -> None:
+        if self.json:
+            log.info(event, **fields)
+        else:
+            self.console.print(text)
+
+
 class _StatusLine:
     """The live status line: every plugin's figures and the children's state."""
 
@@ -159,7 +177,7 @@ class _StatusLine:
         self.sup = sup
         self.started = time.monotonic()
 
-    async def text(self) -> Text:
+    async def figures(self) -> dict[str, str]:
         figures: dict[str, str] = {}
         sources: list[Any] = [core_status]
         sources += [m.status for _, m in self.mods if hasattr(m, "status")]
@@ -168,6 +186,10 @@ class _StatusLine:
                 figures.update(await source(self.plan))
             except (OSError, asyncpg.PostgresError, AgentrtError, httpx.HTTPError) as exc:
                 figures[getattr(source, "__module__", "?")] = f"unavailable ({type(exc).__name__})"
+        return figures
+
+    async def text(self) -> Text:
+        figures = await self.figures()
         children = self.sup.children.values()
         up = sum(c.status == "running" for c in children)
         restarting = [c.spec.name for c in children if c.status == "restarting"]
@@ -180,20 +202,26 @@ class _StatusLine:
         return line
 
 
-def _on_exit(console: Console, metrics_dir: Path) -> Any:
+def _on_exit(say: _Say, metrics_dir: Path) -> Any:
     def report(child: ChildState, tail: str) -> None:
         if child.last_pid is not None:  # its live gauges go; its counts stay in the sums
             metrics.mark_dead(child.last_pid, metrics_dir)
-        console.print(f"[yellow]{child.spec.name} exited with {child.last_exit}; restarting[/] "
-                      f"(log {child.spec.log_path})")  # fmt: skip
-        if tail:
-            console.print(Text(tail, style="dim"))
+        say(f"[yellow]{child.spec.name} exited with {child.last_exit}; restarting[/] "
+            f"(log {child.spec.log_path})", "up.child_exited", child=child.spec.name,
+            code=child.last_exit, log=str(child.spec.log_path), tail=tail)  # fmt: skip
+        if tail and not say.json:
+            say(Text(tail, style="dim"), "up.child_log")
 
     return report
 
 
 async def _up(
-    plan: UpPlan, mods: list[tuple[str, ModuleType]], console: Console, *, exit_after_demo: bool
+    plan: UpPlan,
+    mods: list[tuple[str, ModuleType]],
+    console: Console,
+    say: _Say,
+    *,
+    exit_after_demo: bool,
 ) -> bool:
     services = core_services(plan)
     for _, mod in mods:
@@ -208,7 +236,7 @@ async def _up(
                   {**_child_env(plan.settings, s), **shared}, logs / f"{s.name}.log")
         for s in services
     ]  # fmt: skip
-    sup = Supervisor(specs, stop_timeout=10.0, on_exit=_on_exit(console, metrics_dir))
+    sup = Supervisor(specs, stop_timeout=10.0, on_exit=_on_exit(say, metrics_dir))
     server = metrics.serve_metrics(plan.port + 2, metrics_dir, host=plan.host)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -219,20 +247,22 @@ async def _up(
     try:
         late = await _wait_ready(services, within=60)
         if late:
-            console.print(f"[red]not ready after 60 s:[/] {', '.join(late)} "
-                          f"(logs in {logs}/)")  # fmt: skip
-        console.print(f"[bold]agentrt is up[/] (app {plan.app}; child logs in {logs}/; "
-                      "Ctrl-C stops everything)")  # fmt: skip
+            say(f"[red]not ready after 60 s:[/] {', '.join(late)} (logs in {logs}/)",
+                "up.not_ready", services=late, logs=str(logs))  # fmt: skip
+        say(f"[bold]agentrt is up[/] (app {plan.app}; child logs in {logs}/; Ctrl-C stops "
+            "everything)", "up.ready", app=plan.app, logs=str(logs),
+            children=[s.name for s in services])  # fmt: skip
         for s in services:
             for line in s.about:
-                console.print(f"  {escape(line)}")
-        console.print(f"  metrics  {plan.url(2)}/metrics (every child's, summed)")
+                say(f"  {escape(line)}", "up.service", service=s.name, about=line.strip())
+        say(f"  metrics  {plan.url(2)}/metrics (every child's, summed)", "up.service",
+            service="metrics", url=f"{plan.url(2)}/metrics")  # fmt: skip
         status = _StatusLine(plan, mods, sup)
         if plan.demo:
             ok = await _demo(plan, mods, console) and not late
             if exit_after_demo:
                 return ok
-        if console.is_terminal:
+        if console.is_terminal and not say.json:
             with Live(await status.text(), console=console, refresh_per_second=2,
                       transient=True) as live:  # fmt: skip
                 while not stop.is_set():
@@ -244,10 +274,16 @@ async def _up(
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(stop.wait(), 15.0)
                 if not stop.is_set():
-                    console.print(await status.text())
+                    if say.json:
+                        running_now = sum(c.status == "running" for c in sup.children.values())
+                        log.info("up.status", **(await status.figures()),
+                                 children_running=running_now,
+                                 children=len(sup.children))  # fmt: skip
+                    else:
+                        console.print(await status.text())
         return ok
     finally:
-        console.print("stopping: every child gets SIGTERM (workers drain)...")
+        say("stopping: every child gets SIGTERM (workers drain)...", "up.stopping")
         stop.set()
         await running
         server.close()
@@ -314,7 +350,7 @@ def _default_app(mods: list[tuple[str, ModuleType]]) -> str | None:
     return None
 
 
-def start_servers(settings: Settings, console: Console) -> tuple[Settings, EmbeddedServices | None]:
+def start_servers(settings: Settings, say: _Say) -> tuple[Settings, EmbeddedServices | None]:
     """Fill in missing URLs with the embedded servers; the services to stop at the end
     (None when every server was there already or configured)."""
     need_redis = settings.redis_url is None
@@ -328,8 +364,9 @@ def start_servers(settings: Settings, console: Console) -> tuple[Settings, Embed
     except AgentrtError as exc:
         fail(exc)
     for key, url in urls.items():
-        console.print(f"[dim]embedded {'redis' if key == 'REDIS_URL' else 'postgres'} at {url} "
-                      f"(data in {settings.state_dir}/)[/]")  # fmt: skip
+        name = "redis" if key == "REDIS_URL" else "postgres"
+        say(f"[dim]embedded {name} at {url} (data in {settings.state_dir}/)[/]",
+            "up.embedded", server=name, url=url, state_dir=str(settings.state_dir))  # fmt: skip
     settings = settings.with_urls(redis_url=urls.get("REDIS_URL"),
                                   database_url=urls.get("DATABASE_URL"))  # fmt: skip
     started_here = not all(before.values())
@@ -397,14 +434,15 @@ def run_up(
     if app is None:
         err.print("[red]error[/] no --app given and no installed package offers a default app")
         raise typer.Exit(2)
-    settings, started = start_servers(settings_of(ctx), console)
+    say = _Say(console, json=settings_of(ctx).log_json)
+    settings, started = start_servers(settings_of(ctx), say)
     plan = UpPlan(settings, app, host, port, workers, demo)
 
     async def go() -> bool:
         report = await migrations.migrate(settings)
         for note in report.notes:
             err.print(f"[yellow]note:[/] {escape(note)}")
-        return await _up(plan, mods, console, exit_after_demo=exit_after_demo)
+        return await _up(plan, mods, console, say, exit_after_demo=exit_after_demo)
 
     try:
         ok = asyncio.run(go())
@@ -413,8 +451,8 @@ def run_up(
     finally:
         if started is not None and not keep_servers:
             stopped = started.down()
-            console.print(f"stopped the embedded {' and '.join(stopped) or 'servers'} "
-                          f"(data kept in {settings.state_dir}/)")  # fmt: skip
+            say(f"stopped the embedded {' and '.join(stopped) or 'servers'} (data kept in "
+                f"{settings.state_dir}/)", "up.stopped", servers=stopped)  # fmt: skip
     if not ok:
         raise typer.Exit(1)
 

@@ -261,3 +261,28 @@ def test_webhooks_sign_finds_the_sources_up_made(tmp_path: Path) -> None:
     _, sources = load(made)
     assert verify_standard(sources["mta"].keys, headers, body.read_bytes())
     assert "webhooks.toml" in result.stderr  # it says which file it used
+
+
+def test_up_with_json_logs_writes_only_json(settings: Settings, tmp_path: Path) -> None:
+    """AGENTRT_LOG_JSON: what `agentrt up` itself says (ready, where each service is, the
+    status, stopping) is one JSON object a line, like every other agentrt line."""
+    from runtime.cli.up import free_base_port
+
+    port = free_base_port("127.0.0.1")
+    env = _env(settings, tmp_path) | {"AGENTRT_LOG_JSON": "true"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "runtime", "up", "--port", str(port)],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+    )  # fmt: skip
+    try:
+        _wait_ready(proc, f"http://127.0.0.1:{port}")
+        time.sleep(1)  # the lines after "ready"
+    finally:
+        proc.send_signal(signal.SIGINT)
+        out, _ = proc.communicate(timeout=40)
+    assert proc.returncode == 0, out.decode(errors="replace")
+    lines = [line for line in out.decode().splitlines() if line.strip()]
+    events = [json.loads(line)["event"] for line in lines]  # each line parses, or this fails
+    assert "up.ready" in events and "up.stopping" in events
+    services = [json.loads(line) for line in lines if '"up.service"' in line]
+    assert {"ingress", "api", "metrics"} <= {s["service"] for s in services}
