@@ -138,18 +138,20 @@ def _child_env(settings: Settings, service: Service) -> dict[str, str]:
     return env
 
 
-async def _wait_ready(services: Sequence[Service], within: float) -> list[str]:
-    """Poll each service's health URL until it answers; the names still not ready."""
+async def _wait_ready(services: Sequence[Service], within: float, stop: asyncio.Event) -> list[str]:
+    """Poll each service's health URL until it answers, or ``stop`` (Ctrl-C while starting
+    is not kept waiting); the names still not ready."""
     waiting = {s.name: s.health for s in services if s.health}
     deadline = time.monotonic() + within
     async with httpx.AsyncClient(timeout=2) as client:
-        while waiting and time.monotonic() < deadline:
+        while waiting and time.monotonic() < deadline and not stop.is_set():
             for name, url in list(waiting.items()):
                 with contextlib.suppress(httpx.HTTPError):
                     if (await client.get(url)).is_success:
                         del waiting[name]
             if waiting:
-                await asyncio.sleep(0.2)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), 0.2)
     return sorted(waiting)
 
 
@@ -245,7 +247,9 @@ async def _up(
     running = asyncio.create_task(sup.run(stop))
     ok = True
     try:
-        late = await _wait_ready(services, within=60)
+        late = await _wait_ready(services, within=60, stop=stop)
+        if stop.is_set():
+            return ok
         if late:
             say(f"[red]not ready after 60 s:[/] {', '.join(late)} (logs in {logs}/)",
                 "up.not_ready", services=late, logs=str(logs))  # fmt: skip

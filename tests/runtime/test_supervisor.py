@@ -164,3 +164,17 @@ def test_child_names_must_be_unique(tmp_path: Path) -> None:
     a = ChildSpec("a", ["true"], {}, tmp_path / "a.log")
     with pytest.raises(ValueError, match="unique"):
         Supervisor([a, a])
+
+
+async def test_ctrl_c_while_a_service_starts_is_not_kept_waiting() -> None:
+    """`agentrt up` waits up to 60 s for each service's health URL; a stop (Ctrl-C) ends
+    the wait at once (it used to sit out the 60 s: longer than a test's patience)."""
+    from runtime.cli.up import Service, _wait_ready, free_base_port
+
+    never = Service("api", ["api"], health=f"http://127.0.0.1:{free_base_port('127.0.0.1')}/")
+    stop = asyncio.Event()
+    asyncio.get_running_loop().call_later(0.3, stop.set)
+    started = time.monotonic()
+    late = await _wait_ready([never], within=60, stop=stop)
+    assert late == ["api"]
+    assert time.monotonic() - started < 5

@@ -113,7 +113,11 @@ def _runs(api: str, auth: dict[str, str], done: object) -> list[dict[str, object
     deadline = time.monotonic() + 60
     runs: list[dict[str, object]] = []
     while time.monotonic() < deadline:
-        answer = httpx.get(f"{api}/runs", headers=auth, timeout=5)
+        try:
+            answer = httpx.get(f"{api}/runs", headers=auth, timeout=5)
+        except httpx.ConnectError:  # the API may start after the ingress
+            time.sleep(0.3)
+            continue
         if answer.is_success:
             runs = answer.json()["items"]
             if done(runs):  # type: ignore[operator]
