@@ -402,10 +402,7 @@ class Relay:
         if not updates and checkpoint is None:
             return
         async with self.redis.pipeline(transaction=True) as pipe:
-            await pipe.watch(self.lease_key)
-            if await pipe.get(self.lease_key) != self._token.encode():
-                raise LeaseLost(f"relay {self.name!r} lost its lease to another relay")
-            pipe.multi()  # type: ignore[no-untyped-call]
+            await self._fence(pipe)
             if updates:
                 pipe.hset(self.subscriptions_key, mapping=updates)
             if checkpoint is not None:
@@ -447,10 +444,7 @@ class Relay:
                 await self._check_lease()
                 await self._add_entries(entries, [])
             async with self.redis.pipeline(transaction=True) as pipe:
-                await pipe.watch(self.lease_key)
-                if await pipe.get(self.lease_key) != self._token.encode():
-                    raise LeaseLost(f"relay {self.name!r} lost its lease to another relay")
-                pipe.multi()  # type: ignore[no-untyped-call]
+                await self._fence(pipe)
                 if not self._cluster:
                     for stream, fields in entries:
                         pipe.xadd(stream, fields)
@@ -497,10 +491,7 @@ class Relay:
         async with self.redis.pipeline(transaction=True) as pipe:
             # Fenced by the lease: a relay that stalled past it and was
             # replaced publishes nothing (EXEC fails if the lease changed).
-            await pipe.watch(self.lease_key)
-            if await pipe.get(self.lease_key) != self._token.encode():
-                raise LeaseLost(f"relay {self.name!r} lost its lease to another relay")
-            pipe.multi()  # type: ignore[no-untyped-call]
+            await self._fence(pipe)
             relayed: list[str] = []
             for event in page:
                 if isinstance(event.body, TimerScheduled):
@@ -510,20 +501,7 @@ class Relay:
                 for agent in self.route(event):
                     pipe.xadd(agent_stream(agent), _fields(event))
                     relayed.append(event.event_type)
-            cursor = str(Cursor.of(page[-1]))
-            pipe.set(self.checkpoint_key, cursor)
-            # Older cursors to rewind to, should the log lose the last ones.
-            now = time.monotonic()
-            anchored = now >= self._next_anchor
-            if anchored:
-                pipe.lpush(self.anchors_key, cursor)
-                pipe.ltrim(self.anchors_key, 0, self.anchors - 1)
-            try:
-                await pipe.execute()
-            except WatchError:
-                raise LeaseLost(f"relay {self.name!r} lost its lease while publishing") from None
-        if anchored:
-            self._next_anchor = now + self.anchor_interval
+            await self._move_checkpoint(pipe, page[-1])
         for event_type in relayed:
             metrics.RELAYED.labels(event_type).inc()
         self.published += len(relayed)
@@ -547,28 +525,39 @@ class Relay:
         timers = [(e, e.body) for e in page if isinstance(e.body, TimerScheduled)]
         cancelled = [e.body.timer_id for e in page if isinstance(e.body, TimerCancelled)]
         await self._add_entries(entries, timers, cancelled)
-        cursor = str(Cursor.of(page[-1]))
-        now = time.monotonic()
-        anchored = now >= self._next_anchor
         async with self.redis.pipeline(transaction=True) as pipe:
-            await pipe.watch(self.lease_key)
-            if await pipe.get(self.lease_key) != self._token.encode():
-                raise LeaseLost(f"relay {self.name!r} lost its lease to another relay")
-            pipe.multi()  # type: ignore[no-untyped-call]
-            pipe.set(self.checkpoint_key, cursor)
-            if anchored:
-                pipe.lpush(self.anchors_key, cursor)
-                pipe.ltrim(self.anchors_key, 0, self.anchors - 1)
-            try:
-                await pipe.execute()
-            except WatchError:
-                raise LeaseLost(f"relay {self.name!r} lost its lease while publishing") from None
-        if anchored:
-            self._next_anchor = now + self.anchor_interval
+            await self._fence(pipe)
+            await self._move_checkpoint(pipe, page[-1])
         for _, fields in entries:
             metrics.RELAYED.labels(fields["type"]).inc()
         self.published += len(entries)
         return len(entries)
+
+    async def _fence(self, pipe: Any) -> None:
+        """Start ``pipe``'s MULTI fenced by the lease: WATCH it, check it is this relay's
+        (else :class:`LeaseLost`); EXEC then fails if another relay took it meanwhile."""
+        await pipe.watch(self.lease_key)
+        if await pipe.get(self.lease_key) != self._token.encode():
+            raise LeaseLost(f"relay {self.name!r} lost its lease to another relay")
+        pipe.multi()
+
+    async def _move_checkpoint(self, pipe: Any, last: RecordedEvent) -> None:
+        """Past ``last``, in the fenced MULTI ``pipe`` (executed here): the checkpoint, and
+        now and then an anchor (older cursors to rewind to, should the log lose the last
+        ones)."""
+        cursor = str(Cursor.of(last))
+        pipe.set(self.checkpoint_key, cursor)
+        now = time.monotonic()
+        anchored = now >= self._next_anchor
+        if anchored:
+            pipe.lpush(self.anchors_key, cursor)
+            pipe.ltrim(self.anchors_key, 0, self.anchors - 1)
+        try:
+            await pipe.execute()
+        except WatchError:
+            raise LeaseLost(f"relay {self.name!r} lost its lease while publishing") from None
+        if anchored:
+            self._next_anchor = now + self.anchor_interval
 
     async def _check_lease(self) -> None:
         """Raise :class:`LeaseLost` unless this relay holds the lease (before unfenced
