@@ -415,11 +415,14 @@ class ReadModels:
         source: str | None = None,
         since: datetime | None = None,
         until: datetime | None = None,
+        min_cost: float | None = None,
+        max_cost: float | None = None,
         limit: int = 50,
         cursor: str | None = None,
     ) -> Page[RunRow]:
         """Runs newest first (by ``started_at``, then id), filtered by status, an agent
-        involved, source and start time (``since`` inclusive, ``until`` exclusive)."""
+        involved, source, start time (``since`` inclusive, ``until`` exclusive) and cost
+        in USD (both bounds inclusive)."""
         _limit(limit)
         _range(since, until)
         if status is not None and status not in STATUSES:
@@ -435,6 +438,10 @@ class ReadModels:
             w.add("started_at >= {}", since)
         if until is not None:
             w.add("started_at < {}", until)
+        if min_cost is not None:
+            w.add("cost_usd >= {}", min_cost)
+        if max_cost is not None:
+            w.add("cost_usd <= {}", max_cost)
         if cursor is not None:
             at, run_id = decode_cursor(cursor, datetime, UUID)
             w.add("(started_at, run_id) < ({}, {})", at, run_id)

@@ -22,6 +22,7 @@ from projections.api.auth import bearer_check, configured_token
 from projections.api.backend import Backend
 from projections.api.http import ErrorBody, json_response
 from projections.api.openapi import install_components
+from projections.ui import install as install_ui
 from runtime.agents.agent import Agent
 from runtime.settings import Settings
 
@@ -30,6 +31,8 @@ log = structlog.get_logger(__name__)
 DESCRIPTION = """\
 Read models of the agentrt log: runs, their events and timelines, each agent's state as of
 any event (time travel), audit entries, token usage and cost, dead letters.
+
+The run explorer, a web UI over the same data, is at `/ui` (sign in with the token).
 
 Every route needs `Authorization: Bearer <token>` (settings.api_token, or the token
 `agentrt api` keeps in `<state_dir>/api-token`); a missing or wrong token is 401.
@@ -41,8 +44,9 @@ page; `next_cursor` is null on the last page.
 """
 
 
-def install(app: FastAPI, backend: Backend) -> None:
-    """Add the guarded router to ``app`` and the result schemas to its OpenAPI document."""
+def install(app: FastAPI, backend: Backend) -> str | None:
+    """Add the guarded router to ``app`` and the result schemas to its OpenAPI document;
+    the token it is guarded with."""
     from projections.api.routes import SCHEMA_TYPES, router
 
     token = configured_token(backend.settings)
@@ -54,6 +58,7 @@ def install(app: FastAPI, backend: Backend) -> None:
         )
     app.include_router(router(backend, bearer_check(token)))
     install_components(app, [ErrorBody, *SCHEMA_TYPES])
+    return token
 
 
 def create_api(
@@ -69,6 +74,7 @@ def create_api(
         try:
             yield
         finally:
+            await app.state.ui.watch.close()
             await backend.close()
 
     app = FastAPI(
@@ -86,7 +92,9 @@ def create_api(
     async def healthz() -> dict[str, str]:
         return {"status": "ok"}
 
-    install(app, backend)
+    token = install(app, backend)
+    # The run explorer (/ui): pages over the same backend, signed in with the same token.
+    install_ui(app, backend, token)
     app.state.backend = backend
     return app
 

@@ -106,7 +106,7 @@ def router(backend: Backend, check: Callable[..., Awaitable[None]]) -> APIRouter
         responses=ok(schema_of(Page[RunRow]), "Runs, newest first"),
         summary="List runs",
         description="Runs newest first (by start), filtered by status, an agent involved, "
-        "source and start time.",
+        "source, start time and cost.",
     )
     async def runs(
         status: Annotated[Status | None, Query(description="The run's status")] = None,
@@ -114,6 +114,12 @@ def router(backend: Backend, check: Callable[..., Awaitable[None]]) -> APIRouter
         source: Annotated[str | None, Query(description="The trigger's source")] = None,
         since: Since = None,
         until: Until = None,
+        min_cost: Annotated[
+            float | None, Query(ge=0, description="Runs that cost at least this (USD)")
+        ] = None,
+        max_cost: Annotated[
+            float | None, Query(ge=0, description="Runs that cost at most this (USD)")
+        ] = None,
         limit: Limit = 50,
         cursor: Cursor = None,
     ) -> Response:
@@ -123,6 +129,8 @@ def router(backend: Backend, check: Callable[..., Awaitable[None]]) -> APIRouter
             source=source,
             since=since,
             until=until,
+            min_cost=min_cost,
+            max_cost=max_cost,
             limit=limit,
             cursor=cursor,
         )
