@@ -146,10 +146,16 @@ async def api(settings: Settings, log: EventLog) -> AsyncIterator[httpx.AsyncCli
 
 
 def data_routes(app: FastAPI) -> list[APIRoute]:
-    """Every route of ``app`` but the docs' (FastAPI keeps included routers as entries of
-    ``app.routes``: their routes are walked through ``iter_route_contexts``)."""
+    """Every route of ``app`` but the docs' and the run explorer's (FastAPI keeps included
+    routers as entries of ``app.routes``: their routes are walked through
+    ``iter_route_contexts``). The explorer's pages (/ui) take a session cookie, not the
+    bearer token: tests/ui/test_frame.py holds them to that."""
     found = [c.original_route for c in iter_route_contexts(app.routes)]
-    return [r for r in found if isinstance(r, APIRoute) and r.path not in OPEN]
+    return [
+        r
+        for r in found
+        if isinstance(r, APIRoute) and r.path not in OPEN and not r.path.startswith("/ui")
+    ]
 
 
 def concrete(path: str, run_id: uuid.UUID) -> str:
