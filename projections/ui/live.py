@@ -35,6 +35,8 @@ class LogWatch:
         self._changed = asyncio.Condition()
         self._listeners = 0
         self._task: asyncio.Task[None] | None = None
+        #: Set once the first read is in: a page is told of changes after it, not of it.
+        self._primed = asyncio.Event()
 
     async def _read(self) -> tuple[int | None, int | None]:
         settings = self._backend.settings
@@ -60,8 +62,10 @@ class LogWatch:
                     self.head, self.folded = head, folded
                     async with self._changed:
                         self._changed.notify_all()
+            self._primed.set()
             await asyncio.sleep(self.interval)
         self._task = None
+        self._primed.clear()  # the next listener waits for a fresh read
 
     def _moved(self, seen: tuple[int | None, int | None]) -> bool:
         return (self.head, self.folded) != seen
@@ -71,8 +75,9 @@ class LogWatch:
         self._listeners += 1
         if self._task is None:
             self._task = asyncio.create_task(self._run(), name="ui-log-watch")
-        seen = (self.head, self.folded)
         try:
+            await self._primed.wait()
+            seen = (self.head, self.folded)
             while True:
                 async with self._changed:
                     await self._changed.wait_for(partial(self._moved, seen))
