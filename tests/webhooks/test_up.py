@@ -13,6 +13,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import asyncpg
 import httpx
@@ -309,3 +310,43 @@ def test_up_with_json_logs_writes_only_json(settings: Settings, tmp_path: Path) 
     assert any(a.startswith(f"run explorer: {explorer} (sign in with the API token: kept in ")
                for a in about), about  # fmt: skip
     assert [json.loads(line)["url"] for line in lines if '"up.open"' in line] == [explorer]
+
+
+def test_open_skips_a_service_not_ready_and_says_when_no_browser_opens(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """--open: only ready services' pages are opened; a browser that cannot be started is
+    said, with the URL to open by hand (webbrowser stands in for the desktop here)."""
+    import threading
+    import webbrowser
+
+    from rich.console import Console
+
+    from runtime.cli.up import Service, _Say, open_pages
+
+    asked: list[str] = []
+    done = threading.Event()
+
+    def fake_open(url: str, *args: Any, **kwargs: Any) -> bool:
+        asked.append(url)
+        done.set()
+        return False  # no browser on this machine
+
+    monkeypatch.setattr(webbrowser, "open", fake_open)
+    console = Console(record=True, width=200)
+    services = [
+        Service("api", [], open_url="http://127.0.0.1:1/ui/"),
+        Service("late", [], open_url="http://127.0.0.1:2/ui/"),
+        Service("worker", []),
+    ]
+    opened = open_pages(services, ["late"], _Say(console, json=False))
+    assert opened == ["http://127.0.0.1:1/ui/"]
+    assert done.wait(10)
+    deadline = time.monotonic() + 10
+    while "yourself" not in console.export_text(clear=False) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    text = console.export_text(clear=False)
+    assert asked == ["http://127.0.0.1:1/ui/"]
+    assert "not opening the pages of late: not ready" in text
+    assert "no browser found: open http://127.0.0.1:1/ui/ yourself" in text
+    assert open_pages(services[2:], [], _Say(console, json=False)) == []
