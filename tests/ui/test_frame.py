@@ -99,10 +99,23 @@ async def test_right_token_sets_a_strict_httponly_cookie_for_ui_only(
     assert attributes["samesite"].strip().lower() == "samesite=strict"
     assert attributes["path"].strip() == "Path=/ui"
     assert attributes["max-age"].strip() == f"Max-Age={LIFETIME}"
-    assert "secure" not in attributes  # plain http here; Secure behind https (untested)
+    assert "secure" not in attributes  # plain http here; Secure behind https (below)
     assert TOKEN not in header  # the cookie is not the token
     page = await client.get("/ui/")
     assert page.status_code == 200 and "Sign out" in page.text
+
+
+async def test_behind_https_the_cookies_are_secure(ui: tuple[FastAPI, httpx.AsyncClient]) -> None:
+    app, _ = ui
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="https://testserver") as client:
+        page = await client.get("/ui/login")
+        login = cookie_of(page, LOGIN_COOKIE)
+        assert login is not None and "; secure" in login.lower()
+        r = await sign_in(client, TOKEN)
+        header = cookie_of(r, COOKIE)
+        assert r.status_code == 303 and header is not None
+        assert "; secure" in header.lower() and "samesite=strict" in header.lower()
 
 
 async def test_sign_in_form_needs_its_double_submit_cookie(
