@@ -13,7 +13,7 @@ from rich.console import Console
 from rich.table import Table
 
 from projections.api.auth import ensure_token
-from projections.cli.api import usage_note
+from projections.cli.api import explorer_url, usage_note
 
 if TYPE_CHECKING:
     from runtime.cli.up import Service, UpPlan
@@ -33,6 +33,7 @@ def services(plan: UpPlan) -> list[Service]:
         health=f"{url}/healthz",
         about=usage_note(url, path).splitlines(),
         env={"AGENTRT_API_TOKEN": token},
+        open_url=explorer_url(url),
     )
     return [api, Service("projector", ["projector", "--app", plan.app])]
 

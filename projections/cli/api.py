@@ -19,14 +19,22 @@ def usage_note(url: str, path: Path | None) -> str:
     """Where the token is and how to use it (never the token itself: terminals get logged)."""
     if path is None:
         where = "token: AGENTRT_API_TOKEN"
+        kept = "AGENTRT_API_TOKEN"
         header = "Authorization: Bearer $AGENTRT_API_TOKEN"
     else:
         where = f"token: kept in {path} (mode 0600, reused next time; AGENTRT_API_TOKEN overrides)"
+        kept = f"kept in {path}"
         header = f"Authorization: Bearer $(cat {shlex.quote(str(path))})"
     return (
         f"query API on {url} (schema {url}/openapi.json, docs {url}/docs)\n{where}\n"
-        f'  curl -H "{header}" {url}/runs'
+        f'  curl -H "{header}" {url}/runs\n'
+        f"run explorer: {explorer_url(url)} (sign in with the API token: {kept})"
     )
+
+
+def explorer_url(url: str) -> str:
+    """The run explorer's address on the API at ``url``."""
+    return f"{url}/ui/"
 
 
 def api(

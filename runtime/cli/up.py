@@ -9,7 +9,8 @@ migrates, and runs each service as a child process of its own (see
 neither: a package names a module that has
 
 - ``services(plan: UpPlan) -> list[Service]``: its children, with what to
-  print about each (URLs, secrets) and a URL that answers once it is ready;
+  print about each (URLs, secrets), a URL that answers once it is ready and
+  a page for ``up --open`` to open in the browser once it is;
 - optionally ``default_app``: the module ``--app`` means when not given
   (the sample application);
 - optionally ``async status(plan) -> dict[str, str]``: figures for the live
@@ -29,7 +30,9 @@ import os
 import signal
 import socket
 import sys
+import threading
 import time
+import webbrowser
 from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
 from importlib.metadata import entry_points
@@ -90,6 +93,8 @@ class Service:
     about: Sequence[str] = ()
     #: Extra environment of the child.
     env: Mapping[str, str] = dataclasses.field(default_factory=dict)
+    #: A page ``agentrt up --open`` opens in the browser once the service is ready.
+    open_url: str | None = None
 
 
 def plugins() -> list[tuple[str, ModuleType]]:
@@ -224,6 +229,7 @@ async def _up(
     say: _Say,
     *,
     exit_after_demo: bool,
+    open_browser: bool = False,
 ) -> bool:
     services = core_services(plan)
     for _, mod in mods:
@@ -261,6 +267,8 @@ async def _up(
                 say(f"  {escape(line)}", "up.service", service=s.name, about=line.strip())
         say(f"  metrics  {plan.url(2)}/metrics (every child's, summed)", "up.service",
             service="metrics", url=f"{plan.url(2)}/metrics")  # fmt: skip
+        if open_browser:
+            open_pages(services, late, say)
         status = _StatusLine(plan, mods, sup)
         if plan.demo:
             ok = await _demo(plan, mods, console) and not late
@@ -293,6 +301,31 @@ async def _up(
         server.close()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.remove_signal_handler(sig)
+
+
+def open_pages(services: Sequence[Service], late: Sequence[str], say: _Say) -> list[str]:
+    """Open the ready services' pages in the browser (``--open``); the URLs it opens.
+
+    In a thread of its own: a browser run in the foreground does not return until it is
+    closed, and ``up`` must go on supervising meanwhile."""
+    urls = [s.open_url for s in services if s.open_url and s.name not in late]
+    skipped = [s.name for s in services if s.open_url and s.name in late]
+    if skipped:
+        say(f"[yellow]not opening[/] the pages of {', '.join(skipped)}: not ready",
+            "up.open_skipped", services=skipped)  # fmt: skip
+    if not urls:
+        return []
+
+    def go() -> None:
+        for url in urls:
+            if not webbrowser.open(url):
+                say(f"[yellow]no browser found[/]: open {escape(url)} yourself",
+                    "up.open_failed", url=url)  # fmt: skip
+
+    for url in urls:
+        say(f"opening {escape(url)} in the browser", "up.open", url=url)
+    threading.Thread(target=go, name="up-open", daemon=True).start()
+    return urls
 
 
 async def _demo(plan: UpPlan, mods: list[tuple[str, ModuleType]], console: Console) -> bool:
@@ -398,13 +431,18 @@ def up(
         bool,
         typer.Option("--keep-servers", help="Leave embedded servers this command started running"),
     ] = False,
+    open_browser: Annotated[
+        bool,
+        typer.Option("--open", help="Open the run explorer in the browser once the API is up"),
+    ] = False,
 ) -> None:
     """Run everything: servers, migrations, ingress, API, relay, projector, workers.
 
     One supervisor process; a crashed child is restarted, Ctrl-C stops them all.
     """
     run_up(ctx, app_target=app_target, host=host, port=port, workers=workers, demo=demo,
-           keep_servers=keep_servers, exit_after_demo=False)  # fmt: skip
+           keep_servers=keep_servers, exit_after_demo=False,
+           open_browser=open_browser)  # fmt: skip
 
 
 def run_up(
@@ -417,6 +455,7 @@ def run_up(
     demo: bool,
     keep_servers: bool,
     exit_after_demo: bool,
+    open_browser: bool = False,
 ) -> None:
     """``agentrt up`` (and ``agentrt demo``: ``--demo``, then exit)."""
     if workers < 1:
@@ -446,7 +485,8 @@ def run_up(
         report = await migrations.migrate(settings)
         for note in report.notes:
             err.print(f"[yellow]note:[/] {escape(note)}")
-        return await _up(plan, mods, console, say, exit_after_demo=exit_after_demo)
+        return await _up(plan, mods, console, say, exit_after_demo=exit_after_demo,
+                         open_browser=open_browser)  # fmt: skip
 
     try:
         ok = asyncio.run(go())

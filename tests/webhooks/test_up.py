@@ -13,6 +13,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import asyncpg
 import httpx
@@ -269,17 +270,32 @@ def test_webhooks_sign_finds_the_sources_up_made(tmp_path: Path) -> None:
 
 def test_up_with_json_logs_writes_only_json(settings: Settings, tmp_path: Path) -> None:
     """AGENTRT_LOG_JSON: what `agentrt up` itself says (ready, where each service is, the
-    status, stopping) is one JSON object a line, like every other agentrt line."""
+    status, stopping) is one JSON object a line, like every other agentrt line. With
+    --open it says where the run explorer is and opens it in the browser ($BROWSER here:
+    a script that writes down the URL it is given) once the API is up."""
     from runtime.cli.up import free_base_port
 
     port = free_base_port("127.0.0.1")
-    env = _env(settings, tmp_path) | {"AGENTRT_LOG_JSON": "true"}
+    opened = tmp_path / "opened.txt"
+    browser = tmp_path / "browser.sh"
+    browser.write_text(f'#!/bin/sh\necho "$1" >> {opened}\n')
+    browser.chmod(0o755)
+    env = _env(settings, tmp_path) | {"AGENTRT_LOG_JSON": "true", "BROWSER": f"{browser} %s"}
     proc = subprocess.Popen(
-        [sys.executable, "-m", "runtime", "up", "--port", str(port)],
+        [sys.executable, "-m", "runtime", "up", "--port", str(port), "--open"],
         env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
     )  # fmt: skip
+    explorer = f"http://127.0.0.1:{port + 1}/ui/"
     try:
         _wait_ready(proc, f"http://127.0.0.1:{port}")
+        deadline = time.monotonic() + 60
+        while not opened.exists() and time.monotonic() < deadline:
+            assert proc.poll() is None, "agentrt up exited early"
+            time.sleep(0.2)
+        # The browser was sent to the explorer, and the API answers there by then.
+        assert opened.read_text().split() == [explorer]
+        login = httpx.get(explorer, timeout=5, follow_redirects=True)
+        assert login.status_code == 200 and "API token" in login.text
         time.sleep(1)  # the lines after "ready"
     finally:
         proc.send_signal(signal.SIGINT)
@@ -290,3 +306,47 @@ def test_up_with_json_logs_writes_only_json(settings: Settings, tmp_path: Path) 
     assert "up.ready" in events and "up.stopping" in events
     services = [json.loads(line) for line in lines if '"up.service"' in line]
     assert {"ingress", "api", "metrics"} <= {s["service"] for s in services}
+    about = [s.get("about", "") for s in services if s["service"] == "api"]
+    assert any(a.startswith(f"run explorer: {explorer} (sign in with the API token: kept in ")
+               for a in about), about  # fmt: skip
+    assert [json.loads(line)["url"] for line in lines if '"up.open"' in line] == [explorer]
+
+
+def test_open_skips_a_service_not_ready_and_says_when_no_browser_opens(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """--open: only ready services' pages are opened; a browser that cannot be started is
+    said, with the URL to open by hand (webbrowser stands in for the desktop here)."""
+    import threading
+    import webbrowser
+
+    from rich.console import Console
+
+    from runtime.cli.up import Service, _Say, open_pages
+
+    asked: list[str] = []
+    done = threading.Event()
+
+    def fake_open(url: str, *args: Any, **kwargs: Any) -> bool:
+        asked.append(url)
+        done.set()
+        return False  # no browser on this machine
+
+    monkeypatch.setattr(webbrowser, "open", fake_open)
+    console = Console(record=True, width=200)
+    services = [
+        Service("api", [], open_url="http://127.0.0.1:1/ui/"),
+        Service("late", [], open_url="http://127.0.0.1:2/ui/"),
+        Service("worker", []),
+    ]
+    opened = open_pages(services, ["late"], _Say(console, json=False))
+    assert opened == ["http://127.0.0.1:1/ui/"]
+    assert done.wait(10)
+    deadline = time.monotonic() + 10
+    while "yourself" not in console.export_text(clear=False) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    text = console.export_text(clear=False)
+    assert asked == ["http://127.0.0.1:1/ui/"]
+    assert "not opening the pages of late: not ready" in text
+    assert "no browser found: open http://127.0.0.1:1/ui/ yourself" in text
+    assert open_pages(services[2:], [], _Say(console, json=False)) == []
