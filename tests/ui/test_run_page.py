@@ -6,7 +6,8 @@ from __future__ import annotations
 
 import re
 import uuid
-from collections.abc import Iterator
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import httpx
@@ -14,22 +15,21 @@ import pytest
 from playwright.sync_api import expect
 
 from projections.api import create_api
+from projections.queries import TimelineEntry
 from projections.record import load_run
+from projections.ui.pages.run_view import waterfall
 from runtime.events.builtin import StepRecorded
 from runtime.log.store import EventLog
 from runtime.settings import Settings
-from tests.projections.test_api import (  # noqa: F401 (fixtures)
-    TOKEN,
-    Tallier,
-    llm,
-    serving,
-    two_runs,
-    with_token,
-)
+from tests.projections import test_api as api_tests
+from tests.projections.test_api import TOKEN, Tallier, serving, with_token
 from tests.support.apps.mailpair import Responder, Triage
 from tests.ui.conftest import Stack
 
 browser = pytest.mark.browser
+#: The query API tests' fixtures: two runs of the mailpair app, made by real workers.
+llm = api_tests.llm
+two_runs = api_tests.two_runs
 
 
 def _api_json(stack: Stack, path: str) -> Any:
@@ -145,60 +145,63 @@ def test_a_waiting_run_s_page_follows_it_live_until_it_ends(page: Any, stack: St
 
 
 @pytest.fixture
-def ui_client(settings: Settings) -> Iterator[httpx.Client]:
-    """The query API with the run explorer on a real server, signed in."""
+async def ui_client(settings: Settings) -> AsyncIterator[httpx.AsyncClient]:
+    """The query API with the run explorer on a real server (a thread), signed in."""
     app = create_api(with_token(settings), agents=[Triage(), Responder(), Tallier()])
-    with serving(app) as url, httpx.Client(base_url=url, timeout=30) as client:
-        _sign_in(client)
-        yield client
+    with serving(app) as url:
+        async with httpx.AsyncClient(base_url=url, timeout=30) as client:
+            await _sign_in(client)
+            yield client
 
 
-def _sign_in(client: httpx.Client) -> None:
-    form = client.get("/ui/login")
+async def _sign_in(client: httpx.AsyncClient) -> None:
+    form = await client.get("/ui/login")
     nonce = re.search(r'name="csrf" value="([^"]+)"', form.text)
     assert nonce is not None, form.text
-    signed = client.post("/ui/login", data={"token": TOKEN, "csrf": nonce[1], "next": "/ui/"})
+    data = {"token": TOKEN, "csrf": nonce[1], "next": "/ui/"}
+    signed = await client.post("/ui/login", data=data)
     assert signed.status_code == 303, signed.text
 
 
-def _fragment(client: httpx.Client, path: str, **params: Any) -> httpx.Response:
-    return client.get(path, params=params, headers={"hx-request": "true"})
+async def _fragment(client: httpx.AsyncClient, path: str, **params: Any) -> httpx.Response:
+    return await client.get(path, params=params, headers={"hx-request": "true"})
 
 
 async def test_step_event_and_state_routes_never_show_another_run(
-    ui_client: httpx.Client, log: EventLog, two_runs: tuple[uuid.UUID, uuid.UUID]
+    ui_client: httpx.AsyncClient, log: EventLog, two_runs: tuple[uuid.UUID, uuid.UUID]
 ) -> None:
     a, b = two_runs
     mine, theirs = await log.read_run(a), await log.read_run(b)
-    page = ui_client.get(f"/ui/runs/{a}")
+    page = await ui_client.get(f"/ui/runs/{a}")
     assert page.status_code == 200 and str(b) not in page.text
-    assert page.text.count("<svg class=\"wf\"") == len(mine)
+    assert page.text.count('<svg class="wf"') == len(mine)
     # Its own steps show their data: the prompt with Ada's email.
     first = next(e for e in mine if isinstance(e.body, StepRecorded) and e.body.kind == "llm")
-    own = _fragment(ui_client, f"/ui/runs/{a}/steps/{first.position}")
+    own = await _fragment(ui_client, f"/ui/runs/{a}/steps/{first.position}")
     assert own.status_code == 200 and "Prompt" in own.text and "invoice 1" in own.text
     secrets = ("grace@example.com", "invoice 2", *(str(e.event_id) for e in theirs))
     for e in theirs:
         for path, status in ((f"/ui/runs/{a}/steps/{e.position}", 404),
                              (f"/ui/runs/{a}/events/{e.position}", 404)):  # fmt: skip
-            r = _fragment(ui_client, path)
+            r = await _fragment(ui_client, path)
             assert r.status_code == status, (path, r.text)
             assert not any(s in r.text for s in secrets), r.text
-        r = _fragment(ui_client, f"/ui/runs/{a}/state", at=e.position)
+        r = await _fragment(ui_client, f"/ui/runs/{a}/state", at=e.position)
         assert r.status_code == 422 and "is not an event of run" in r.text
         assert not any(s in r.text for s in secrets), r.text
     # A position of this run that is not a step is not served as one.
     [root] = [e for e in mine if e.event_id == a]
-    assert _fragment(ui_client, f"/ui/runs/{a}/steps/{root.position}").status_code == 404
-    assert "invoice 1" in _fragment(ui_client, f"/ui/runs/{a}/events/{root.position}").text
+    assert (await _fragment(ui_client, f"/ui/runs/{a}/steps/{root.position}")).status_code == 404
+    event = await _fragment(ui_client, f"/ui/runs/{a}/events/{root.position}")
+    assert event.status_code == 200 and "invoice 1" in event.text
     # Time travel folds this run's events only: after its first event, one event.
-    state = _fragment(ui_client, f"/ui/runs/{a}/state", i=0)
+    state = await _fragment(ui_client, f"/ui/runs/{a}/state", i=0)
     assert state.status_code == 200 and f"Event 1 of {len(mine)}" in state.text
     assert "&#34;events&#34;: 1," in state.text
 
 
 async def test_fork_links_number_steps_as_agentrt_fork_does(
-    ui_client: httpx.Client, log: EventLog, two_runs: tuple[uuid.UUID, uuid.UUID]
+    ui_client: httpx.AsyncClient, log: EventLog, two_runs: tuple[uuid.UUID, uuid.UUID]
 ) -> None:
     a, _ = two_runs
     record = await load_run(log, a)
@@ -206,7 +209,7 @@ async def test_fork_links_number_steps_as_agentrt_fork_does(
     assert len(steps) >= 2
     for e in steps:
         assert isinstance(e.body, StepRecorded)
-        r = _fragment(ui_client, f"/ui/runs/{a}/steps/{e.position}")
+        r = await _fragment(ui_client, f"/ui/runs/{a}/steps/{e.position}")
         found = re.search(rf"/ui/runs/{a}/fork\?at=(\d+)", r.text)
         assert found is not None, r.text
         activation, n = record.locate(int(found[1]))
@@ -214,7 +217,7 @@ async def test_fork_links_number_steps_as_agentrt_fork_does(
 
 
 async def test_bad_ids_and_unknown_runs_get_4xx_pages(
-    ui_client: httpx.Client, two_runs: tuple[uuid.UUID, uuid.UUID]
+    ui_client: httpx.AsyncClient, two_runs: tuple[uuid.UUID, uuid.UUID]
 ) -> None:
     a, _ = two_runs
     missing = uuid.uuid4()
@@ -232,12 +235,12 @@ async def test_bad_ids_and_unknown_runs_get_4xx_pages(
         (f"/ui/runs/{a}/state?at=x", 422, "Invalid request"),
     ]
     for path, status, text in cases:
-        r = ui_client.get(path)
+        r = await ui_client.get(path)
         assert r.status_code == status, (path, r.text)
         assert r.headers["content-type"].startswith("text/html") and text in r.text, (path, r.text)
     # Signed out, nothing: the page redirects to the sign-in form.
-    with httpx.Client(base_url=str(ui_client.base_url)) as anonymous:
-        r = anonymous.get(f"/ui/runs/{a}/steps/1")
+    async with httpx.AsyncClient(base_url=str(ui_client.base_url)) as anonymous:
+        r = await anonymous.get(f"/ui/runs/{a}/steps/1")
         assert r.status_code == 303 and "/ui/login" in r.headers["location"]
 
 
@@ -245,8 +248,33 @@ async def test_without_the_agents_time_travel_shows_the_current_state_and_says_w
     settings: Settings, two_runs: tuple[uuid.UUID, uuid.UUID]
 ) -> None:
     app = create_api(with_token(settings))
-    with serving(app) as url, httpx.Client(base_url=url, timeout=30) as client:
-        _sign_in(client)
-        r = _fragment(client, f"/ui/runs/{two_runs[0]}/state", i=0)
-        assert r.status_code == 200 and "agentrt api --app" in r.text
-        assert "Event 1 of" in r.text
+    with serving(app) as url:
+        async with httpx.AsyncClient(base_url=url, timeout=30) as client:
+            await _sign_in(client)
+            r = await _fragment(client, f"/ui/runs/{two_runs[0]}/state", i=0)
+    assert r.status_code == 200 and "agentrt api --app" in r.text
+    assert "Event 1 of" in r.text
+
+
+def test_the_waterfall_escapes_what_the_log_holds_and_scales_its_bars() -> None:
+    run_id, t0 = uuid.uuid4(), datetime(2026, 1, 1, tzinfo=UTC)
+
+    def entry(n: int, ms: float | None, text: str) -> TimelineEntry:
+        return TimelineEntry(
+            run_id=run_id, position=n, tx=1, event_id=uuid.uuid4(), event_type="x<y>",
+            stream_id="s", causation_id=None, parent=None, depth=n, agent='a"b',
+            activation_id=None, step=None, kind=None, name=None, model=None, duration_ms=ms,
+            input_tokens=None, output_tokens=None, cost_usd=None,
+            recorded_at=t0 + timedelta(milliseconds=100 * n), summary=text,
+        )  # fmt: skip
+
+    fall = waterfall(run_id, [entry(0, None, "<script>alert(1)</script>"),
+                              entry(1, 50.0, "a & b"), entry(30, 100.0, "late")], t0)  # fmt: skip
+    html = str(fall.rows)
+    assert "<script>" not in html and "&lt;script&gt;" in html and "a &amp; b" in html
+    assert "a&quot;b" in html and "x&lt;y&gt;" in html
+    assert fall.span_ms == 3000.0
+    # The second entry ran from 50 to 100 ms of 3 s: x 16.7, width 16.7 of 1000; the
+    # third ends the run; the depth past the deepest indentation is capped.
+    assert 'x="16.7" y="1" width="16.7"' in html
+    assert 'x="966.7" y="1" width="33.3"' in html and 'class="tree i16"' in html

@@ -1,14 +1,16 @@
-"""What the run page draws, computed in Python so its template stays a plain loop: the
-waterfall's bars and a step's prompt, response and calls as display blocks."""
+"""What the run page draws, computed in Python: the timeline's rows with their waterfall
+bars, a step's prompt, response and calls as display blocks, a tool's circuit state."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import datetime
+from html import escape as esc
 from typing import Any, NamedTuple
 
 import msgspec
+from markupsafe import Markup
 
 from projections.queries import CircuitTransitionRow, TimelineEntry
 from runtime.events.builtin import StepRecorded
@@ -21,58 +23,61 @@ MIN_WIDTH = 3.0
 MAX_DEPTH = 16
 
 
-class Row(NamedTuple):
-    """One timeline entry with its bar: ``x``/``w`` in viewBox units, as SVG attributes."""
-
-    e: TimelineEntry
-    x: str
-    w: str
-    #: Milliseconds from the run's first moment to the entry's start.
-    offset: float
-    #: ``timed`` (it has a duration), else ``instant`` (a mark where it was recorded).
-    bar: str
-    indent: int
-    #: The fragment with its detail (a step's, or the event's).
-    detail: str
-
-
 @dataclass(frozen=True, slots=True)
 class Waterfall:
-    rows: list[Row]
-    start: datetime | None
+    #: The timeline table's rows, as HTML (see :func:`waterfall`).
+    rows: Markup
     span_ms: float
 
 
 def waterfall(run_id: Any, entries: Sequence[TimelineEntry], started: datetime) -> Waterfall:
-    """The bars of ``entries``: each from its start (``recorded_at - duration_ms``) to its
-    end, on one scale from the run's first moment to its last."""
+    """The timeline's rows: each entry indented by its depth in the causation tree, with
+    its bar from its start (``recorded_at - duration_ms``) to its end, on one scale from
+    the run's first moment to its last.
+
+    The rows are written here, one f-string each, rather than by a Jinja loop: for a run
+    of 1,000 events that loop cost three times what the timeline's query does (a page
+    must cost at most twice the JSON timeline). Every value from the log is escaped.
+    """
     if not entries:
-        return Waterfall([], None, 0.0)
-    starts = [_start(e) for e in entries]
-    t0 = min(min(starts), started)
-    t1 = max(e.recorded_at for e in entries)
-    span = max((t1 - t0) / timedelta(milliseconds=1), 1.0)
+        return Waterfall(Markup(""), 0.0)
+    # Milliseconds since the epoch: float arithmetic in the loop, not datetime's.
+    ends = [e.recorded_at.timestamp() * 1000.0 for e in entries]
+    first = min(end - (e.duration_ms or 0.0) for e, end in zip(entries, ends, strict=True))
+    t0 = min(first, started.timestamp() * 1000.0)
+    span = max(max(ends) - t0, 1.0)
     scale = WIDTH / span
-    ms = timedelta(milliseconds=1)
     base = f"/ui/runs/{run_id}"
-    rows = []
-    for e, s in zip(entries, starts, strict=True):
-        x = (s - t0) / ms * scale
-        timed = bool(e.duration_ms)
-        w = max((e.duration_ms or 0.0) * scale, MIN_WIDTH)
-        x = min(x, WIDTH - w)
+    out: list[str] = []
+    append = out.append
+    for e, end in zip(entries, ends, strict=True):
+        d = e.duration_ms or 0.0
+        start = end - d - t0
+        w = max(d * scale, MIN_WIDTH)
+        x = min(start * scale, WIDTH - w)
         kind = "steps" if e.event_type == "step.recorded" else "events"
-        rows.append(
-            Row(e, f"{x:.1f}", f"{w:.1f}", (s - t0) / ms, "timed" if timed else "instant",
-                min(e.depth, MAX_DEPTH), f"{base}/{kind}/{e.position}")
-        )  # fmt: skip
-    return Waterfall(rows, t0, span)
+        append(
+            f'<tr class="k-{esc(e.kind or "event")}"><td class="tree i{min(e.depth, MAX_DEPTH)}">'
+            f'<details hx-get="{base}/{kind}/{e.position}" hx-trigger="toggle once" '
+            f'hx-target="find .detail"><summary><span class="et">{esc(e.event_type)}</span> '
+            f'{esc(e.summary)}</summary><div class="detail">Loading…</div></details></td>'
+            f'<td>{esc(e.agent or "-")}</td><td class="num">+{ms(start)}</td>'
+            f'<td class="num">{"-" if e.duration_ms is None else ms(d)}</td>'
+            '<td class="wf-col"><svg class="wf" viewBox="0 0 1000 10" '
+            'preserveAspectRatio="none" aria-hidden="true">'
+            f'<rect class="{"timed" if d else "instant"}" x="{x:.1f}" y="1" width="{w:.1f}" '
+            'height="8"/></svg></td></tr>\n'
+        )
+    return Waterfall(Markup("".join(out)), span)
 
 
-def _start(e: TimelineEntry) -> datetime:
-    if e.duration_ms:
-        return e.recorded_at - timedelta(milliseconds=e.duration_ms)
-    return e.recorded_at
+def ms(value: float) -> str:
+    """A duration for people (the UI's ``ms`` filter, without its None case)."""
+    if value < 1000:
+        return f"{value:.0f} ms"
+    if value < 60_000:
+        return f"{value / 1000:.1f} s"
+    return f"{value / 60_000:.1f} min"
 
 
 def pretty(value: Any) -> str:
