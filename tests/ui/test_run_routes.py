@@ -144,6 +144,8 @@ async def test_without_the_agents_time_travel_shows_the_current_state_and_says_w
         async with httpx.AsyncClient(base_url=url, timeout=30) as client:
             await _sign_in(client)
             r = await _fragment(client, f"/ui/runs/{two_runs[0]}/state", i=0)
+            page = await client.get(f"/ui/runs/{two_runs[0]}")
+    assert page.status_code == 200 and "without the agents' code" in page.text
     assert r.status_code == 200 and "agentrt api --app" in r.text
     assert "Event 1 of" in r.text
 
