@@ -13,9 +13,9 @@ import httpx
 import pytest
 
 from projections.api import create_api
-from projections.queries import TimelineEntry
+from projections.queries import CircuitTransitionRow, TimelineEntry
 from projections.record import load_run
-from projections.ui.pages.run_view import waterfall
+from projections.ui.pages.run_view import Block, circuit_view, model_view, waterfall
 from runtime.events.builtin import StepRecorded
 from runtime.events.ids import run_stream
 from runtime.events.model import NewEvent, new_event_id
@@ -172,3 +172,49 @@ def test_the_waterfall_escapes_what_the_log_holds_and_scales_its_bars() -> None:
     # third ends the run; the depth past the deepest indentation is capped.
     assert 'x="16.7" y="1" width="16.7"' in html
     assert 'x="966.7" y="1" width="33.3"' in html and 'class="tree i16"' in html
+
+
+def test_a_model_step_shows_its_prompt_response_and_the_tool_calls_it_asked_for() -> None:
+    step = StepRecorded(
+        activation_id=uuid.uuid4(), agent="a", step=2, kind="llm", name="m", request_hash="h",
+        request={"model": "m", "max_tokens": 9, "system": [{"type": "text", "text": "be brief"}],
+                 "tools": [{"name": "find_orders", "input_schema": {}}],
+                 "messages": [
+                     {"role": "user", "content": "hello"},
+                     {"role": "assistant", "content": [
+                         {"type": "tool_use", "id": "t1", "name": "find_orders",
+                          "input": {"q": 1}}]},
+                     {"role": "user", "content": [
+                         {"type": "tool_result", "tool_use_id": "t1", "content": "none",
+                          "is_error": True}]},
+                 ]},
+        result={"content": [{"type": "text", "text": "let me look"},
+                            {"type": "tool_use", "id": "t2", "name": "refund", "input": {"n": 2}}],
+                "stop_reason": "tool_use"},
+    )  # fmt: skip
+    view = model_view(step)
+    assert [b.text for b in view.system] == ["be brief"] and view.tools == ["find_orders"]
+    assert view.settings == {"model": "m", "max_tokens": 9} and view.options == ""
+    assert [m.role for m in view.messages] == ["user", "assistant", "user"]
+    assert view.messages[1].blocks[0].label == "find_orders"
+    assert view.messages[2].blocks[0] == Block("tool_result", "none", "t1", True)
+    assert [b.label for b in view.tool_calls] == ["refund"] and view.stop_reason == "tool_use"
+    assert '"n": 2' in view.tool_calls[0].text
+
+
+def test_the_circuit_around_a_call_is_the_state_before_it_and_the_changes_during_it() -> None:
+    t = datetime(2026, 1, 1, tzinfo=UTC)
+
+    def moved(seconds: float, to: str) -> CircuitTransitionRow:
+        return CircuitTransitionRow(
+            position=int(seconds), tx=1, event_id=uuid.uuid4(), name="crm", from_state="x",
+            to_state=to, failures=3, reason="", at=t + timedelta(seconds=seconds), run_id=None,
+        )  # fmt: skip
+
+    newest_first = [moved(11, "open"), moved(5, "half_open"), moved(1, "open")]
+    view = circuit_view(newest_first, t + timedelta(seconds=10), t + timedelta(seconds=12),
+                        complete=True)  # fmt: skip
+    assert view.before == "half_open" and [d.to_state for d in view.during] == ["open"]
+    assert circuit_view([], t, t, complete=True).before == "closed"
+    assert circuit_view([moved(1, "open")], t, t + timedelta(seconds=2),
+                        complete=False).before == "unknown"  # fmt: skip
