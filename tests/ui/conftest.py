@@ -186,8 +186,11 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
                        env=_env(state), capture_output=True, timeout=60)  # fmt: skip
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def browser() -> Iterator[Any]:
+    # Per module, not per session: Playwright's sync API keeps an event loop running in
+    # this thread while it is open, and pytest-asyncio cannot run the async tests of the
+    # modules after it (RuntimeError: "cannot be called from a running event loop").
     from playwright.sync_api import sync_playwright
 
     assert BROWSER is not None
