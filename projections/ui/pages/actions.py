@@ -25,7 +25,7 @@ from projections.record import RunRecord, load_run
 from projections.ui.app import UI
 from projections.ui.pages.actions_diff import activation_views, side_by_side
 from runtime.errors import AgentrtError, ServiceUnavailable
-from runtime.events.builtin import RunForked
+from runtime.events.builtin import RunForked, StepRecorded
 
 if TYPE_CHECKING:
     from projections.fork import ForkReport
@@ -175,6 +175,14 @@ async def _fork(ui: UI, run_id: UUID, c: Change) -> ForkReport:
         await redis.aclose()
 
 
+def _offline(record: RunRecord) -> bool | None:
+    """Whether the run's model steps were answered by the offline model (None: no model step)."""
+    for e in record.events:
+        if isinstance(e.body, StepRecorded) and (usage := e.body.usage or e.body.saved):
+            return usage.offline
+    return None
+
+
 def _forked(record: RunRecord) -> RunForked | None:
     for e in record.events:
         if isinstance(e.body, RunForked):
@@ -240,7 +248,7 @@ def routes(r: APIRouter, ui: UI) -> None:
             request, "actions_fork_form.html" if htmx else "actions_fork.html", status,
             run_id=record.run_id, run=run, form=f, error=error, steps=_steps(record),
             tiers=sorted(ui.backend.settings.models.items()),
-            on_fork_page=True,
+            on_fork_page=True, offline=not ui.backend.settings.anthropic_api_key,
         )  # fmt: skip
 
     @r.get("/runs/{run_id}/fork")
@@ -300,4 +308,5 @@ def routes(r: APIRouter, ui: UI) -> None:
         record_a, record_b = await load_run(log, a), await load_run(log, b)
         d = diff_records(record_a, record_b)
         return ui.render(request, "diff_page.html", d=d, views=activation_views(d),
-                         forked_a=_forked(record_a), forked_b=_forked(record_b))  # fmt: skip
+                         forked_a=_forked(record_a), forked_b=_forked(record_b),
+                         offline_a=_offline(record_a), offline_b=_offline(record_b))  # fmt: skip
