@@ -171,6 +171,10 @@ def test_fork_with_the_smart_tier_lands_on_the_diff_and_in_the_runs_table(
     link = page.get_by_role("link", name=f"Run {fork_id}")
     expect(link).to_be_visible(timeout=60_000)  # once the projector has folded it: live
     expect(page.locator("tr", has=link).locator(".badge", has_text="fork")).to_be_visible()
+    # A forked run's actions link back to the diff with its parent.
+    page.goto(f"/ui/runs/{fork_id}/fork")
+    page.get_by_role("link", name=re.compile(r"Compare with the run it was forked from")).click()
+    expect(page).to_have_url(re.compile(rf"/ui/diff\?a={parent}&b={fork_id}$"))
 
 
 # -- over HTTP -------------------------------------------------------------------------
@@ -275,14 +279,20 @@ TOKEN = "ui-actions-token"
 
 
 def in_process(
-    stack: Stack, check: Callable[[httpx.AsyncClient, str], Awaitable[None]], *, agents: bool
+    stack: Stack,
+    check: Callable[[httpx.AsyncClient, str], Awaitable[None]],
+    *,
+    agents: bool,
+    redis: bool = False,
 ) -> None:
     """``check(client, csrf)`` against an API of this process over the stack's log, with
-    no Redis and the sample app's agents (or none), signed in."""
+    the sample app's agents (or none) and the stack's Redis (or none), signed in."""
     from runtime.cli import load_agents
 
-    url = json.loads((stack.state / "services.json").read_text())["DATABASE_URL"]
-    settings = Settings.from_env({}).with_urls(redis_url=None, database_url=url)
+    urls = json.loads((stack.state / "services.json").read_text())
+    settings = Settings.from_env({}).with_urls(
+        redis_url=urls["REDIS_URL"] if redis else None, database_url=urls["DATABASE_URL"]
+    )
     app = create_api(dataclasses.replace(settings, api_token=TOKEN),
                      agents=load_agents("webhooks.demo.agents") if agents else ())  # fmt: skip
 
@@ -354,6 +364,23 @@ def test_a_replay_past_its_time_limit_is_stopped_with_a_message(
         assert "did not finish within 0 s and was stopped" in alert(r.text)
 
     in_process(stack, check, agents=True)
+
+
+def test_a_fork_past_its_time_limit_is_stopped_and_writes_nothing(
+    stack: Stack, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    run = _small_run(stack)["run_id"]
+    before = log_counts(stack)
+    monkeypatch.setattr(actions, "FORK_TIMEOUT", 0.0)
+
+    async def check(c: httpx.AsyncClient, csrf: str) -> None:
+        r = await c.post(f"/ui/runs/{run}/fork", data={"at": "1", "csrf": csrf},
+                         headers={"hx-request": "true"})  # fmt: skip
+        assert r.status_code == 504
+        assert "did not finish within 0 s and was stopped; nothing was written" in alert(r.text)
+
+    in_process(stack, check, agents=True, redis=True)
+    assert log_counts(stack) == before
 
 
 # -- the side-by-side view --------------------------------------------------------------
