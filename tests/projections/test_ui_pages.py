@@ -1,6 +1,6 @@
-"""The run explorer's approvals, audit, usage, dead-letter and circuit pages without a browser:
-every POST, approvals scoped to their run, bad input as 4xx messages, Redis needed and
-said so, and the SVG bar chart.
+"""The run explorer's approvals, audit, usage, dead-letter and circuit pages without a
+browser: CSRF on every POST, approvals scoped to their run, bad input as 4xx messages,
+Redis needed and said so, and the SVG bar chart.
 
 Not under tests/ui: the browser tests' session-long Playwright (sync API) keeps an event
 loop running in this thread, and the async tests that run after it fail to start theirs.
