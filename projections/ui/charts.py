@@ -14,11 +14,11 @@ from markupsafe import Markup, escape
 
 #: Pixels: a bar's row, the label column, the bar area, the value column.
 ROW = 24
-LABEL_WIDTH = 170
-BAR_WIDTH = 360
-VALUE_WIDTH = 110
+LABEL_WIDTH = 130
+BAR_WIDTH = 200
+VALUE_WIDTH = 80
 #: Characters of a label shown (the full label is in the bar's <title> and the table).
-LABEL_CHARS = 24
+LABEL_CHARS = 18
 
 _ids = itertools.count(1)
 

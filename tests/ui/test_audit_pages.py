@@ -104,20 +104,27 @@ def test_approve_and_deny_from_the_approvals_page(page: Any, stack: Stack) -> No
 
 def test_usage_page_draws_charts_with_tables(page: Any, stack: Stack) -> None:
     page.get_by_role("link", name="Usage").click()
-    charts = page.locator("svg.chart[role='img']")
-    expect(charts).to_have_count(6)  # tokens and cost, by model, agent and day
-    heading = page.get_by_role("heading", name="By agent")
-    by_agent = page.locator("section.usage").filter(has=heading)
-    expect(by_agent.locator("svg.chart title").first).to_contain_text("Tokens")
-    assert by_agent.locator("svg.chart rect.chart-bar").count() >= 3
-    expect(by_agent.get_by_role("rowheader", name="triage")).to_be_visible()
-    expect(by_agent.locator("svg.chart g.bar title", has_text="triage:").first).to_be_attached()
     # A range with no usage: empty charts saying so.
     page.get_by_label("First day").fill("2001-01-01")
     page.get_by_label("Last day").fill("2001-01-02")
     page.get_by_role("button", name="Show").click()
     expect(page.get_by_text("No model calls in this range.")).to_be_visible()
     expect(page.locator("svg.chart rect")).to_have_count(0)
+    # Today's: the sample application's calls.
+    today = time.strftime("%Y-%m-%d", time.gmtime())
+    page.get_by_label("First day").fill(today)
+    page.get_by_label("Last day").fill(today)
+    page.get_by_role("button", name="Show").click()
+    charts = page.locator("svg.chart[role='img']")
+    expect(charts).to_have_count(9)  # tokens, cost and savings by model, agent and day
+    heading = page.get_by_role("heading", name="By agent")
+    by_agent = page.locator("section.usage").filter(has=heading)
+    expect(by_agent.locator("svg.chart > title").first).to_contain_text("Tokens")
+    assert by_agent.locator("svg.chart rect.chart-bar").count() >= 3
+    expect(by_agent.get_by_role("rowheader", name="triage")).to_be_visible()
+    expect(by_agent.locator("svg.chart g.bar title", has_text="triage:").first).to_be_attached()
+    by_day = page.locator("section.usage").filter(has=page.get_by_role("heading", name="By day"))
+    expect(by_day.get_by_role("rowheader", name=today)).to_be_visible()
 
 
 def test_circuits_page_renders(page: Any, stack: Stack) -> None:

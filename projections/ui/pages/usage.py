@@ -18,13 +18,14 @@ GROUPS = (("model", "By model"), ("agent", "By agent"), ("day", "By day (UTC)"))
 
 @dataclass(frozen=True)
 class Section:
-    """One grouping: its rows, and charts of their tokens and cost."""
+    """One grouping: its rows, and charts of their tokens, cost and cache savings."""
 
     key: str
     heading: str
     rows: list[tuple[str, UsageRow]]
     tokens_chart: Markup
     cost_chart: Markup
+    saved_chart: Markup
 
 
 def _name(row: UsageRow, key: str) -> str:
@@ -36,11 +37,13 @@ def section(key: str, heading: str, rows: list[UsageRow]) -> Section:
     named = [(_name(r, key), r) for r in rows]
     tokens = [(n, float(r.input_tokens + r.output_tokens)) for n, r in named]
     cost = [(n, r.cost_usd) for n, r in named]
+    saved = [(n, float(r.saved_tokens)) for n, r in named]
     what = heading.lower()
     return Section(
         key, heading, named,
         bar_chart(tokens, title=f"Tokens (input and output) {what}"),
         bar_chart(cost, title=f"Cost in US dollars {what}", value=_usd),
+        bar_chart(saved, title=f"Tokens the response caches saved {what}"),
     )  # fmt: skip
 
 
