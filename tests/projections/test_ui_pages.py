@@ -21,7 +21,7 @@ from projections.api import create_api
 from projections.engine import Projector
 from projections.registry import registered
 from projections.ui.charts import BAR_WIDTH, bar_chart
-from runtime.events.builtin import ApprovalRequested
+from runtime.events.builtin import ApprovalRequested, CircuitTransitioned
 from runtime.events.ids import run_stream
 from runtime.events.model import NewEvent
 from runtime.log import approvals
@@ -214,6 +214,37 @@ async def test_dead_letters_without_redis_say_it_needs_redis_url(
         r = await client.get("/ui/dead-letters/1733045000000-0")
         assert r.status_code == 503 and "REDIS_URL" in r.text
         assert (await client.get("/ui/dead-letters")).status_code == 200
+
+
+# -- circuits -----------------------------------------------------------------------------
+
+
+async def test_circuits_page_shows_each_circuits_state_and_filters_its_history(
+    ui: httpx.AsyncClient, log: EventLog, settings: Settings
+) -> None:
+    run_id = uuid.uuid4()
+    moves = [
+        ("find_orders", "closed", "open"),
+        ("send_mail", "closed", "open"),
+        ("find_orders", "open", "half_open"),
+        ("find_orders", "half_open", "closed"),
+    ]
+    for name, before, after in moves:
+        body = CircuitTransitioned(name=name, from_state=before, to_state=after, failures=5,
+                                   reason="<5 failures>")  # fmt: skip
+        await log.append(run_stream(run_id), [NewEvent(body=body, run_id=run_id, producer="x")])
+    await project(log, settings)
+    page = await ui.get("/ui/circuits")
+    assert page.status_code == 200
+    now = page.text.split("<h2>History</h2>")[0]
+    states = re.findall(r'<th scope="row"><a [^>]*>([a-z_]+)</a></th><td><span class="badge '
+                        r'([a-z_]+)">', now)  # fmt: skip
+    assert states == [("find_orders", "closed"), ("send_mail", "open")]
+    assert "&lt;5 failures&gt;" in page.text and f"/ui/runs/{run_id}" in page.text
+    one = await ui.get("/ui/circuits?name=send_mail")
+    history = one.text.split("<h2>History</h2>")[1]
+    assert history.count("<tr>") == 2  # the header and send_mail's one transition
+    assert "find_orders" not in history
 
 
 # -- the chart ----------------------------------------------------------------------------
