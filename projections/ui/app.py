@@ -40,7 +40,7 @@ from projections.ui.session import (
 )
 
 #: The page modules, each with ``routes(router, ui)``.
-PAGES = ("runs", "run", "actions", "approvals", "audit")
+PAGES = ("runs", "run", "actions", "approvals", "audit", "usage", "dead_letters", "circuits")
 
 #: Sent with every page: scripts only from here (htmx runs no eval), no framing.
 SECURITY_HEADERS = {
