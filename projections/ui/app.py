@@ -292,6 +292,13 @@ def install(app: FastAPI, backend: Backend, token: str | None) -> UI:
     for name in PAGES:
         module = importlib.import_module(f"projections.ui.pages.{name}")
         module.routes(r, ui)
+
+    @r.get("/{rest:path}")
+    async def not_found(request: Request, rest: str) -> Response:
+        """Any other path under /ui: the explorer's 404 page (signed in), not the API's JSON."""
+        return ui.render(request, "error.html", 404, title="Not found",
+                         message=f"The run explorer has no page at /ui/{rest}.")  # fmt: skip
+
     app.include_router(r)
 
     @app.get(PATH, include_in_schema=False)
