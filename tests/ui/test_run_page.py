@@ -23,8 +23,10 @@ def _api_json(stack: Stack, path: str) -> Any:
 
 
 def _pipeline_run(stack: Stack) -> dict[str, Any]:
-    """A settled run of the whole desk pipeline: model steps and a tool step."""
-    for run in stack.runs(status="completed"):
+    """A settled run of the whole desk pipeline: model steps and a tool step. The oldest:
+    one of the sample stream the stack began with (other tests add runs with dead letters,
+    redrives and forks of their own)."""
+    for run in reversed(stack.runs(status="completed")):
         if "research" in run["agents"] and run["llm_calls"] and run["tool_calls"]:
             return run
     raise AssertionError(f"no completed pipeline run among {stack.runs()}")
