@@ -58,6 +58,20 @@ class Form:
             self.errors[name] = "a day, like 2026-12-01"
             return None
 
+    def cost(self, name: str) -> float | None:
+        """An amount of dollars (a leading ``$`` allowed), 0 or more."""
+        value = self.values[name].removeprefix("$")
+        if not value:
+            return None
+        try:
+            amount = float(value)
+        except ValueError:
+            amount = -1.0
+        if not 0 <= amount < float("inf"):  # also refuses nan
+            self.errors[name] = "a number of dollars, 0 or more"
+            return None
+        return amount
+
     def order(self, first: str, last: str, first_value: object, last_value: object) -> None:
         """Say so when the range's start is after its end."""
         if first_value is not None and last_value is not None and first_value > last_value:  # type: ignore[operator]
