@@ -168,8 +168,10 @@ async def alternate(
     """Median ms of the page's URLs (fetched in turn) and of the JSON ones, interleaved so
     that whatever else the machine does falls on both alike."""
     times: dict[int, list[float]] = {0: [], 1: []}
+    sides = [(0, page), (1, json)]
     for i in range(requests):
-        for side, (urls, headers) in enumerate((page, json) if i % 2 else (json, page)):
+        # Which goes first alternates; each time is filed under its own side.
+        for side, (urls, headers) in sides if i % 2 else sides[::-1]:
             t0 = time.perf_counter()
             for url in urls:
                 r = await fetch(client, url, headers)

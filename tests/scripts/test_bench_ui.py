@@ -96,3 +96,27 @@ def test_a_tiny_run_prints_its_figures_as_the_last_json_line(servers: Servers) -
         assert figures["a. run page / its JSON"]["value"] is None
     else:
         assert run_page["value"] > 0 and figures["a. run page / its JSON"]["value"] > 0
+
+
+async def test_each_side_is_timed_under_its_own_name(bench: object) -> None:
+    """The page and the JSON take turns going first; each time must be filed under its own
+    side (an earlier version filed by turn, so both medians mixed the two: ratio 1.00)."""
+    import asyncio
+
+    app = FastAPI()
+
+    @app.get("/slow")
+    async def slow() -> HTMLResponse:
+        await asyncio.sleep(0.02)
+        return HTMLResponse("<p>slow</p>")
+
+    @app.get("/fast")
+    async def fast() -> JSONResponse:
+        return JSONResponse({})
+
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+        slow_ms, fast_ms = await bench.alternate(  # type: ignore[attr-defined]
+            client, (["/slow"], {}), (["/fast"], {}), 8
+        )
+    assert slow_ms >= 20 > fast_ms * 4, (slow_ms, fast_ms)
