@@ -15,7 +15,7 @@ import mimetypes
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import quote, urlencode
 
 import asyncpg
@@ -25,7 +25,6 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, RedirectResponse
 from fastapi.routing import APIRoute
 
-from projections.api.backend import Backend
 from projections.errors import ReadSideError
 from projections.queries import ReadModels
 from projections.ui.live import LogWatch
@@ -38,6 +37,9 @@ from projections.ui.session import (
     Session,
     Sessions,
 )
+
+if TYPE_CHECKING:  # a type only: projections.api imports this package at its start
+    from projections.api.backend import Backend
 
 #: The page modules, each with ``routes(router, ui)``.
 PAGES = ("runs", "run", "actions", "approvals", "audit", "usage", "dead_letters", "circuits")
@@ -84,13 +86,13 @@ class Static:
         return f"{PATH}/static/{self.version}/{name}"
 
 
-def _usd(value: float | None) -> str:
+def usd_text(value: float | None) -> str:
     if value is None:
         return "-"
     return f"${value:.4f}" if value >= 0.0001 or value == 0 else f"${value:.6f}"
 
 
-def _ms(value: float | None) -> str:
+def ms_text(value: float | None) -> str:
     if value is None:
         return "-"
     if value < 1000:
@@ -100,13 +102,13 @@ def _ms(value: float | None) -> str:
     return f"{value / 60_000:.1f} min"
 
 
-def _when(value: datetime | None) -> str:
+def when_text(value: datetime | None) -> str:
     if value is None:
         return "-"
     return value.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S")
 
 
-def _short(value: object) -> str:
+def short_text(value: object) -> str:
     return str(value)[:8]
 
 
@@ -149,8 +151,10 @@ def _environment() -> jinja2.Environment:
         trim_blocks=True,
         lstrip_blocks=True,
         undefined=jinja2.StrictUndefined,
+        # The templates ship in the package: no stat of every template file on every render.
+        auto_reload=False,
     )
-    env.filters.update(usd=_usd, ms=_ms, when=_when, short=_short)
+    env.filters.update(usd=usd_text, ms=ms_text, when=when_text, short=short_text)
     env.globals.update(urlencode=urlencode, quote=quote)
     return env
 

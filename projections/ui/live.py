@@ -15,11 +15,13 @@ import asyncio
 import contextlib
 from collections.abc import AsyncIterator
 from functools import partial
+from typing import TYPE_CHECKING
 
 import asyncpg
 import structlog
 
-from projections.api.backend import Backend
+if TYPE_CHECKING:  # a type only: projections.api imports this package at its start
+    from projections.api.backend import Backend
 
 log = structlog.get_logger(__name__)
 

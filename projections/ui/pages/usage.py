@@ -8,7 +8,7 @@ from fastapi import APIRouter, Request, Response
 from markupsafe import Markup
 
 from projections.queries import UsageRow
-from projections.ui.app import UI, _usd
+from projections.ui.app import UI, usd_text
 from projections.ui.charts import bar_chart
 from projections.ui.filters import Form, error_status
 
@@ -42,7 +42,7 @@ def section(key: str, heading: str, rows: list[UsageRow]) -> Section:
     return Section(
         key, heading, named,
         bar_chart(tokens, title=f"Tokens (input and output) {what}"),
-        bar_chart(cost, title=f"Cost in US dollars {what}", value=_usd),
+        bar_chart(cost, title=f"Cost in US dollars {what}", value=usd_text),
         bar_chart(saved, title=f"Tokens the response caches saved {what}"),
     )  # fmt: skip
 
