@@ -81,13 +81,19 @@ class Sessions:
         if not cookie or self._token is None:
             return None
         parts = cookie.split(".")
-        if len(parts) != 3 or not parts[0].isdigit():
+        # ASCII digits only ("²".isdigit() holds), and few of them: int() of thousands of
+        # digits raises; a forged cookie must be refused, never a 500.
+        if len(parts) != 3 or not (parts[0].isascii() and parts[0].isdigit()):
+            return None
+        if len(parts[0]) > 12 or not parts[1].isascii() or not parts[2].isascii():
             return None
         issued, nonce, signature = int(parts[0]), parts[1], parts[2]
-        if not hmac.compare_digest(signature, self._sign(f"{issued}.{nonce}")):
+        expected = self._sign(f"{issued}.{nonce}")
+        if not hmac.compare_digest(signature.encode(), expected.encode()):
             return None
         age = (time.time() if now is None else now) - issued
-        if not 0 <= age < self.lifetime + 60:  # a minute's grace for clocks of several hosts
+        # A minute's grace both ways for the clocks of several API hosts.
+        if not -60 <= age < self.lifetime + 60:
             return None
         return self._session(issued, nonce)
 
@@ -98,8 +104,12 @@ class Sessions:
 
     @staticmethod
     def same(given: str, expected: str) -> bool:
-        return bool(given) and hmac.compare_digest(given.encode(), expected.encode())
+        return bool(given) and hmac.compare_digest(
+            given.encode(errors="replace"), expected.encode(errors="replace")
+        )
 
     @staticmethod
     def csrf_ok(session: Session, given: str | None) -> bool:
-        return given is not None and hmac.compare_digest(given.encode(), session.csrf.encode())
+        return given is not None and hmac.compare_digest(
+            given.encode(errors="replace"), session.csrf.encode()
+        )

@@ -179,6 +179,24 @@ async def test_expired_forged_and_tampered_sessions_are_refused(
             assert htmx.status_code == 401 and htmx.headers["hx-redirect"].startswith("/ui/login")
 
 
+def test_malformed_cookies_are_refused_not_raised() -> None:
+    """A forged cookie of any shape is no session: never an exception (a 500 before
+    sign-in). Non-ASCII digits pass str.isdigit(); int() of 4,400 digits raises; a
+    non-ASCII signature made compare_digest raise TypeError."""
+    s = Sessions("the-token")
+    good, _ = s.issue()
+    issued, nonce, signature = good.split(".")
+    for cookie in (f"²{issued[1:]}.{nonce}.{signature}", f"{'9' * 4400}.{nonce}.{signature}",
+                   f"{issued}.{nonce}.{signature[:-1]}\xb2", f"{issued}.n\xf6nce.{signature}",
+                   "..", "1.2.3.4"):  # fmt: skip
+        assert s.check(cookie) is None, cookie
+    # A host whose clock runs a little ahead issued it: still good; an hour ahead: not.
+    ahead, _ = s.issue(now=time.time() + 30)
+    assert s.check(ahead) is not None
+    assert s.check(s.issue(now=time.time() + 3600)[0]) is None
+    assert not Sessions.csrf_ok(s.check(good), "\xb2")  # type: ignore[arg-type]
+
+
 async def test_json_api_takes_the_bearer_not_the_session_cookie(
     ui: tuple[FastAPI, httpx.AsyncClient],
 ) -> None:
