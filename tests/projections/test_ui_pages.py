@@ -159,6 +159,12 @@ async def test_bad_cursors_and_ids_are_4xx(
         assert 400 <= r.status_code < 500, (url, r.status_code)
     r = await ui.get("/ui/dead-letters/not-an-id")
     assert r.status_code == 404 and "like 1733045000000-0" in r.text
+    # Well-formed but past a stream id's 64 bits: Redis would answer an error (was a 500).
+    huge = "99999999999999999999-0"
+    r = await ui.get(f"/ui/dead-letters/{huge}")
+    assert r.status_code == 404 and "like 1733045000000-0" in r.text
+    r = await ui.post(f"/ui/dead-letters/{huge}/redrive", data={"csrf": csrf_of(r.text)})
+    assert r.status_code == 404
     for url in ("/ui/audit", "/ui/usage", "/ui/dead-letters", "/ui/circuits"):
         assert (await ui.get(url)).status_code == 200, url
 

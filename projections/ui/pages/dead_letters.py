@@ -27,8 +27,17 @@ from runtime.worker import dead_letters as dlq
 PAGE_SIZE = 50
 #: Open letters of Redis's stream matched to the page's rows (by agent, stream, entry).
 MAX_MATCHED = 1000
-#: A Redis stream entry id.
+#: A Redis stream entry id: two unsigned 64-bit numbers (checked by :func:`entry_id_ok`).
 ENTRY_ID = re.compile(r"^\d{1,20}-\d{1,20}$")
+_U64 = 2**64 - 1
+
+
+def entry_id_ok(value: str) -> bool:
+    """A well-formed stream id Redis accepts (a larger number is a Redis error: a 500)."""
+    if not ENTRY_ID.match(value):
+        return False
+    ms, seq = value.split("-")
+    return int(ms) <= _U64 and int(seq) <= _U64
 NO_REDIS = (
     "Inspecting and redriving a dead letter needs Redis, and this API has no REDIS_URL. "
     "`agentrt up` sets it; for `agentrt api` alone, set REDIS_URL to the workers' Redis."
@@ -99,7 +108,7 @@ def routes(r: APIRouter, ui: UI) -> None:
 
     @r.get("/dead-letters/{dead_letter_id}")
     async def dead_letter_page(request: Request, dead_letter_id: str) -> Response:
-        if not ENTRY_ID.match(dead_letter_id):
+        if not entry_id_ok(dead_letter_id):
             return bad_id(request)
         try:
             async with redis_of(ui) as redis:
@@ -117,7 +126,7 @@ def routes(r: APIRouter, ui: UI) -> None:
 
     @r.post("/dead-letters/{dead_letter_id}/redrive")
     async def redrive(request: Request, dead_letter_id: str) -> Response:
-        if not ENTRY_ID.match(dead_letter_id):
+        if not entry_id_ok(dead_letter_id):
             return bad_id(request)
         form = await request.form()
         force = form.get("force") == "1"
