@@ -20,6 +20,8 @@ from typing import TYPE_CHECKING
 import asyncpg
 import structlog
 
+from projections.errors import ReadSideError
+
 if TYPE_CHECKING:  # a type only: projections.api imports this package at its start
     from projections.api.backend import Backend
 
@@ -54,20 +56,26 @@ class LogWatch:
         return head, folded
 
     async def _run(self) -> None:
-        while self._listeners:
-            try:
-                head, folded = await self._read()
-            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
-                log.warning("ui.live_read_failed", error=str(exc))
-            else:
-                if (head, folded) != (self.head, self.folded):
-                    self.head, self.folded = head, folded
-                    async with self._changed:
-                        self._changed.notify_all()
-            self._primed.set()
-            await asyncio.sleep(self.interval)
-        self._task = None
-        self._primed.clear()  # the next listener waits for a fresh read
+        try:
+            while self._listeners:
+                try:
+                    head, folded = await self._read()
+                except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError,
+                        ReadSideError) as exc:  # fmt: skip
+                    # PostgreSQL away (or the pool not opened yet): try again next time.
+                    log.warning("ui.live_read_failed", error=str(exc))
+                else:
+                    if (head, folded) != (self.head, self.folded):
+                        self.head, self.folded = head, folded
+                        async with self._changed:
+                            self._changed.notify_all()
+                self._primed.set()
+                await asyncio.sleep(self.interval)
+        finally:
+            # Ended (no listener left, or a fault): the next listener starts a new watcher
+            # and waits for its first read.
+            self._task = None
+            self._primed.clear()
 
     def _moved(self, seen: tuple[int | None, int | None]) -> bool:
         return (self.head, self.folded) != seen

@@ -49,3 +49,32 @@ async def test_pages_hear_of_the_log_growing_and_of_the_runs_model_folding(
                 await t
         await watch.close()
     assert watch._listeners == 0
+
+
+async def test_the_watcher_outlives_a_database_it_cannot_reach(
+    settings: Settings, log: EventLog
+) -> None:
+    """A read that fails (no database configured: the backend's 503; PostgreSQL away:
+    a refused connection) is tried again, and pages hear of changes once the database
+    answers. (The first kind used to end the watcher, leaving every page waiting.)"""
+    import dataclasses
+
+    away = dataclasses.replace(settings, database_url=None)
+    watch = LogWatch(Backend(away), interval=0.05)
+    heard: asyncio.Queue[tuple[str, int]] = asyncio.Queue()
+    task = asyncio.create_task(_listen(watch, heard))
+    try:
+        await asyncio.sleep(1.0)  # several failed reads
+        assert watch._task is not None and not watch._task.done()
+        watch._backend = Backend(settings, pool=log.pool)  # the database is there now
+        await asyncio.sleep(0.5)
+        run_id = uuid.uuid4()
+        body = email(2, "grace@example.com")
+        await log.append(run_stream(run_id), [NewEvent(body=body, run_id=run_id)])
+        name, _ = await asyncio.wait_for(heard.get(), 10)
+        assert name == "log"
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        await watch.close()

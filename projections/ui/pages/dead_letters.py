@@ -38,6 +38,8 @@ def entry_id_ok(value: str) -> bool:
         return False
     ms, seq = value.split("-")
     return int(ms) <= _U64 and int(seq) <= _U64
+
+
 NO_REDIS = (
     "Inspecting and redriving a dead letter needs Redis, and this API has no REDIS_URL. "
     "`agentrt up` sets it; for `agentrt api` alone, set REDIS_URL to the workers' Redis."
