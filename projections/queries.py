@@ -812,6 +812,17 @@ class ReadModels:
         more = len(rows) > limit
         return Page(items, encode_cursor(items[-1].tx, items[-1].position) if more else None)
 
+    async def circuit_states(self) -> list[CircuitTransitionRow]:
+        """Each circuit's last transition (its current state), by name; a circuit that
+        never tripped has none (it is closed)."""
+        rows = await self._fetch(
+            "circuit_transitions",
+            "SELECT DISTINCT ON (name) position, tx, event_id, name, from_state, to_state, "
+            f"failures, reason, at, run_id FROM {self._t['circuit_transitions']} "
+            "ORDER BY name, tx DESC, position DESC",
+        )
+        return [CircuitTransitionRow(**dict(r)) for r in rows]
+
     async def circuit_transitions(
         self,
         *,

@@ -253,6 +253,29 @@ async def test_circuits_page_shows_each_circuits_state_and_filters_its_history(
     assert "find_orders" not in history
 
 
+async def test_a_circuit_that_tripped_long_ago_still_shows_its_state(
+    ui: httpx.AsyncClient, log: EventLog, settings: Settings
+) -> None:
+    """send_mail opened, then another tool flapped 1,002 times: send_mail is still open on
+    the page (its state was taken from the newest 1,000 transitions of all circuits)."""
+    run_id = uuid.uuid4()
+
+    def move(name: str, before: str, after: str) -> NewEvent:
+        body = CircuitTransitioned(name=name, from_state=before, to_state=after, failures=5,
+                                   reason="failures")  # fmt: skip
+        return NewEvent(body=body, run_id=run_id, producer="x")
+
+    flaps = [move("find_orders", *(("closed", "open") if i % 2 == 0 else ("open", "closed")))
+             for i in range(1002)]  # fmt: skip
+    await log.append(run_stream(run_id), [move("send_mail", "closed", "open"), *flaps])
+    await project(log, settings)
+    page = await ui.get("/ui/circuits")
+    now = page.text.split("<h2>History</h2>")[0]
+    states = re.findall(r'<th scope="row"><a [^>]*>([a-z_]+)</a></th><td><span class="badge '
+                        r'([a-z_]+)">', now)  # fmt: skip
+    assert states == [("find_orders", "closed"), ("send_mail", "open")]
+
+
 # -- the chart ----------------------------------------------------------------------------
 
 
