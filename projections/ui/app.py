@@ -138,7 +138,9 @@ class UI:
             signed_in=session is not None,
             static=self.static.url,
             path=request.url.path,
-            htmx=request.headers.get("hx-request") == "true",
+            # A history restore wants the whole page (htmx keeps no pages in localStorage).
+            htmx=request.headers.get("hx-request") == "true"
+            and "hx-history-restore-request" not in request.headers,
             **context,
         )
         return HTMLResponse(html, status_code=status, headers=SECURITY_HEADERS)

@@ -355,3 +355,29 @@ async def test_the_csrf_check_catches_a_frame_without_csrf(
     app, _ = ui
     with pytest.raises(AssertionError):
         await assert_posts_refused_without_csrf(app, log, str(uuid.uuid4()))
+
+
+async def test_htmx_keeps_no_pages_and_a_history_restore_gets_the_whole_page(
+    ui: tuple[FastAPI, httpx.AsyncClient],
+) -> None:
+    """htmx would keep snapshots of pages (runs, audit entries, the CSRF field) in
+    localStorage, where they outlive the session: its history cache is off, and going back
+    reloads the page. A restore request (HX-Request with HX-History-Restore-Request) gets
+    the whole page, frame included, not a fragment."""
+    import json
+    import re
+
+    app, _ = ui
+    cookie, _ = sessions(app).issue()
+    async with _client_with(app, cookie) as c:
+        page = await c.get("/ui/")
+        restore = await c.get(
+            "/ui/", headers={"hx-request": "true", "hx-history-restore-request": "true"}
+        )
+        fragment = await c.get("/ui/audit", headers={"hx-request": "true"})
+    [raw] = re.findall(r"<meta name=\"htmx-config\" content='([^']*)'>", page.text)
+    config = json.loads(raw)
+    assert config["historyCacheSize"] == 0 and config["refreshOnHistoryMiss"] is True
+    assert config["allowEval"] is False and config["selfRequestsOnly"] is True
+    assert '<nav aria-label="Sections">' in restore.text  # the frame
+    assert '<nav aria-label="Sections">' not in fragment.text  # an ordinary htmx request
