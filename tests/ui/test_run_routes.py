@@ -218,3 +218,18 @@ def test_the_circuit_around_a_call_is_the_state_before_it_and_the_changes_during
     assert circuit_view([], t, t, complete=True).before == "closed"
     assert circuit_view([moved(1, "open")], t, t + timedelta(seconds=2),
                         complete=False).before == "unknown"  # fmt: skip
+
+
+async def test_a_live_refresh_is_204_until_the_runs_row_moves(
+    ui_client: httpx.AsyncClient, two_runs: tuple[uuid.UUID, uuid.UUID]
+) -> None:
+    """A live run page refreshes when the projector folds new events, of any run: it names
+    the row's position it shows, and gets 204 (nothing to swap) while that is current."""
+    a, _ = two_runs
+    page = await ui_client.get(f"/ui/runs/{a}")
+    since = re.search(r'id="run-since" name="since" value="([^"]+)"', page.text)
+    assert since is not None, page.text[:2000]
+    same = await _fragment(ui_client, f"/ui/runs/{a}", part="body", since=since[1])
+    assert same.status_code == 204 and same.content == b""
+    moved = await _fragment(ui_client, f"/ui/runs/{a}", part="body", since="0:0")
+    assert moved.status_code == 200 and 'id="run-body"' in moved.text

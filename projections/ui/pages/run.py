@@ -37,10 +37,16 @@ class EventNotFound(ReadSideError):
 
 def routes(r: APIRouter, ui: UI) -> None:
     @r.get("/runs/{run_id}")
-    async def run_page(request: Request, run_id: UUID, part: str | None = None) -> Response:
-        """The page; ``part=body`` is the live refresh's fragment (totals and timeline)."""
+    async def run_page(
+        request: Request, run_id: UUID, part: str | None = None, since: str | None = None
+    ) -> Response:
+        """The page; ``part=body`` is the live refresh's fragment (totals and timeline),
+        204 while the run's row is where the page last saw it (``since``): the projector
+        folded other runs' events."""
         models = await ui.models()
         run = await models.run(run_id)
+        if part == "body" and since is not None and since == run.position:
+            return Response(status_code=204)
         entries = await models.timeline(run_id)
         context: dict[str, Any] = {
             "run": run,
