@@ -17,7 +17,7 @@ import msgspec
 from runtime.errors import AlreadyDecided, ApprovalNotFound
 from runtime.events.builtin import ApprovalDecided, ApprovalEscalated, ApprovalRequested
 from runtime.events.model import NewEvent, RecordedEvent
-from runtime.log.store import EventLog
+from runtime.log.store import EVENT_COLUMNS, EventLog
 
 #: ``by`` of a decision the deadline made (the request's default).
 DEADLINE = "deadline"
@@ -33,19 +33,27 @@ def escalation_id(approval_id: UUID) -> UUID:
     return UUID(int=approval_id.int ^ 2)
 
 
-async def pending_approvals(log: EventLog) -> list[tuple[UUID, UUID | None, ApprovalRequested]]:
-    """(approval id, run id, request) of every request without a decision, oldest first."""
+async def pending_requests(log: EventLog, limit: int | None = None) -> list[RecordedEvent]:
+    """The ``approval.requested`` events without a decision, oldest first (``limit``: at
+    most that many), read in one query."""
     q = f'"{log.schema}"'
     rows = await log.pool.fetch(
-        f"SELECT r.stream_id, r.stream_version FROM {q}.events r "
+        f"SELECT {EVENT_COLUMNS} FROM {q}.events r "
         "WHERE r.event_type = 'approval.requested' "
         f"AND NOT EXISTS (SELECT 1 FROM {q}.events d WHERE d.event_type = 'approval.decided' "
         "AND d.run_id = r.run_id AND d.data->>'approval_id' = r.data->>'approval_id') "
-        "ORDER BY r.position"
+        "ORDER BY r.position LIMIT $1",
+        limit,
     )
+    events = log._decode_all(rows)
+    assert all(isinstance(e.body, ApprovalRequested) for e in events)
+    return events
+
+
+async def pending_approvals(log: EventLog) -> list[tuple[UUID, UUID | None, ApprovalRequested]]:
+    """(approval id, run id, request) of every request without a decision, oldest first."""
     out = []
-    for row in rows:
-        [event] = await log.read_stream(row[0], row[1], limit=1)
+    for event in await pending_requests(log):
         assert isinstance(event.body, ApprovalRequested)
         out.append((event.body.approval_id, event.run_id, event.body))
     return out

@@ -74,10 +74,12 @@ async def waiting(ui: UI) -> list[Waiting]:
     """The approvals without a decision, oldest first (at most :data:`MAX_SHOWN`)."""
     log = await ui.backend.log()
     out = []
-    for approval_id, run_id, asked in (await approvals.pending_approvals(log))[:MAX_SHOWN]:
-        event = await approvals.request_of(log, approval_id)
+    for event in await approvals.pending_requests(log, MAX_SHOWN):  # one query
+        asked = event.body
+        assert isinstance(asked, ApprovalRequested)
         shown, draft = _details(asked.details)
-        out.append(Waiting(approval_id, run_id, asked, event.recorded_at, shown, draft))
+        out.append(Waiting(asked.approval_id, event.run_id, asked, event.recorded_at, shown,
+                           draft))  # fmt: skip
     return out
 
 
