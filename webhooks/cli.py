@@ -238,8 +238,9 @@ def demo(
         "\nnext: `agentrt runs` lists these runs and `agentrt runs show RUN` draws one; "
         "`agentrt replay RUN --app webhooks.demo.agents` re-runs it against the record; "
         "`agentrt fork RUN --at 2 --app webhooks.demo.agents --tier smart` branches it; "
-        "`agentrt up` runs the whole system until Ctrl-C; `agentrt services down` stops "
-        "the servers."
+        "`agentrt up --open` runs the whole system until Ctrl-C and opens the run explorer "
+        "(a web UI of these runs: timelines, time travel, replay, fork, approvals); "
+        "`agentrt services down` stops the servers."
     )
 
 
