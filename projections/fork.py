@@ -611,3 +611,23 @@ async def fork(
     ``services.llm`` should be a :class:`ForkLLM` with the same ``at`` and ``change``
     (the change applies to model requests there)."""
     return await _Fork(log, plan, services, change).run()
+
+
+async def fork_live(
+    log: EventLog, plan: ForkPlan, change: Change, settings: Settings, *, redis_attempts: int = 5
+) -> ForkReport:
+    """Run a checked fork with this process's servers (``agentrt fork`` and the run
+    explorer): a Redis connection (the tools' circuit breakers are shared with the
+    workers) and the model client (the offline model without an API key)."""
+    # Imported here: the model SDK comes with them, and planning a fork needs neither.
+    from runtime.llm.client import model_client
+    from runtime.streams.keys import connect_redis
+
+    redis = await connect_redis(settings.require_redis_url(), attempts=redis_attempts)
+    try:
+        async with model_client(settings) as mc:
+            llm = ForkLLM(mc.client, settings, offline=mc.offline, at=plan.at, change=change)
+            services = ForkServices(log, redis, llm, settings)
+            return await fork(log, plan, services=services, change=change)
+    finally:
+        await redis.aclose()

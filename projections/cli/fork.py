@@ -171,16 +171,7 @@ def register(app: typer.Typer) -> None:
                 fail(exc)
 
         async def go() -> ForkReport:
-            from projections.fork import (
-                Change,
-                ForkLLM,
-                ForkServices,
-                decode_input,
-                fork,
-                plan_fork,
-            )
-            from runtime.llm.client import model_client
-            from runtime.streams.keys import connect_redis
+            from projections.fork import Change, decode_input, fork_live, plan_fork
 
             lg = await open_log(settings)
             try:
@@ -188,14 +179,7 @@ def register(app: typer.Typer) -> None:
                 plan = await plan_fork(lg, parent, at, agents)
                 body = decode_input(plan.parent, raw_input) if raw_input is not None else None
                 change = Change(model=model, tier=tier, prompt=prompt, body=body)
-                redis = await connect_redis(settings.require_redis_url())
-                try:
-                    async with model_client(settings) as mc:
-                        llm = ForkLLM(mc.client, settings, offline=mc.offline, at=at, change=change)
-                        services = ForkServices(lg, redis, llm, settings)
-                        return await fork(lg, plan, services=services, change=change)
-                finally:
-                    await redis.aclose()
+                return await fork_live(lg, plan, change, settings)
             finally:
                 await lg.pool.close()
 

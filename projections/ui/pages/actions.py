@@ -156,23 +156,14 @@ def _check(ui: UI, record: RunRecord, f: ForkForm) -> Change | str:
 async def _fork(ui: UI, run_id: UUID, c: Change) -> ForkReport:
     """What ``agentrt fork`` does, with this process's log, settings and agents."""
     await _import("projections.fork")
+    await _import("runtime.llm.client")
     from projections import fork as forking
-    from runtime.llm.client import model_client
-    from runtime.streams.keys import connect_redis
 
-    settings = ui.backend.settings
     log = await ui.backend.log()
     # Every check before anything is written (or a model server started).
     plan = await forking.plan_fork(log, run_id, c.at, ui.backend.agents)
     change = forking.Change(model=c.model, tier=c.tier, prompt=c.prompt)
-    redis = await connect_redis(settings.require_redis_url(), attempts=2)
-    try:
-        async with model_client(settings) as mc:
-            llm = forking.ForkLLM(mc.client, settings, offline=mc.offline, at=c.at, change=change)
-            services = forking.ForkServices(log, redis, llm, settings)
-            return await forking.fork(log, plan, services=services, change=change)
-    finally:
-        await redis.aclose()
+    return await forking.fork_live(log, plan, change, ui.backend.settings, redis_attempts=2)
 
 
 def _offline(record: RunRecord) -> bool | None:
